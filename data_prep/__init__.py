@@ -1,0 +1,1 @@
+"""Data preparation command-line tools (run as ``python -m data_prep.<tool>``)."""
