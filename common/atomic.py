@@ -37,7 +37,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[str]:
 
 def _suffixes(name: str) -> list[str]:
     parts = name.split(".")[1:]
-    return ["." + p for p in parts[-2:]] if name.endswith((".nii.gz", ".tar.gz")) else ["." + p for p in parts[-1:]]
+    return (
+        ["." + p for p in parts[-2:]]
+        if name.endswith((".nii.gz", ".tar.gz"))
+        else ["." + p for p in parts[-1:]]
+    )
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

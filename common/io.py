@@ -39,7 +39,9 @@ def volume_format(path: str | os.PathLike) -> str:
         return "npy"
     if os.path.isdir(p):
         return "dicom"
-    raise InputError(path, "unknown volume format (expected .nii, .nii.gz, .h5, .hdf5, .npy or a DICOM folder)")
+    raise InputError(
+        path, "unknown volume format (expected .nii, .nii.gz, .h5, .hdf5, .npy or a DICOM folder)"
+    )
 
 
 def load_volume(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False) -> Volume:
@@ -124,7 +126,11 @@ def _load_nifti(path: str) -> Volume:
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got an array of shape {array.shape}")
     # get_fdata applies scl_slope/inter; keep float32 to halve memory against float64
-    array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(array.shape) if img.dataobj.slope != 1 or img.dataobj.inter != 0 else array
+    array = (
+        np.asarray(img.get_fdata(dtype=np.float32)).reshape(array.shape)
+        if img.dataobj.slope != 1 or img.dataobj.inter != 0
+        else array
+    )
     return Volume(np.asarray(array), img.affine)
 
 
@@ -139,7 +145,9 @@ def _load_hdf5(path: str) -> Volume:
         elif "spacing" in ds.attrs:
             affine = Volume.from_spacing(array, ds.attrs["spacing"]).affine
         else:
-            raise InputError(path, "HDF5 dataset has no 'affine' or 'spacing' attribute: voxel spacing unknown")
+            raise InputError(
+                path, "HDF5 dataset has no 'affine' or 'spacing' attribute: voxel spacing unknown"
+            )
     return Volume(array, affine)
 
 

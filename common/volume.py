@@ -81,7 +81,11 @@ class Volume:
             raise InputError(source, f"voxel spacing must be positive and finite, got {tuple(spacing)}")
         if not np.all(np.isfinite(self.affine)):
             raise InputError(source, "affine contains NaN or infinity")
-        if not allow_nan and np.issubdtype(self.array.dtype, np.floating) and not np.all(np.isfinite(self.array)):
+        if (
+            not allow_nan
+            and np.issubdtype(self.array.dtype, np.floating)
+            and not np.all(np.isfinite(self.array))
+        ):
             n = int(np.size(self.array) - np.count_nonzero(np.isfinite(self.array)))
             raise InputError(source, f"volume contains {n} NaN/infinite voxels")
         return self

@@ -1,0 +1,353 @@
+"""DICOM series: find them in a folder (headers only) and stack one into a RAS :class:`Volume` in HU.
+
+Why our own loader on top of pydicom instead of MONAI's ``PydicomReader``/``ITKReader``: both sort
+and stack whatever they find and return a volume even when slices are missing, duplicated, unevenly
+spaced or tilted. Here every such defect raises :class:`InputError` naming the folder or file, so a
+silently wrong volume never reaches training data. ITK is used in the tests as the reference for the
+geometry (``tests/test_dicom.py`` compares the affines).
+
+Geometry: DICOM patient coordinates are LPS. With ``r``/``c`` the ImageOrientationPatient row and
+column directions, ``n = r x c`` the slice normal and slices sorted by ``IPP . n`` (ascending),
+the LPS affine of array index (i=column, j=row, k=slice) is ``[r*dx, c*dy, n*dz, IPP_0]``; flipping
+the x and y rows gives RAS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from common.errors import InputError
+from common.volume import Volume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# Header fields copied into SeriesInfo.meta (first file of the series) for data_prep.analyze.
+META_TAGS = (
+    "Modality",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "KVP",
+    "ConvolutionKernel",
+    "SliceThickness",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ContrastBolusAgent",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+)
+# Tolerances: positions are decimal strings with ~6 digits, so 1e-3 mm is far above rounding noise.
+ABS_TOL_MM = 1e-3
+REL_GAP_TOL = 0.01  # a gap may differ from the median gap by 1 % before the series counts as irregular
+TILT_TOL = 2e-3  # in-plane drift per mm along the normal (about 0.1 degree)
+ORIENTATION_TOL = 1e-4
+
+
+@dataclasses.dataclass
+class SeriesInfo:
+    """One series found by :func:`scan_dicom_folder` (headers only, no pixels read)."""
+
+    uid: str  # SeriesInstanceUID, or a synthetic "no-uid-..." key when the header has none
+    folder: str
+    files: list[str]
+    meta: dict  # META_TAGS of the first file, JSON-friendly values
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
+
+
+@dataclasses.dataclass
+class FileProblem:
+    path: str
+    problem: str
+
+
+class DicomScan(list):
+    """``list[SeriesInfo]`` plus ``problems``: DICOM-looking files that could not be read."""
+
+    def __init__(self, series: Sequence[SeriesInfo] = (), problems: Sequence[FileProblem] = ()):
+        super().__init__(series)
+        self.problems = list(problems)
+
+
+def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> DicomScan:
+    """Group the DICOM files under ``folder`` by series, reading headers only.
+
+    Non-DICOM files (no ``DICM`` marker, not parseable) are ignored; files that look like DICOM but are
+    unreadable or truncated go to ``.problems``. Series are sorted by (PatientID, SeriesNumber, uid).
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise InputError(folder, "DICOM folder not found")
+    groups: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
+    problems: list[FileProblem] = []
+    for path in _list_files(folder, recursive):
+        try:
+            ds = _read_header(path)
+        except _NotDicom:
+            continue
+        except InputError as e:
+            problems.append(FileProblem(path, e.problem))
+            continue
+        groups.setdefault(_series_key(ds), []).append((path, ds))
+    series = [
+        SeriesInfo(uid=uid, folder=folder, files=[p for p, _ in items], meta=_meta(items[0][1]))
+        for uid, items in groups.items()
+    ]
+    series.sort(key=lambda s: (str(s.meta.get("PatientID") or ""), _int_or(s.meta.get("SeriesNumber")), s.uid))
+    return DicomScan(series, problems)
+
+
+def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Load one series from ``folder`` as a RAS volume of float32 HU (axes: column, row, slice).
+
+    Raises :class:`InputError` when the folder holds several series and ``series_uid`` is None, when a
+    DICOM file is unreadable, and for any geometry defect (see :func:`series_geometry`).
+    """
+    folder = os.fspath(folder)
+    scan = scan_dicom_folder(folder)
+    if scan.problems:
+        listing = "; ".join(f"{p.path}: {p.problem}" for p in scan.problems[:5])
+        raise InputError(folder, f"{len(scan.problems)} unreadable DICOM file(s): {listing}")
+    if not scan:
+        raise InputError(folder, "no DICOM files found")
+    if series_uid is None:
+        if len(scan) > 1:
+            listing = "; ".join(_describe(s) for s in scan)
+            raise InputError(folder, f"{len(scan)} series found, pass series_uid to choose one: {listing}")
+        info = scan[0]
+    else:
+        matches = [s for s in scan if s.uid == series_uid]
+        if not matches:
+            raise InputError(folder, f"series {series_uid} not found; present: {[s.uid for s in scan]}")
+        info = matches[0]
+    return load_series(info)
+
+
+def load_series(info: SeriesInfo) -> Volume:
+    """Read the pixels of a scanned series, checking its geometry first."""
+    headers = [_read_header(p) for p in info.files]
+    affine, order = series_geometry(headers, info.files, info.folder)
+    slices = [_read_slice(info.files[i]) for i in order]
+    array = np.stack(slices, axis=-1)  # (col i, row j, slice k)
+    return Volume(array, affine)
+
+
+def series_geometry(
+    headers: Sequence[pydicom.Dataset], files: Sequence[str], folder: str
+) -> tuple[np.ndarray, list[int]]:
+    """RAS affine and slice order (indices into ``headers``) of one series, from headers only.
+
+    Raises :class:`InputError` for: missing geometry tags, mismatched rows/columns/pixel spacing/
+    orientation, multi-frame files, duplicate positions, gantry tilt, missing slices, uneven spacing.
+    """
+    for h, f in zip(headers, files, strict=True):
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+            if h.get(tag) is None:
+                raise InputError(f, f"no {tag}: not a CT/MR image slice with known geometry")
+        if int(h.get("NumberOfFrames") or 1) != 1:
+            raise InputError(f, "multi-frame DICOM files are not supported")
+    _require_same(headers, files, "Rows", lambda h: int(h.Rows))
+    _require_same(headers, files, "Columns", lambda h: int(h.Columns))
+    _require_close(headers, files, "PixelSpacing", lambda h: [float(v) for v in h.PixelSpacing], 1e-4)
+    _require_close(
+        headers, files, "ImageOrientationPatient", lambda h: [float(v) for v in h.ImageOrientationPatient],
+        ORIENTATION_TOL,
+    )
+    iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3:
+        raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} is not made of unit vectors")
+    if abs(row_dir @ col_dir) > 1e-3:
+        raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} has non-orthogonal directions")
+    normal = np.cross(row_dir, col_dir)
+    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    along = positions @ normal
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    positions, along = positions[order], along[order]
+    sorted_files = [files[i] for i in order]
+    dy, dx = (float(v) for v in headers[0].PixelSpacing)  # PixelSpacing = [between rows, between columns]
+    if len(headers) == 1:
+        dz = float(headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1.0)
+    else:
+        dz = _check_stacking(positions, along, normal, sorted_files, folder)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dx
+    lps[:3, 1] = col_dir * dy
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = positions[0]
+    return LPS_TO_RAS @ lps, order
+
+
+def _check_stacking(
+    positions: np.ndarray, along: np.ndarray, normal: np.ndarray, files: Sequence[str], folder: str
+) -> float:
+    """Slice spacing along the normal, after checking duplicates, tilt, missing slices and regularity."""
+    gaps = np.diff(along)
+    dupes = np.flatnonzero(gaps < ABS_TOL_MM)
+    if dupes.size:
+        pairs = ", ".join(f"{files[i]} and {files[i + 1]} at {along[i]:.3f} mm" for i in dupes[:3])
+        raise InputError(folder, f"{dupes.size} duplicate slice position(s): {pairs}")
+    offsets = positions - positions[0]
+    in_plane = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    tilted = in_plane > ABS_TOL_MM + TILT_TOL * np.abs(along - along[0])
+    if np.any(tilted):
+        k = int(np.flatnonzero(tilted)[-1])
+        angle = np.degrees(np.arctan2(in_plane[k], abs(along[k] - along[0])))
+        raise InputError(
+            folder,
+            f"gantry tilt / sheared stack: slices drift {in_plane[k]:.3f} mm in-plane over "
+            f"{abs(along[k] - along[0]):.2f} mm ({angle:.2f} deg off the ImageOrientationPatient normal); "
+            "resample it to an orthogonal grid first",
+        )
+    median = float(np.median(gaps))
+    tol = ABS_TOL_MM + REL_GAP_TOL * median
+    bad = np.flatnonzero(np.abs(gaps - median) > tol)
+    if bad.size:
+        ratios = gaps[bad] / median
+        details = ", ".join(f"{gaps[i]:.3f} mm after {os.path.basename(files[i])}" for i in bad[:5])
+        if np.all(np.abs(ratios - np.round(ratios)) * median <= tol) and np.all(np.round(ratios) >= 2):
+            missing = int(np.sum(np.round(ratios) - 1))
+            raise InputError(
+                folder, f"{missing} missing slice(s): gaps of {details} where the spacing is {median:.3f} mm"
+            )
+        raise InputError(
+            folder, f"irregular slice spacing: median {median:.3f} mm but gaps of {details} ({bad.size} uneven)"
+        )
+    return float((along[-1] - along[0]) / (len(along) - 1))
+
+
+def _read_slice(path: str) -> np.ndarray:
+    """One slice as float32 HU, transposed to (column i, row j)."""
+    try:
+        ds = pydicom.dcmread(path)
+        raw = ds.pixel_array
+    except Exception as e:  # truncated pixel data, broken compression: pydicom/pillow raise many types
+        raise InputError(path, f"cannot decode pixel data ({type(e).__name__}: {e})") from e
+    if raw.ndim != 2:
+        raise InputError(path, f"expected a single-frame grayscale slice, got pixel array of shape {raw.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return hu.T
+
+
+class _NotDicom(Exception):
+    pass
+
+
+def _read_header(path: str) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError as e:
+        if _has_dicm_marker(path):
+            raise InputError(path, f"corrupt DICOM header ({e})") from e
+        raise _NotDicom(path) from e
+    except Exception as e:  # pydicom raises assorted errors on garbage inside a DICM file
+        if _has_dicm_marker(path):
+            raise InputError(path, f"corrupt DICOM header ({type(e).__name__}: {e})") from e
+        raise _NotDicom(path) from e
+    sop_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "") or "")
+    if sop_class == DICOMDIR_SOP_CLASS:
+        raise _NotDicom(path)
+    _check_not_truncated(path, ds)
+    return ds
+
+
+def _check_not_truncated(path: str, ds: pydicom.Dataset) -> None:
+    """pydicom reads a truncated header without complaint; catch it from the expected pixel bytes."""
+    if ds.get("Rows") is None or ds.get("Columns") is None or ds.get("BitsAllocated") is None:
+        if ds.get("ImagePositionPatient") is not None or ds.get("Modality") in ("CT", "MR", "PT"):
+            raise InputError(path, "truncated or incomplete image header (no Rows/Columns/BitsAllocated)")
+        return
+    syntax = getattr(ds.get("file_meta"), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed:
+        return  # compressed pixel data: length unknown until decoded (decode errors are raised on load)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel") or 1)
+    size = os.path.getsize(path)
+    if size < expected * frames:
+        raise InputError(path, f"truncated file: {size} bytes, pixel data alone needs {expected * frames}")
+
+
+def _has_dicm_marker(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _list_files(folder: str, recursive: bool) -> list[str]:
+    if not recursive:
+        return sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        out.extend(os.path.join(root, n) for n in sorted(names))
+    return out
+
+
+def _series_key(ds: pydicom.Dataset) -> str:
+    uid = str(ds.get("SeriesInstanceUID") or "").strip()
+    if uid:
+        return uid
+    # anonymised exports may blank the UID: fall back to fields that still separate series
+    parts = [str(ds.get(t) or "") for t in ("StudyInstanceUID", "SeriesNumber", "SeriesDescription", "Modality")]
+    return "no-uid-" + "-".join(p for p in parts if p).replace(" ", "_") if any(parts) else "no-uid"
+
+
+def _meta(ds: pydicom.Dataset) -> dict:
+    out = {}
+    for tag in META_TAGS:
+        out[tag] = _jsonable(ds.get(tag))
+    return out
+
+
+def _jsonable(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, pydicom.valuerep.DSfloat | pydicom.valuerep.DSdecimal | float):
+        return float(value)
+    if isinstance(value, pydicom.valuerep.IS | int):
+        return int(value)
+    return str(value)
+
+
+def _describe(s: SeriesInfo) -> str:
+    desc = s.meta.get("SeriesDescription") or ""
+    return f"{s.uid} (#{s.meta.get('SeriesNumber')} {desc!s}, {s.n_files} files)".replace("  ", " ")
+
+
+def _int_or(value, default: int = -1) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _require_same(headers, files, name: str, get) -> None:
+    ref = get(headers[0])
+    for h, f in zip(headers, files, strict=True):
+        if get(h) != ref:
+            raise InputError(f, f"{name} {get(h)} differs from {ref} in {files[0]} (same series)")
+
+
+def _require_close(headers, files, name: str, get, tol: float) -> None:
+    ref = np.asarray(get(headers[0]))
+    for h, f in zip(headers, files, strict=True):
+        value = np.asarray(get(h))
+        if value.shape != ref.shape or np.max(np.abs(value - ref)) > tol:
+            raise InputError(f, f"{name} {value.tolist()} differs from {ref.tolist()} in {files[0]} (same series)")
