@@ -1,0 +1,76 @@
+"""DRR reprojection: render a predicted CT's radiographs and compare them with the input X-rays.
+
+Used as a training loss (progressive cascade, stage 3) and as an evaluation metric ("DRR consistency")
+for any model that produces a CT from radiographs. The renderer is :func:`common.drr.render_drr`, with
+the same geometry that made the inputs, resized to the inputs' pixel count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from common.drr import DRRGeometry, drr_to_image, get_geometry, render_drr
+from common.intensity import HUWindow, get_window, hu_to_mu
+
+
+class DRRReprojectionLoss(torch.nn.Module):
+    """Mean L1 between DRR images of ``pred`` and the given X-ray images, averaged over views.
+
+    ``pred`` is (B, 1, X, Y, Z) in canonical RAS, either HU (``input_is_hu=True``) or the unit
+    intensity of ``window`` (default: our XRAY2CT convention). X-rays are (B, 1, H, W) DRR-style images
+    in [0, 1] (:func:`common.drr.drr_to_image`). Zero for the ground-truth CT; differentiable in ``pred``.
+    """
+
+    def __init__(
+        self,
+        geometry: str | dict | DRRGeometry,
+        views: Sequence[str] = ("pa", "lateral"),
+        window: str | HUWindow = "xray2ct",
+        input_is_hu: bool = False,
+    ):
+        super().__init__()
+        self.geometry = get_geometry(geometry)
+        self.views = tuple(views)
+        self.window = get_window(window)
+        self.input_is_hu = input_is_hu
+
+    def render(
+        self, pred: torch.Tensor, spacing: Sequence[float], pixels: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        hu = pred if self.input_is_hu else self.window.from_unit(pred)
+        mu = hu_to_mu(hu)
+        geom = self.geometry.resized(tuple(int(p) for p in pixels))
+        return {view: drr_to_image(render_drr(mu, spacing, geom, view)) for view in self.views}
+
+    def forward(
+        self, pred: torch.Tensor, xrays: Mapping[str, torch.Tensor], spacing: Sequence[float]
+    ) -> torch.Tensor:
+        missing = [v for v in self.views if v not in xrays]
+        if missing:
+            raise KeyError(f"DRR reprojection needs X-rays for views {missing}; got {sorted(xrays)}")
+        pixels = xrays[self.views[0]].shape[-2:]
+        drrs = self.render(pred, spacing, pixels)
+        losses = [torch.mean(torch.abs(drrs[v] - xrays[v].to(drrs[v]))) for v in self.views]
+        return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def drr_consistency(
+    pred_hu: torch.Tensor,
+    xrays: Mapping[str, torch.Tensor],
+    spacing: Sequence[float],
+    geometry: str | dict | DRRGeometry,
+) -> dict[str, float]:
+    """Per-view L1 and PSNR (data range 1) between the predicted CT's DRRs and the given X-rays."""
+    loss = DRRReprojectionLoss(geometry, views=tuple(xrays), input_is_hu=True)
+    pixels = next(iter(xrays.values())).shape[-2:]
+    drrs = loss.render(pred_hu, spacing, pixels)
+    out: dict[str, float] = {}
+    for view, drr in drrs.items():
+        target = xrays[view].to(drr)
+        mse = torch.mean((drr - target) ** 2).item()
+        out[f"drr_l1_{view}"] = torch.mean(torch.abs(drr - target)).item()
+        out[f"drr_psnr_{view}"] = float("inf") if mse == 0 else float(-10.0 * torch.log10(torch.tensor(mse)))
+    return out
