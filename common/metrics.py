@@ -1,0 +1,372 @@
+"""CT image-quality metrics that always say which convention they use.
+
+Two conventions are reported side by side because papers disagree on them and numbers from one
+are not comparable with the other:
+
+``xray2ct`` (ours)
+    HU clipped to the :data:`common.intensity.XRAY2CT` window [-1024, 2048] and scaled to [0, 1];
+    PSNR and SSIM with data range 1.0 (= 3072 HU). PSNR per volume (MONAI ``PSNRMetric``), SSIM in
+    3D (MONAI ``SSIMMetric``, Gaussian window ``win_size`` 7, sigma 1.5, K1 0.01, K2 0.03).
+``x2ctgan`` (X2CT-GAN, Ying et al. CVPR 2019; reused unchanged by PerX2CT, Kyung et al. 2023)
+    Source: github.com/kylekma/X2CT ``3DGAN/test.py`` + ``lib/utils/metrics_np.py`` and
+    github.com/dek924/PerX2CT ``utils/metrics.py`` (``use_real_max=True``). The CT is
+    ``clip(HU + 1024, 0, 2500) / 2500`` (:data:`common.intensity.X2CTGAN`).
+
+    * PSNR: values are scaled back to [0, 2500], truncated to integers (their ``astype(int32)``)
+      and compared with a **peak of 4095**, not 2500: ``20 log10(4095 / RMSE)``. This inflates
+      PSNR by 20 log10(4095/2500) = 4.29 dB compared with the window's true range. A zero MSE
+      scores 100 dB. ``psnr_x2ctgan`` is their "psnr-3d" (whole volume); the per-axis values are
+      their "PSNR-1/2/3": PSNR of every 2D slice perpendicular to the axis, averaged over slices;
+      ``psnr_2d_x2ctgan`` is their "PSNR-avg" (mean of the three axes).
+    * SSIM: ``skimage.metrics.structural_similarity`` on the (clipped) [0, 1] values, data range
+      1.0, i.e. 2D SSIM with a 7x7 uniform window, sample covariance (N/(N-1)), K1 0.01, K2 0.03,
+      border of 3 pixels excluded, per slice, averaged over slices; ``ssim_x2ctgan`` is their
+      "SSIM-avg" over the axial, coronal and sagittal stacks.
+    * MAE: mean absolute difference of the integer [0, 2500] values (their "MAE"), i.e. HU.
+
+``mae_hu`` is the mean absolute error in HU after clipping both volumes to the XRAY2CT window, so
+it equals 3072 x the MAE of the network's [0, 1] outputs and can be computed from de-windowed
+predictions inside an engine (:func:`ct_metric_handlers`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.handlers import IgniteMetricHandler, MeanAbsoluteError, PeakSignalToNoiseRatio, from_engine
+from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
+from monai.metrics.regression import RegressionMetric
+
+from common.atomic import atomic_write_text
+from common.errors import InputError
+from common.intensity import X2CTGAN, XRAY2CT, HUWindow, get_window
+
+X2CTGAN_PSNR_PEAK = 4095.0  # X2CT-GAN/PerX2CT PIXEL_MAX (use_real_max=True), although values span [0, 2500]
+X2CTGAN_ZERO_MSE_PSNR = 100.0  # their value for identical volumes or slices
+X2CTGAN_SSIM_WIN = 7  # skimage structural_similarity default
+DEFAULT_SSIM_WIN = 7
+
+# Array axes of a canonical RAS volume (X=R, Y=A, Z=S): the slice stack perpendicular to each axis.
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+CONVENTIONS: dict[str, dict] = {
+    "xray2ct": {
+        "window": XRAY2CT.as_dict(),
+        "scale": "clip(HU, -1024, 2048) mapped linearly to [0, 1]",
+        "data_range": 1.0,
+        "data_range_hu": XRAY2CT.width,
+        "psnr": "MONAI PSNRMetric per volume, max_val 1.0",
+        "ssim": f"MONAI SSIMMetric 3D, gaussian window {DEFAULT_SSIM_WIN}, sigma 1.5, k1 0.01, k2 0.03",
+        "keys": ["psnr_xray2ct", "ssim_xray2ct"],
+    },
+    "x2ctgan": {
+        "window": X2CTGAN.as_dict(),
+        "scale": "clip(HU + 1024, 0, 2500) / 2500 (PSNR and MAE on int(value * 2500))",
+        "data_range": 1.0,
+        "psnr_peak": X2CTGAN_PSNR_PEAK,
+        "psnr": "20 log10(4095 / RMSE) on integer [0, 2500] values; 100 dB when MSE is 0; "
+        "3D = whole volume, per-axis = mean over 2D slices, 2d = mean of the three axes",
+        "ssim": "skimage structural_similarity per 2D slice on [0, 1] (7x7 uniform window, sample covariance), "
+        "mean over slices, then over axial/coronal/sagittal",
+        "source": "github.com/kylekma/X2CT 3DGAN/test.py, lib/utils/metrics_np.py; "
+        "github.com/dek924/PerX2CT utils/metrics.py",
+        "keys": [
+            "psnr_x2ctgan",
+            "psnr_2d_x2ctgan",
+            "psnr_axial_x2ctgan",
+            "psnr_coronal_x2ctgan",
+            "psnr_sagittal_x2ctgan",
+            "ssim_x2ctgan",
+            "ssim_axial_x2ctgan",
+            "ssim_coronal_x2ctgan",
+            "ssim_sagittal_x2ctgan",
+            "mae_x2ctgan",
+        ],
+    },
+    "mae_hu": {
+        "window": XRAY2CT.as_dict(),
+        "definition": "mean |pred - target| in HU after clipping both to the xray2ct window",
+        "keys": ["mae_hu"],
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def as_batch(x, name: str = "volume") -> torch.Tensor:
+    """(X,Y,Z), (1,X,Y,Z) or (B,1,X,Y,Z) numpy/torch -> float64 tensor (B,1,X,Y,Z); rejects NaN."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach()).cpu()
+    t = t.as_subclass(torch.Tensor).to(torch.float64)
+    if t.ndim == 3:
+        t = t[None, None]
+    elif t.ndim == 4 and t.shape[0] == 1:
+        t = t[None]
+    elif t.ndim != 5 or t.shape[1] != 1:
+        raise InputError(name, f"expected (X,Y,Z), (1,X,Y,Z) or (B,1,X,Y,Z), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise InputError(name, f"empty volume of shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InputError(name, "contains NaN or infinite values")
+    return t
+
+
+def _pair(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
+    p, t = as_batch(pred, "prediction"), as_batch(target, "target")
+    if p.shape != t.shape:
+        raise InputError("prediction", f"shape {tuple(p.shape)} does not match target shape {tuple(t.shape)}")
+    return p, t
+
+
+def _need_window(t: torch.Tensor, win: int, what: str) -> None:
+    if min(t.shape[2:]) < win:
+        raise InputError("prediction", f"{what} needs every spatial size >= {win}, got {tuple(t.shape[2:])}")
+
+
+# ----------------------------------------------------------------------------------------------- basic metrics
+def psnr(pred, target, data_range: float = 1.0) -> float:
+    """Volume PSNR (dB, mean over the batch) with peak ``data_range``; inf for identical inputs."""
+    p, t = _pair(pred, target)
+    return float(PSNRMetric(max_val=data_range, reduction="mean")(p, t).mean())
+
+
+def ssim3d(pred, target, data_range: float = 1.0, win_size: int = DEFAULT_SSIM_WIN) -> float:
+    """3D SSIM (MONAI, Gaussian window, sigma 1.5), mean over the batch.
+
+    MONAI computes in float32, which leaves ~1e-3 of variance noise on perfectly flat regions.
+    """
+    p, t = _pair(pred, target)
+    _need_window(p, win_size, "3D SSIM")
+    metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=win_size)
+    return float(metric(p, t).mean())
+
+
+def mae_hu(pred_hu, target_hu, window: str | HUWindow | None = XRAY2CT) -> float:
+    """Mean absolute error in HU; both volumes are clipped to ``window`` first (None: no clipping)."""
+    p, t = _pair(pred_hu, target_hu)
+    if window is not None:
+        w = get_window(window)
+        p, t = p.clamp(w.lo, w.hi), t.clamp(w.lo, w.hi)
+    return float(MAEMetric(reduction="mean")(p, t).mean())
+
+
+# ----------------------------------------------------------------------------------------------- X2CT-GAN
+def x2ctgan_levels(hu: torch.Tensor) -> torch.Tensor:
+    """HU -> their integer [0, 2500] scale: ``int32(clip(HU + 1024, 0, 2500))`` (truncation as in X2CT-GAN)."""
+    return torch.floor((hu - X2CTGAN.lo).clamp(0.0, X2CTGAN.width))
+
+
+def _slices(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """(B,1,X,Y,Z) -> (B*n, 1, h, w): the 2D slices perpendicular to spatial ``axis``."""
+    moved = torch.movedim(t[:, 0], axis + 1, 1)  # (B, n, h, w)
+    return moved.reshape(-1, 1, *moved.shape[2:])
+
+
+def _x2ctgan_psnr_values(p_levels: torch.Tensor, t_levels: torch.Tensor) -> torch.Tensor:
+    """Per-item PSNR with peak 4095 (MONAI PSNRMetric), with X2CT-GAN's 100 dB for a zero MSE."""
+    values = PSNRMetric(max_val=X2CTGAN_PSNR_PEAK, reduction="none")(p_levels, t_levels).flatten()
+    return torch.where(torch.isinf(values), torch.full_like(values, X2CTGAN_ZERO_MSE_PSNR), values)
+
+
+def x2ctgan_psnr(pred_hu, target_hu) -> dict[str, float]:
+    """PSNR in the X2CT-GAN/PerX2CT convention: 3D, per axis (mean over slices) and the axes' mean."""
+    p, t = _pair(pred_hu, target_hu)
+    pl, tl = x2ctgan_levels(p), x2ctgan_levels(t)
+    out = {"psnr_x2ctgan": float(_x2ctgan_psnr_values(pl, tl).mean())}
+    batch = p.shape[0]
+    per_axis = []
+    for name, axis in SLICE_AXES.items():
+        per_slice = _x2ctgan_psnr_values(_slices(pl, axis), _slices(tl, axis)).reshape(batch, -1)
+        per_volume = per_slice.mean(dim=1)  # their psnr_d/h/w: mean over slices, per volume
+        per_axis.append(per_volume)
+        out[f"psnr_{name}_x2ctgan"] = float(per_volume.mean())
+    out["psnr_2d_x2ctgan"] = float(torch.stack(per_axis).mean(dim=0).mean())
+    return dict(sorted(out.items()))
+
+
+def ssim2d_skimage(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 7
+) -> torch.Tensor:
+    """Per-image 2D SSIM equal to skimage's ``structural_similarity`` defaults, for (N,1,H,W) tensors.
+
+    Written here because MONAI's SSIM uses the population covariance while skimage (and therefore
+    X2CT-GAN/PerX2CT) uses the sample covariance (N/(N-1)); the uniform filter's valid region is
+    exactly skimage's crop of (win_size-1)/2 border pixels.
+    """
+    n = win_size * win_size
+    cov_norm = n / (n - 1.0)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def mean_filter(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel_size=win_size, stride=1)
+
+    ux, uy = mean_filter(pred), mean_filter(target)
+    vx = cov_norm * (mean_filter(pred * pred) - ux * ux)
+    vy = cov_norm * (mean_filter(target * target) - uy * uy)
+    vxy = cov_norm * (mean_filter(pred * target) - ux * uy)
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def x2ctgan_ssim(pred_hu, target_hu) -> dict[str, float]:
+    """SSIM in the X2CT-GAN/PerX2CT convention: 2D SSIM per slice on the [0, 1] X2CTGAN window."""
+    p, t = _pair(pred_hu, target_hu)
+    _need_window(p, X2CTGAN_SSIM_WIN, "X2CT-GAN SSIM")
+    pu, tu = X2CTGAN.to_unit(p), X2CTGAN.to_unit(t)
+    batch = p.shape[0]
+    out, per_axis = {}, []
+    for name, axis in SLICE_AXES.items():
+        per_slice = ssim2d_skimage(_slices(pu, axis), _slices(tu, axis), 1.0, X2CTGAN_SSIM_WIN).reshape(
+            batch, -1
+        )
+        per_volume = per_slice.mean(dim=1)
+        per_axis.append(per_volume)
+        out[f"ssim_{name}_x2ctgan"] = float(per_volume.mean())
+    out["ssim_x2ctgan"] = float(torch.stack(per_axis).mean(dim=0).mean())
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------- all at once
+def compute_ct_metrics(pred_hu, target_hu, win_size: int = DEFAULT_SSIM_WIN) -> dict[str, float]:
+    """Every metric of :data:`CONVENTIONS` for HU volumes (X,Y,Z) or (B,1,X,Y,Z), averaged over the batch."""
+    p, t = _pair(pred_hu, target_hu)
+    pu, tu = XRAY2CT.to_unit(p), XRAY2CT.to_unit(t)
+    out = {
+        "psnr_xray2ct": psnr(pu, tu, data_range=1.0),
+        "ssim_xray2ct": ssim3d(pu, tu, data_range=1.0, win_size=win_size),
+        "mae_hu": mae_hu(p, t, window=XRAY2CT),
+        "mae_x2ctgan": float((x2ctgan_levels(p) - x2ctgan_levels(t)).abs().mean()),
+    }
+    out.update(x2ctgan_psnr(p, t))
+    out.update(x2ctgan_ssim(p, t))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- engines
+class X2CTGANPSNRMetric(RegressionMetric):
+    """Per-volume X2CT-GAN PSNR (peak 4095 on integer [0, 2500] levels) for MONAI/ignite; inputs in HU."""
+
+    def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p, t = x2ctgan_levels(y_pred.double()), x2ctgan_levels(y.double())
+        return _x2ctgan_psnr_values(p, t).reshape(-1, 1)
+
+
+class X2CTGANSSIMMetric(RegressionMetric):
+    """Per-volume X2CT-GAN SSIM (mean of axial/coronal/sagittal 2D slice SSIM) for MONAI/ignite; inputs in HU."""
+
+    def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        values = [
+            x2ctgan_ssim(y_pred[i : i + 1], y[i : i + 1])["ssim_x2ctgan"] for i in range(y_pred.shape[0])
+        ]
+        return torch.tensor(values, dtype=torch.float64).reshape(-1, 1)
+
+
+def _map_items(fn: Callable, x):
+    """Apply ``fn`` to a batch tensor or to each item of a decollated list."""
+    if isinstance(x, (list, tuple)):
+        return [fn(item) for item in x]
+    return fn(x)
+
+
+def network_to_hu(window: str | HUWindow = "xray2ct", symmetric: bool = False) -> Callable:
+    """The function mapping network intensities ([0, 1], or [-1, 1] if ``symmetric``) to clipped HU."""
+    w = get_window(window)
+
+    def to_hu(x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).as_subclass(torch.Tensor).float()
+        return w.from_symmetric(x) if symmetric else w.from_unit(x)
+
+    return to_hu
+
+
+def ct_metric_handlers(
+    output_transform: Callable = from_engine(["pred", "label"]),
+    window: str | HUWindow = "xray2ct",
+    symmetric: bool = False,
+    include_x2ctgan: bool = True,
+    win_size: int = DEFAULT_SSIM_WIN,
+) -> dict[str, object]:
+    """Ignite metrics (name -> Metric) for ``SupervisedEvaluator(key_val_metric=..., additional_metrics=...)``.
+
+    ``output_transform`` must return ``(pred, label)`` in network intensities of ``window``
+    (``[0, 1]``, or ``[-1, 1]`` when ``symmetric``), as a batch or a decollated list. Both are
+    de-windowed to HU (clipped), so MAE is in HU and every metric follows :data:`CONVENTIONS`
+    whatever window the network was trained in.
+    """
+    to_hu = network_to_hu(window, symmetric)
+
+    def hu_pair(output):
+        pred, label = output_transform(output)
+        return _map_items(to_hu, pred), _map_items(to_hu, label)
+
+    def unit_pair(output):
+        pred, label = hu_pair(output)
+        return _map_items(XRAY2CT.to_unit, pred), _map_items(XRAY2CT.to_unit, label)
+
+    def clipped_hu_pair(output):
+        pred, label = hu_pair(output)
+        clip = lambda x: x.clamp(XRAY2CT.lo, XRAY2CT.hi)  # noqa: E731
+        return _map_items(clip, pred), _map_items(clip, label)
+
+    handlers: dict[str, object] = {
+        "psnr_xray2ct": PeakSignalToNoiseRatio(max_val=1.0, output_transform=unit_pair, save_details=False),
+        "ssim_xray2ct": IgniteMetricHandler(
+            metric_fn=SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win_size),
+            output_transform=unit_pair,
+            save_details=False,
+        ),
+        "mae_hu": MeanAbsoluteError(output_transform=clipped_hu_pair, save_details=False),
+    }
+    if include_x2ctgan:
+        handlers["psnr_x2ctgan"] = IgniteMetricHandler(
+            metric_fn=X2CTGANPSNRMetric(), output_transform=hu_pair, save_details=False
+        )
+        handlers["ssim_x2ctgan"] = IgniteMetricHandler(
+            metric_fn=X2CTGANSSIMMetric(), output_transform=hu_pair, save_details=False
+        )
+    return handlers
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def _jsonable(value):
+    """Numbers, tensors and arrays -> plain JSON values; inf/nan become the strings "inf"/"-inf"/"nan"."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist()) if value.ndim else _jsonable(value.item())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (os.PathLike,)):
+        return os.fspath(value)
+    return value
+
+
+def write_metrics_report(
+    path: str | os.PathLike,
+    metrics: dict,
+    conventions: dict | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Write ``{"metrics", "conventions", **extra}`` as JSON atomically; returns the path.
+
+    ``conventions`` defaults to :data:`CONVENTIONS`; ``extra`` (checkpoint, dataset, case ids...)
+    is merged at the top level and may not reuse the two reserved keys.
+    """
+    extra = dict(extra or {})
+    clash = {"metrics", "conventions"} & set(extra)
+    if clash:
+        raise ValueError(f"extra may not contain the reserved keys {sorted(clash)}")
+    report = {"metrics": metrics, "conventions": CONVENTIONS if conventions is None else conventions, **extra}
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
+    return os.fspath(path)

@@ -1,0 +1,252 @@
+"""Radiographs in (PNG/JPEG, DICOM, our 2D NIfTI DRRs, arrays), model domain out.
+
+:func:`load_xray` gives a float32 (H, W) image in [0, 1] displayed the radiologist's way (bones
+and soft tissue bright, air dark, row 0 superior) plus the pixel spacing when the file knows it.
+:func:`preprocess_xray` brings a real radiograph close to the DRRs our models are trained on
+(``docs/ARCHITECTURE.md``: DRR = 1 - exp(-line integral), in [0, 1], bones bright): centred square
+crop or pad, robust percentile normalisation, resize, and optional histogram matching to a DRR.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from monai.transforms import Resize
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import InputError, require_file
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_xray(source: str | os.PathLike | np.ndarray) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Load a radiograph as float32 (H, W) in [0, 1] and its (row, col) pixel spacing in mm (or None).
+
+    * PNG/JPEG/TIFF: 8-bit divided by 255, 16-bit by 65535; colour and alpha are dropped (luma).
+      Spacing None (these files do not carry it reliably).
+    * DICOM: modality LUT (rescale) and VOI LUT (window) applied as a viewer would, MONOCHROME1
+      inverted, then scaled by its own min/max. Spacing from PixelSpacing, else
+      ImagerPixelSpacing (at the detector, i.e. not corrected for geometric magnification).
+    * NIfTI (our DRR files): the 2D array as stored, spacing from the header zooms; values
+      outside [0, 1] are min/max scaled.
+    * numpy array (H, W) or (H, W, 3|4): like a raster file (integers by their dtype's maximum,
+      floats kept when already in [0, 1], otherwise min/max scaled).
+    """
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        array = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)
+        return _normalise_array(_to_gray(array, None), None), None
+    path = require_file(source)
+    lower = path.lower()
+    if lower.endswith(DICOM_SUFFIXES):
+        return _load_dicom(path)
+    if lower.endswith(NIFTI_SUFFIXES):
+        return _load_nifti(path)
+    if lower.endswith(RASTER_SUFFIXES):
+        return _load_raster(path), None
+    try:  # extensionless DICOM files are common
+        return _load_dicom(path)
+    except InputError:
+        raise InputError(path, "unknown X-ray format (expected PNG, JPEG, TIFF, DICOM or 2D NIfTI)") from None
+
+
+def _validate(image: np.ndarray, path: str | None) -> np.ndarray:
+    if image.ndim != 2:
+        raise InputError(path, f"expected a 2D radiograph, got an array of shape {tuple(image.shape)}")
+    if image.size == 0 or min(image.shape) < 2:
+        raise InputError(path, f"empty image of shape {tuple(image.shape)}")
+    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+        raise InputError(path, "image contains NaN or infinite values")
+    return image
+
+
+def _to_gray(array: np.ndarray, path: str | None) -> np.ndarray:
+    """Drop a trailing RGB(A) channel axis (ITU-R 601 luma, as Pillow's "L") and singleton axes."""
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        rgb = array[..., :3].astype(np.float64)
+        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        array = (
+            gray.astype(np.float32)
+            if not np.issubdtype(array.dtype, np.integer)
+            else gray.round().astype(array.dtype)
+        )
+    if array.ndim > 2:
+        array = np.squeeze(array)
+    return _validate(array, path)
+
+
+def _minmax(image: np.ndarray, path: str | None) -> np.ndarray:
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        raise InputError(path, f"blank image: every pixel equals {lo}")
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def _normalise_array(image: np.ndarray, path: str | None) -> np.ndarray:
+    """Integers by their dtype's range, floats kept when in [0, 1], else min/max scaled."""
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer):
+        if image.dtype.itemsize <= 2 and image.min() >= 0:
+            out = (image.astype(np.float32) / float(np.iinfo(image.dtype).max)).astype(np.float32)
+        else:
+            out = _minmax(image.astype(np.float64), path)
+    else:
+        image = image.astype(np.float32)
+        out = image if image.min() >= 0.0 and image.max() <= 1.0 else _minmax(image, path)
+    if float(out.max()) <= float(out.min()):
+        raise InputError(path, f"blank image: every pixel equals {float(out.min())}")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _load_raster(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as pil:
+            pil.load()
+            if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(pil)
+                if pil.mode == "I" and array.min() >= 0 and array.max() <= 65535:
+                    array = array.astype(np.uint16)  # 16-bit PNGs may open as 32-bit "I"
+            elif pil.mode == "F":
+                array = np.asarray(pil, dtype=np.float32)
+            else:
+                array = np.asarray(pil.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(path, f"cannot read image ({exc})") from None
+    return _normalise_array(_validate(array, path), path)
+
+
+def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        raw = ds.pixel_array
+    except (
+        InvalidDicomError,
+        AttributeError,
+        KeyError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        raise InputError(path, f"cannot read DICOM pixels ({exc})") from None
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        raw = _to_gray(raw, path)
+    if raw.ndim != 2:
+        raise InputError(path, f"expected a single-frame 2D radiograph, got pixel data of shape {raw.shape}")
+    image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        image = np.asarray(apply_voi_lut(image, ds), dtype=np.float64)
+    image = _validate(image, path)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        image = image.max() - image  # MONOCHROME1 stores air bright: flip to the usual display
+    return _minmax(image, path), _dicom_spacing(ds)
+
+
+def _dicom_spacing(ds) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            spacing = (float(value[0]), float(value[1]))
+            if all(np.isfinite(s) and s > 0 for s in spacing):
+                return spacing
+    return None
+
+
+def _load_nifti(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        array = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:2])
+    except Exception as exc:  # nibabel raises many types for corrupt headers or data
+        raise InputError(path, f"cannot read NIfTI ({exc})") from None
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+    image = _normalise_array(_validate(array, path), path)
+    spacing = zooms if len(zooms) == 2 and all(z > 0 for z in zooms) else None
+    return image, spacing
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+def square(image: np.ndarray, mode: str = "crop", fill: float = 0.0) -> np.ndarray:
+    """Centre-crop (``"crop"``) or zero-pad (``"pad"``) a 2D image to a square."""
+    h, w = image.shape
+    side = min(h, w) if mode == "crop" else max(h, w)
+    if mode == "crop":
+        top, left = (h - side) // 2, (w - side) // 2
+        return image[top : top + side, left : left + side]
+    if mode == "pad":
+        out = np.full((side, side), fill, dtype=image.dtype)
+        top, left = (side - h) // 2, (side - w) // 2
+        out[top : top + h, left : left + w] = image
+        return out
+    raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+
+
+def percentile_normalise(image: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Clip to the given percentiles and scale to [0, 1]: burnt-in labels and collimator edges saturate."""
+    lo, hi = np.percentile(image, percentiles)
+    if hi <= lo:
+        raise InputError(None, f"image has no contrast between the {percentiles} percentiles")
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def match_histogram(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Map intensities so the image's histogram (CDF) follows ``reference``'s (e.g. a training DRR).
+
+    Hand-written because MONAI only offers histogram *equalisation* (``HistogramNormalize``):
+    each pixel's empirical quantile is looked up in the reference's quantile function, so the
+    output ranks pixels exactly as the input does (deterministic, monotone).
+    """
+    reference = np.asarray(reference, dtype=np.float64).ravel()
+    if reference.size == 0 or not np.all(np.isfinite(reference)):
+        raise InputError(None, "reference for histogram matching is empty or contains NaN")
+    values, inverse, counts = np.unique(image.ravel(), return_inverse=True, return_counts=True)
+    quantiles = (np.cumsum(counts) - 0.5 * counts) / image.size
+    ref_sorted = np.sort(reference)
+    ref_quantiles = (np.arange(ref_sorted.size) + 0.5) / ref_sorted.size
+    mapped = np.interp(quantiles, ref_quantiles, ref_sorted)
+    return mapped[inverse].reshape(image.shape).astype(np.float32)
+
+
+def preprocess_xray(
+    image: np.ndarray | str | os.PathLike,
+    size: int = 256,
+    square_mode: str = "crop",
+    percentiles: tuple[float, float] | None = (0.5, 99.5),
+    reference: np.ndarray | None = None,
+) -> np.ndarray:
+    """A real radiograph -> float32 (size, size) in [0, 1] resembling our training DRRs.
+
+    Steps (deterministic): load (when given a path), robust normalisation to the ``percentiles``
+    (None: skip), centred square crop (default; drops the neck/abdomen margins that DRRs of chest
+    CTs lack) or zero pad, MONAI ``Resize`` (``area`` when shrinking, ``bilinear`` when growing),
+    and optional histogram matching to ``reference`` (a DRR from the training set, any size), which
+    removes most of the contrast difference between detector processing and simulated DRRs.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image, _ = load_xray(image)
+    image = _validate(np.asarray(image, dtype=np.float32), None)
+    if not np.all(np.isfinite(image)):
+        raise InputError(None, "image contains NaN or infinite values")
+    out = percentile_normalise(image, percentiles) if percentiles is not None else np.clip(image, 0.0, 1.0)
+    out = square(out, square_mode, fill=0.0)
+    if int(size) < 2:
+        raise ValueError(f"size must be >= 2, got {size}")
+    mode = "area" if out.shape[0] >= size else "bilinear"
+    resize = Resize(spatial_size=(int(size), int(size)), mode=mode)
+    out = np.asarray(resize(torch.from_numpy(np.ascontiguousarray(out))[None]))[0]
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    if reference is not None:
+        out = np.clip(match_histogram(out, reference), 0.0, 1.0)
+    return out

@@ -1,0 +1,204 @@
+"""common.metrics: hand-computed PSNR/SSIM/MAE in both conventions, engine handlers, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import InputError
+from common.intensity import XRAY2CT
+from common.metrics import (
+    CONVENTIONS,
+    compute_ct_metrics,
+    ct_metric_handlers,
+    mae_hu,
+    psnr,
+    ssim2d_skimage,
+    ssim3d,
+    write_metrics_report,
+    x2ctgan_psnr,
+)
+
+
+def _integer_volume(shape=(8, 9, 10), lo=-900, hi=1000, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(lo, hi, size=shape).astype(np.float32)
+
+
+def _luminance_ssim(a: float, b: float, data_range: float = 1.0) -> float:
+    """SSIM of two constant images: only the luminance term is left (variances are 0)."""
+    c1 = (0.01 * data_range) ** 2
+    return (2 * a * b + c1) / (a * a + b * b + c1)
+
+
+def test_constant_offset_gives_known_psnr_in_both_conventions():
+    target = _integer_volume()
+    m = compute_ct_metrics(target + 50.0, target)
+    assert m["psnr_xray2ct"] == pytest.approx(20 * math.log10(3072 / 50), abs=1e-4)
+    # X2CT-GAN: peak 4095 on the [0, 2500] scale, every slice has the same MSE
+    expected = 20 * math.log10(4095 / 50)
+    for key in ("psnr_x2ctgan", "psnr_axial_x2ctgan", "psnr_coronal_x2ctgan", "psnr_sagittal_x2ctgan"):
+        assert m[key] == pytest.approx(expected, abs=1e-4), key
+    assert m["psnr_2d_x2ctgan"] == pytest.approx(expected, abs=1e-4)
+    assert m["mae_hu"] == pytest.approx(50.0, abs=1e-4)
+    assert m["mae_x2ctgan"] == pytest.approx(50.0, abs=1e-4)
+    assert set(m) == {k for conv in CONVENTIONS.values() for k in conv["keys"]}
+
+
+def test_identical_volumes():
+    target = _integer_volume(seed=1)
+    m = compute_ct_metrics(target, target)
+    assert m["ssim_xray2ct"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ssim_x2ctgan"] == pytest.approx(1.0, abs=1e-9)
+    assert m["mae_hu"] == 0.0 and m["mae_x2ctgan"] == 0.0
+    assert math.isinf(m["psnr_xray2ct"])
+    assert m["psnr_x2ctgan"] == 100.0  # X2CT-GAN's value for a zero MSE
+    assert m["psnr_2d_x2ctgan"] == 100.0
+
+
+def test_window_clipping_matters():
+    # 1500 and 1800 HU are both above X2CT-GAN's 1476 ceiling but inside our 2048 ceiling.
+    pred, target = np.full((8, 8, 8), 1500.0), np.full((8, 8, 8), 1800.0)
+    m = compute_ct_metrics(pred, target)
+    assert m["mae_hu"] == pytest.approx(300.0)
+    assert m["psnr_xray2ct"] == pytest.approx(20 * math.log10(3072 / 300), abs=1e-6)
+    assert m["mae_x2ctgan"] == 0.0 and m["psnr_x2ctgan"] == 100.0
+    # Air below -1024 is clipped in both: -3000 vs -1024 is no error at all.
+    assert mae_hu(np.full((4, 4, 4), -3000.0), np.full((4, 4, 4), -1024.0)) == 0.0
+    assert mae_hu(np.full((4, 4, 4), -3000.0), np.full((4, 4, 4), -1024.0), window=None) == 1976.0
+
+
+def test_constant_volumes_ssim_is_the_luminance_term():
+    pred, target = np.zeros((8, 8, 8)), np.full((8, 8, 8), -512.0)
+    m = compute_ct_metrics(pred, target)
+    # MONAI computes SSIM in float32: agreement to ~1e-4 only.
+    assert m["ssim_xray2ct"] == pytest.approx(_luminance_ssim(1024 / 3072, 512 / 3072), abs=2e-4)
+    assert m["ssim_x2ctgan"] == pytest.approx(_luminance_ssim(1024 / 2500, 512 / 2500), abs=1e-9)
+
+
+def test_per_axis_psnr_follows_ras_axes():
+    target = _integer_volume(shape=(8, 8, 8), seed=2)
+    pred = target.copy()
+    pred[:, :, 0] += 100.0  # one axial slice (fixed Z) is wrong
+    m = x2ctgan_psnr(pred, target)
+    bad_slice = 20 * math.log10(4095 / 100)
+    assert m["psnr_axial_x2ctgan"] == pytest.approx((bad_slice + 7 * 100.0) / 8, abs=1e-6)
+    spread = 20 * math.log10(4095 / math.sqrt(100**2 / 8))  # 1/8 of every coronal/sagittal slice
+    assert m["psnr_coronal_x2ctgan"] == pytest.approx(spread, abs=1e-6)
+    assert m["psnr_sagittal_x2ctgan"] == pytest.approx(spread, abs=1e-6)
+    assert m["psnr_x2ctgan"] == pytest.approx(spread, abs=1e-6)
+
+
+def test_x2ctgan_psnr_truncates_to_integer_levels():
+    # 0.9 HU apart but on the same integer level after int32 truncation of HU + 1024.
+    target = np.full((4, 4, 4), 10.05)
+    assert x2ctgan_psnr(target + 0.9, target)["psnr_x2ctgan"] == 100.0
+
+
+def _naive_skimage_ssim(x: np.ndarray, y: np.ndarray, win: int = 7) -> float:
+    """Window-by-window SSIM with sample statistics (ddof=1), as skimage defines it."""
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for i in range(x.shape[0] - win + 1):
+        for j in range(x.shape[1] - win + 1):
+            a, b = x[i : i + win, j : j + win].ravel(), y[i : i + win, j : j + win].ravel()
+            cov = np.cov(a, b, ddof=1)
+            ma, mb = a.mean(), b.mean()
+            values.append(
+                ((2 * ma * mb + c1) * (2 * cov[0, 1] + c2))
+                / ((ma**2 + mb**2 + c1) * (cov[0, 0] + cov[1, 1] + c2))
+            )
+    return float(np.mean(values))
+
+
+def test_ssim2d_matches_window_by_window_definition():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (10, 11))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    got = ssim2d_skimage(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None])
+    assert float(got[0]) == pytest.approx(_naive_skimage_ssim(x, y), abs=1e-10)
+
+
+def test_functions_accept_numpy_torch_and_batches():
+    target = _integer_volume(shape=(8, 8, 8), seed=4)
+    unit_t = XRAY2CT.to_unit(target)
+    unit_p = XRAY2CT.to_unit(target + 30.72)  # 0.01 in unit scale
+    assert psnr(unit_p, unit_t) == pytest.approx(40.0, abs=1e-3)
+    assert psnr(torch.from_numpy(unit_p), torch.from_numpy(unit_t)) == pytest.approx(40.0, abs=1e-3)
+    batch_t = np.stack([target, target])[:, None]
+    batch_p = np.stack([target + 10.0, target + 100.0])[:, None]
+    m = compute_ct_metrics(batch_p, batch_t)
+    assert m["mae_hu"] == pytest.approx(55.0, abs=1e-4)
+    expected = (20 * math.log10(4095 / 10) + 20 * math.log10(4095 / 100)) / 2  # mean of per-volume PSNR
+    assert m["psnr_x2ctgan"] == pytest.approx(expected, abs=1e-4)
+    assert 0.0 < ssim3d(unit_p, unit_t) < 1.0
+
+
+@pytest.mark.parametrize(
+    "pred, target, problem",
+    [
+        (np.zeros((2, 8, 8, 8)), np.zeros((2, 8, 8, 8)), "expected"),
+        (np.zeros((8, 8, 8)), np.zeros((8, 8, 9)), "does not match"),
+        (np.full((8, 8, 8), np.nan), np.zeros((8, 8, 8)), "NaN"),
+        (np.zeros((4, 8, 8)), np.zeros((4, 8, 8)), ">= 7"),
+    ],
+)
+def test_bad_input_raises(pred, target, problem):
+    with pytest.raises(InputError, match=problem):
+        compute_ct_metrics(pred, target)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_handlers_in_supervised_evaluator(symmetric):
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+
+    # label 512 HU, prediction 1280 HU: both exact in float32 on the [0, 1] scale (0.5, 0.75).
+    label_unit, pred_unit = 0.5, 0.75
+    scale = (lambda v: 2 * v - 1) if symmetric else (lambda v: v)
+    data = [
+        {
+            "image": torch.full((1, 8, 8, 8), scale(pred_unit)),
+            "label": torch.full((1, 8, 8, 8), scale(label_unit)),
+        }
+        for _ in range(3)
+    ]
+    handlers = ct_metric_handlers(symmetric=symmetric)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(data, batch_size=2),
+        network=torch.nn.Identity(),
+        key_val_metric={"mae_hu": handlers.pop("mae_hu")},
+        additional_metrics=handlers,
+    )
+    evaluator.run()
+    got = evaluator.state.metrics
+    assert got["mae_hu"] == pytest.approx(768.0, abs=1e-3)
+    assert got["psnr_xray2ct"] == pytest.approx(20 * math.log10(1 / 0.25), abs=1e-4)
+    assert got["psnr_x2ctgan"] == pytest.approx(20 * math.log10(4095 / 768), abs=1e-4)
+    # MONAI's float32 SSIM leaves ~1e-3 of variance noise on flat volumes
+    assert got["ssim_xray2ct"] == pytest.approx(_luminance_ssim(0.75, 0.5), abs=2e-3)
+    assert got["ssim_x2ctgan"] == pytest.approx(_luminance_ssim(2304 / 2500, 1536 / 2500), abs=1e-6)
+
+
+def test_write_metrics_report(tmp_path):
+    path = tmp_path / "reports" / "metrics.json"
+    target = _integer_volume(shape=(8, 8, 8), seed=5)
+    metrics = compute_ct_metrics(target, target)
+    write_metrics_report(path, metrics, extra={"checkpoint": "model.pt", "n_cases": np.int64(1)})
+    report = json.loads(path.read_text())
+    assert report["metrics"]["psnr_xray2ct"] == "inf"  # strict JSON has no Infinity
+    assert report["metrics"]["psnr_x2ctgan"] == 100.0
+    assert report["conventions"]["x2ctgan"]["psnr_peak"] == 4095.0
+    assert report["conventions"]["xray2ct"]["window"] == {
+        "name": "xray2ct",
+        "hu_min": -1024.0,
+        "hu_max": 2048.0,
+    }
+    assert report["n_cases"] == 1 and report["checkpoint"] == "model.pt"
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="reserved"):
+        write_metrics_report(path, metrics, extra={"metrics": 1})
