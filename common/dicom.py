@@ -56,7 +56,7 @@ class SeriesInfo:
     """One series found by :func:`scan_dicom_folder` (headers only, no pixels read)."""
 
     uid: str  # SeriesInstanceUID, or a synthetic "no-uid-..." key when the header has none
-    folder: str
+    folder: str  # the deepest folder holding all its files (named in errors)
     files: list[str]
     meta: dict  # META_TAGS of the first file, JSON-friendly values
 
@@ -100,10 +100,17 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
             continue
         groups.setdefault(_series_key(ds), []).append((path, ds))
     series = [
-        SeriesInfo(uid=uid, folder=folder, files=[p for p, _ in items], meta=_meta(items[0][1]))
+        SeriesInfo(
+            uid=uid,
+            folder=os.path.commonpath([os.path.dirname(p) for p, _ in items]),
+            files=[p for p, _ in items],
+            meta=_meta(items[0][1]),
+        )
         for uid, items in groups.items()
     ]
-    series.sort(key=lambda s: (str(s.meta.get("PatientID") or ""), _int_or(s.meta.get("SeriesNumber")), s.uid))
+    series.sort(
+        key=lambda s: (str(s.meta.get("PatientID") or ""), _int_or(s.meta.get("SeriesNumber")), s.uid)
+    )
     return DicomScan(series, problems)
 
 
@@ -135,11 +142,16 @@ def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
 
 def load_series(info: SeriesInfo) -> Volume:
     """Read the pixels of a scanned series, checking its geometry first."""
-    headers = [_read_header(p) for p in info.files]
+    headers = read_headers(info)
     affine, order = series_geometry(headers, info.files, info.folder)
     slices = [_read_slice(info.files[i]) for i in order]
     array = np.stack(slices, axis=-1)  # (col i, row j, slice k)
     return Volume(array, affine)
+
+
+def read_headers(info: SeriesInfo) -> list[pydicom.Dataset]:
+    """The headers (no pixels) of every file of a scanned series, in ``info.files`` order."""
+    return [_read_header(p) for p in info.files]
 
 
 def series_geometry(
@@ -160,7 +172,10 @@ def series_geometry(
     _require_same(headers, files, "Columns", lambda h: int(h.Columns))
     _require_close(headers, files, "PixelSpacing", lambda h: [float(v) for v in h.PixelSpacing], 1e-4)
     _require_close(
-        headers, files, "ImageOrientationPatient", lambda h: [float(v) for v in h.ImageOrientationPatient],
+        headers,
+        files,
+        "ImageOrientationPatient",
+        lambda h: [float(v) for v in h.ImageOrientationPatient],
         ORIENTATION_TOL,
     )
     iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
@@ -209,19 +224,24 @@ def _check_stacking(
             f"{abs(along[k] - along[0]):.2f} mm ({angle:.2f} deg off the ImageOrientationPatient normal); "
             "resample it to an orthogonal grid first",
         )
-    median = float(np.median(gaps))
-    tol = ABS_TOL_MM + REL_GAP_TOL * median
-    bad = np.flatnonzero(np.abs(gaps - median) > tol)
-    if bad.size:
-        ratios = gaps[bad] / median
-        details = ", ".join(f"{gaps[i]:.3f} mm after {os.path.basename(files[i])}" for i in bad[:5])
-        if np.all(np.abs(ratios - np.round(ratios)) * median <= tol) and np.all(np.round(ratios) >= 2):
-            missing = int(np.sum(np.round(ratios) - 1))
-            raise InputError(
-                folder, f"{missing} missing slice(s): gaps of {details} where the spacing is {median:.3f} mm"
-            )
+    base = float(gaps.min())  # the true spacing when the only defect is missing slices
+    steps = np.round(gaps / base)
+    on_grid = np.abs(gaps - steps * base) <= (ABS_TOL_MM + REL_GAP_TOL * base) * steps
+    if np.all(on_grid) and np.any(steps > 1):
+        skipped = np.flatnonzero(steps > 1)
+        details = ", ".join(f"{gaps[i]:.3f} mm after {os.path.basename(files[i])}" for i in skipped[:5])
         raise InputError(
-            folder, f"irregular slice spacing: median {median:.3f} mm but gaps of {details} ({bad.size} uneven)"
+            folder,
+            f"{int(np.sum(steps - 1))} missing slice(s): gaps of {details} where the spacing is {base:.3f} mm",
+        )
+    if not np.all(on_grid):
+        median = float(np.median(gaps))
+        uneven = np.flatnonzero(np.abs(gaps - median) > ABS_TOL_MM + REL_GAP_TOL * median)
+        details = ", ".join(f"{gaps[i]:.3f} mm after {os.path.basename(files[i])}" for i in uneven[:5])
+        raise InputError(
+            folder,
+            f"irregular slice spacing: gaps from {base:.3f} to {gaps.max():.3f} mm (median {median:.3f} mm); "
+            f"uneven: {details}",
         )
     return float((along[-1] - along[0]) / (len(along) - 1))
 
@@ -234,7 +254,9 @@ def _read_slice(path: str) -> np.ndarray:
     except Exception as e:  # truncated pixel data, broken compression: pydicom/pillow raise many types
         raise InputError(path, f"cannot decode pixel data ({type(e).__name__}: {e})") from e
     if raw.ndim != 2:
-        raise InputError(path, f"expected a single-frame grayscale slice, got pixel array of shape {raw.shape}")
+        raise InputError(
+            path, f"expected a single-frame grayscale slice, got pixel array of shape {raw.shape}"
+        )
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
@@ -273,7 +295,9 @@ def _check_not_truncated(path: str, ds: pydicom.Dataset) -> None:
     if syntax is None or syntax.is_compressed:
         return  # compressed pixel data: length unknown until decoded (decode errors are raised on load)
     frames = int(ds.get("NumberOfFrames") or 1)
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel") or 1)
+    expected = (
+        int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel") or 1)
+    )
     size = os.path.getsize(path)
     if size < expected * frames:
         raise InputError(path, f"truncated file: {size} bytes, pixel data alone needs {expected * frames}")
@@ -290,7 +314,9 @@ def _has_dicm_marker(path: str) -> bool:
 
 def _list_files(folder: str, recursive: bool) -> list[str]:
     if not recursive:
-        return sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+        return sorted(
+            os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+        )
     out = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
@@ -303,7 +329,9 @@ def _series_key(ds: pydicom.Dataset) -> str:
     if uid:
         return uid
     # anonymised exports may blank the UID: fall back to fields that still separate series
-    parts = [str(ds.get(t) or "") for t in ("StudyInstanceUID", "SeriesNumber", "SeriesDescription", "Modality")]
+    parts = [
+        str(ds.get(t) or "") for t in ("StudyInstanceUID", "SeriesNumber", "SeriesDescription", "Modality")
+    ]
     return "no-uid-" + "-".join(p for p in parts if p).replace(" ", "_") if any(parts) else "no-uid"
 
 
@@ -327,8 +355,8 @@ def _jsonable(value):
 
 
 def _describe(s: SeriesInfo) -> str:
-    desc = s.meta.get("SeriesDescription") or ""
-    return f"{s.uid} (#{s.meta.get('SeriesNumber')} {desc!s}, {s.n_files} files)".replace("  ", " ")
+    desc = s.meta.get("SeriesDescription") or "no description"
+    return f"{s.uid} (series number {s.meta.get('SeriesNumber')}, {desc}, {s.n_files} files)"
 
 
 def _int_or(value, default: int = -1) -> int:
@@ -350,4 +378,6 @@ def _require_close(headers, files, name: str, get, tol: float) -> None:
     for h, f in zip(headers, files, strict=True):
         value = np.asarray(get(h))
         if value.shape != ref.shape or np.max(np.abs(value - ref)) > tol:
-            raise InputError(f, f"{name} {value.tolist()} differs from {ref.tolist()} in {files[0]} (same series)")
+            raise InputError(
+                f, f"{name} {value.tolist()} differs from {ref.tolist()} in {files[0]} (same series)"
+            )

@@ -125,12 +125,14 @@ def _load_nifti(path: str) -> Volume:
         array = array[..., 0]
     if array.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got an array of shape {array.shape}")
-    # get_fdata applies scl_slope/inter; keep float32 to halve memory against float64
-    array = (
-        np.asarray(img.get_fdata(dtype=np.float32)).reshape(array.shape)
-        if img.dataobj.slope != 1 or img.dataobj.inter != 0
-        else array
-    )
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if int(img.header["sform_code"]) == 0 and hasattr(img, "file_map"):
+        # nibabel silently "fixes" a zero pixdim to 1 on load; read the header as stored
+        with nib.openers.ImageOpener(img.file_map["image"].filename) as fh:
+            zooms = np.asarray(type(img.header).from_fileobj(fh, check=False)["pixdim"][1:4], dtype=float)
+    if not np.all(zooms > 0):
+        raise InputError(path, f"voxel spacing must be positive, got {tuple(zooms)}")
+    # np.asanyarray(dataobj) already applies scl_slope/scl_inter
     return Volume(np.asarray(array), img.affine)
 
 
@@ -143,6 +145,7 @@ def _load_hdf5(path: str) -> Volume:
         if "affine" in ds.attrs:
             affine = np.asarray(ds.attrs["affine"], dtype=np.float64)
         elif "spacing" in ds.attrs:
+            _require_positive_spacing(path, ds.attrs["spacing"])
             affine = Volume.from_spacing(array, ds.attrs["spacing"]).affine
         else:
             raise InputError(
@@ -161,5 +164,13 @@ def _load_npy(path: str) -> Volume:
     if "affine" in meta:
         affine = np.asarray(meta["affine"], dtype=np.float64)
     else:
+        _require_positive_spacing(path, meta["spacing"])
         affine = Volume.from_spacing(array, meta["spacing"], meta.get("origin")).affine
     return Volume(array, affine)
+
+
+def _require_positive_spacing(path: str, spacing) -> None:
+    if np.any(np.asarray(spacing, dtype=float) <= 0):
+        raise InputError(
+            path, f"voxel spacing must be positive, got {list(np.asarray(spacing, dtype=float))}"
+        )
