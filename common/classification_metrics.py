@@ -147,7 +147,8 @@ def bootstrap_ci(
         at = metrics_at_threshold(y, s, threshold)
         estimates.update({k: at[k] for k in ("accuracy", "sensitivity", "specificity")})
     return {
-        k: _percentile_ci(estimates[k], np.concatenate(v), confidence, n_resamples, seed) for k, v in parts.items()
+        k: _percentile_ci(estimates[k], np.concatenate(v), confidence, n_resamples, seed)
+        for k, v in parts.items()
     }
 
 

@@ -130,9 +130,9 @@ class DRRGeometry:
 X2CTGAN = DRRGeometry(
     "x2ctgan", sad=541.0, sid=949.0, detector_pixels=(128, 128), detector_size_mm=(500.0, 500.0)
 )
-# PerX2CT renders its own DRRs with a perspective camera 700 mm from the isocenter; detector as X2CT-GAN's.
+# PerX2CT (data_preprocessing/2_xraypro.py) renders with plastimatch: SAD 700, SID 949, 500 mm detector.
 PERX2CT = DRRGeometry(
-    "perx2ct", sad=700.0, sid=1200.0, detector_pixels=(128, 128), detector_size_mm=(500.0, 500.0)
+    "perx2ct", sad=700.0, sid=949.0, detector_pixels=(128, 128), detector_size_mm=(500.0, 500.0)
 )
 PRESETS = {g.name: g for g in (X2CTGAN, PERX2CT)}
 

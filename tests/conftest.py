@@ -34,3 +34,78 @@ def example_ct() -> dict:
     from data_prep.example_ct import fetch_example_ct
 
     return fetch_example_ct()
+
+
+@pytest.fixture(scope="session")
+def phantom_pairs(tmp_path_factory) -> dict:
+    """8 phantom chests, CT 32^3 at 10 mm (HU, RAS), 32x32 PA/lateral DRRs (x2ctgan geometry).
+
+    Half have pulmonary emboli (datalist ``label`` 1). Split stratified by label: 4 training,
+    2 validation, 2 test, each with both labels. Datalist keys: id, ct, pa, lateral, spacing, label.
+    Note: MONAI's ``load_decathlon_datalist(..., base_dir=root)`` also turns ``id`` into an absolute path
+    (the case folder ``root/<id>`` exists); use ``Path(item["id"]).name`` for the bare case id.
+    """
+    import json
+
+    from data_prep.phantom import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom_pairs")
+    datalist = Path(
+        make_phantom_dataset(
+            root, n_cases=8, size=32, spacing=10.0, geometry="x2ctgan", drr_pixels=32, seed=0
+        )
+    )
+    meta = json.loads(datalist.read_text())
+    return dict(
+        root=root,
+        datalist=datalist,
+        geometry=meta["geometry"],
+        size=32,
+        spacing=meta["spacing"],
+        drr_pixels=32,
+    )
+
+
+@pytest.fixture(scope="session")
+def phantom_4dct(tmp_path_factory) -> dict:
+    """2 breathing phantoms, 32x32x16 at (10, 10, 16) mm, 4 phases: ``avg`` and ``phase0`` (end-inhale) paths.
+
+    Returns root, datalist (1 training + 1 validation case; items also carry ct (= phase0), pa, lateral,
+    avg, phase0, phase, n_phases), size, n_phases, cases (the datalist items, paths absolute), and the
+    lists ``avg`` / ``phase0`` of absolute NIfTI paths.
+    """
+    import json
+
+    from data_prep.phantom import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom_4dct")
+    datalist = Path(
+        make_phantom_dataset(
+            root,
+            n_cases=2,
+            size=(32, 32, 16),
+            spacing=(10.0, 10.0, 16.0),
+            drr_pixels=32,
+            emboli_fraction=0.0,
+            n_phases=4,
+            val_fraction=0.5,
+            test_fraction=0.0,
+            seed=1,
+        )  # fmt: skip
+    )
+    meta = json.loads(datalist.read_text())
+    keys = ("ct", "pa", "lateral", "avg", "phase0")
+    cases = [
+        {k: (str(root / v) if k in keys else v) for k, v in item.items()}
+        for item in meta["training"] + meta["validation"]
+    ]
+    return dict(
+        root=root,
+        datalist=datalist,
+        size=(32, 32, 16),
+        spacing=meta["spacing"],
+        n_phases=4,
+        cases=cases,
+        avg=[c["avg"] for c in cases],
+        phase0=[c["phase0"] for c in cases],
+    )

@@ -1,0 +1,1 @@
+"""Scripts of the latent_ddpm bundle (X-ray conditioned latent diffusion)."""

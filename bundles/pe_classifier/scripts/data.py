@@ -1,0 +1,226 @@
+"""Datalists, generated-CT matching, the volume reader and the per-modality MONAI transforms.
+
+Image keys: ``ct`` (3D CTPA, real or generated, HU), ``pa`` (2D PA radiograph/DRR in [0, 1]).
+``label`` is 0/1 (PE present); it becomes a float tensor of shape (1,) for ``BCEWithLogitsLoss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import ImageReader, load_decathlon_datalist
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    Resized,
+)
+from torch.utils.data import WeightedRandomSampler
+
+from common.errors import InputError
+from common.io import load_volume
+from common.transforms import hu_window_transform
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5", ".npy")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BALANCE_MODES = ("loss", "sampler", "none")
+
+
+def image_keys(modality: str) -> list[str]:
+    """The datalist keys a modality reads."""
+    return {"ct": ["ct"], "xray": ["pa"], "fusion": ["ct", "pa"]}[modality]
+
+
+def load_split(dataset_dir: str, split: str, require_label: bool = True) -> list[dict]:
+    """Items of one split of ``<dataset_dir>/dataset.json`` with absolute paths and an integer label.
+
+    A missing ``label`` is read from the case's ``label.json`` (``{"pe": 0|1}``).
+    """
+    datalist = os.path.join(dataset_dir, "dataset.json")
+    if not os.path.isfile(datalist):
+        raise InputError(datalist, "datalist not found")
+    items = load_decathlon_datalist(
+        datalist, is_segmentation=False, data_list_key=split, base_dir=dataset_dir
+    )
+    for item in items:
+        if "label" not in item and "ct" in item:
+            label_file = os.path.join(os.path.dirname(item["ct"]), "label.json")
+            if os.path.isfile(label_file):
+                with open(label_file) as f:
+                    item["label"] = int(json.load(f)["pe"])
+        if require_label and item.get("label") not in (0, 1):
+            raise InputError(datalist, f"case {item.get('id')!r} in {split!r} has no 0/1 label")
+        item.setdefault("id", os.path.basename(os.path.dirname(item.get("ct", item.get("pa", "")))))
+        # load_decathlon_datalist turns any value naming an existing path (the case folder) into a path
+        if os.path.isabs(str(item["id"])):
+            item["id"] = os.path.relpath(item["id"], dataset_dir)
+    return items
+
+
+def find_generated(folder: str, case_id: str) -> str | None:
+    """The file ``{case_id}*.nii.gz|.nii|.h5|.npy`` in ``folder`` (the id must end at a non-alphanumeric
+    character so ``case_1`` never matches ``case_10``); the shortest name wins when several match."""
+    pattern = re.compile(re.escape(case_id) + r"($|[^0-9A-Za-z])")
+    hits = [
+        name
+        for name in os.listdir(folder)
+        if name.lower().endswith(VOLUME_SUFFIXES) and pattern.match(name) and not name.startswith(".")
+    ]
+    return os.path.join(folder, min(hits, key=len)) if hits else None
+
+
+def with_generated(items: list[dict], generated_dir: str | None) -> list[dict]:
+    """Replace each item's ``ct`` by its synthesised volume from ``generated_dir`` (no-op when empty)."""
+    if not generated_dir:
+        return items
+    if not os.path.isdir(generated_dir):
+        raise InputError(generated_dir, "generated-CT folder not found")
+    out, missing = [], []
+    for item in items:
+        path = find_generated(generated_dir, str(item["id"]))
+        if path is None:
+            missing.append(str(item["id"]))
+        out.append({**item, "ct": path, "ct_real": item.get("ct"), "ct_source": "generated"})
+    if missing:
+        raise InputError(generated_dir, f"no generated volume for {len(missing)} case(s): {missing[:5]}")
+    return out
+
+
+def best_checkpoint(ckpt_dir: str) -> str:
+    """``model.pt`` (best validation AUC) if training wrote it, else ``model_final.pt``."""
+    for name in ("model.pt", "model_final.pt"):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise InputError(ckpt_dir, "no model.pt or model_final.pt: train first or pass --ckpt_path")
+
+
+def inference_items(input_path: str, key: str = "ct") -> list[dict]:
+    """Items ``{"id", key}`` for one image file or every image in a folder (id = name without suffix)."""
+    if os.path.isdir(input_path) and not any(n.lower().endswith(".dcm") for n in os.listdir(input_path)):
+        names = sorted(
+            n for n in os.listdir(input_path) if n.lower().endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+        )
+        paths = [os.path.join(input_path, n) for n in names if not n.startswith(".")]
+    elif os.path.exists(input_path):
+        paths = [input_path]
+    else:
+        raise InputError(input_path, "input volume or folder not found")
+    if not paths:
+        raise InputError(input_path, f"no volume ({', '.join(VOLUME_SUFFIXES)}) in folder")
+    return [{"id": _strip_suffix(os.path.basename(p)), key: p} for p in paths]
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class VolumeReader(ImageReader):
+    """MONAI reader over :func:`common.io.load_volume`, so ``LoadImaged`` reads NIfTI, HDF5 (``ct``
+    dataset), NPY + JSON sidecar and DICOM folders with their affine (MONAI has no HDF5/sidecar reader)."""
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return all(str(n).lower().endswith(VOLUME_SUFFIXES) or os.path.isdir(n) for n in names)
+
+    def read(self, data, **kwargs):
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        vols = [(os.fspath(n), load_volume(n)) for n in names]
+        return vols[0] if len(vols) == 1 else vols
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        path, vol = img if isinstance(img, tuple) else img[0]
+        meta = {
+            "affine": vol.affine.copy(),
+            "original_affine": vol.affine.copy(),
+            "spatial_shape": np.asarray(vol.shape),
+            "space": "RAS",
+            "filename_or_obj": path,
+            "original_channel_dim": float("nan"),
+        }
+        return vol.array.astype(np.float32), meta
+
+
+def label_to_tensor(label) -> torch.Tensor:
+    """0/1 label -> float tensor of shape (1,) (the target of ``BCEWithLogitsLoss`` and ``ROCAUC``)."""
+    return torch.as_tensor(np.asarray(label, dtype=np.float32).reshape(1))
+
+
+def pe_transforms(
+    modality: str,
+    ct_size: Sequence[int],
+    xray_size: Sequence[int],
+    augment: bool = False,
+    hu_window: str = "xray2ct",
+    with_label: bool = True,
+) -> Compose:
+    """Load, channel-first, HU window (CT), resize to the network size, optional light intensity jitter.
+
+    Intensity augmentation only: flips would break the PA/CT correspondence in fusion and the side of the
+    heart, which the phantoms and real anatomy share.
+    """
+    keys = image_keys(modality)
+    xforms: list = []
+    if "ct" in keys:
+        xforms += [
+            LoadImaged("ct", reader=VolumeReader(), image_only=True),
+            EnsureChannelFirstd("ct", channel_dim="no_channel"),
+            hu_window_transform("ct", hu_window),
+            Resized("ct", spatial_size=tuple(ct_size), mode="trilinear", anti_aliasing=False),
+        ]
+    if "pa" in keys:
+        xforms += [
+            LoadImaged("pa", image_only=True),
+            EnsureChannelFirstd("pa", channel_dim="no_channel"),
+            Resized("pa", spatial_size=tuple(xray_size), mode="bilinear", anti_aliasing=False),
+        ]
+    if augment:
+        # one noise transform per key: RandGaussianNoised draws one noise array shaped like its first key
+        xforms += [RandScaleIntensityd(keys, factors=0.05, prob=0.5)]
+        xforms += [RandGaussianNoised(key, std=0.01, prob=0.5) for key in keys]
+    xforms.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    if with_label:
+        xforms.append(Lambdad("label", label_to_tensor))
+    return Compose(xforms)
+
+
+def positive_weight(items: list[dict], mode: str = "loss") -> torch.Tensor | None:
+    """``pos_weight = n_negative / n_positive`` for ``BCEWithLogitsLoss`` when ``mode == "loss"``, else None."""
+    _check_mode(mode)
+    if mode != "loss":
+        return None
+    labels = np.asarray([int(i["label"]) for i in items])
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == labels.size:
+        raise InputError(None, f"training split needs both classes (positives={n_pos} of {labels.size})")
+    return torch.tensor([(labels.size - n_pos) / n_pos], dtype=torch.float32)
+
+
+def balanced_sampler(items: list[dict], mode: str = "sampler", seed: int = 0) -> WeightedRandomSampler | None:
+    """A sampler drawing both classes equally often when ``mode == "sampler"``, else None (plain shuffle)."""
+    _check_mode(mode)
+    if mode != "sampler":
+        return None
+    labels = np.asarray([int(i["label"]) for i in items])
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    weights = 1.0 / counts[labels]
+    return WeightedRandomSampler(
+        torch.as_tensor(weights), len(items), replacement=True, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"class_balance must be one of {BALANCE_MODES}, got {mode!r}")

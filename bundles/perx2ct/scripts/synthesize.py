@@ -1,0 +1,152 @@
+"""Batch synthesis of CT volumes from an Indiana/OpenI-style chest X-ray collection.
+
+    python -m bundles.perx2ct.scripts.synthesize --reports_csv indiana_reports.csv \\
+        --projections_csv indiana_projections.csv --image_dir images/ --output_dir synth/ \\
+        [--bundle_root bundles/perx2ct] [--format h5|nii.gz|npy] [--start_from 0 --end_at 1000] \\
+        [--part_index 0 --total_parts 4] [--device cuda]
+
+``projections_csv`` has ``uid``, ``projection`` (``Frontal`` / ``Lateral``) and ``filename`` (relative to
+``image_dir``); ``reports_csv`` lists the uids to process (column ``uid``). Each uid gets
+``<output_dir>/<uid>_ct_synthetic.<format>`` (written atomically; finished volumes are skipped, so a
+killed job resumes) and a row in ``projections_synth.csv`` (``uid``, ``volume``, ``frontal``,
+``lateral``). A uid without a readable frontal and lateral view is skipped and listed with the reason
+in ``skipped.csv`` / ``skipped.json``. Sharding: uids ``[start_from, end_at)`` of the reports, then every
+``total_parts``-th from ``part_index`` (SLURM array task / torchrun rank); per-part CSVs are suffixed
+``.part<k>of<n>`` when sharded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from common.atomic import atomic_write_text
+from common.errors import InputError, require_file
+
+SUFFIXES = {"h5": ".h5", "nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy"}
+
+
+def read_uids(reports_csv: str) -> list[str]:
+    """uids in report order, without duplicates."""
+    with open(require_file(reports_csv), newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "uid" not in reader.fieldnames:
+            raise InputError(reports_csv, "reports CSV needs a 'uid' column")
+        return list(dict.fromkeys(row["uid"].strip() for row in reader if row.get("uid", "").strip()))
+
+
+def read_projections(projections_csv: str) -> dict[str, dict[str, str]]:
+    """uid -> {"frontal": filename, "lateral": filename} (first file of each projection)."""
+    with open(require_file(projections_csv), newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"uid", "projection", "filename"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(projections_csv, f"projections CSV lacks columns {sorted(missing)}")
+        views: dict[str, dict[str, str]] = {}
+        for row in reader:
+            kind = row["projection"].strip().lower()
+            if kind in ("frontal", "lateral"):
+                views.setdefault(row["uid"].strip(), {}).setdefault(kind, row["filename"].strip())
+    return views
+
+
+def select_part(
+    uids: Sequence[str], start_from: int, end_at: int | None, part_index: int, total_parts: int
+) -> list:
+    if total_parts < 1 or not 0 <= part_index < total_parts:
+        raise ValueError(f"need 0 <= part_index < total_parts, got {part_index}/{total_parts}")
+    return list(uids[start_from:end_at])[part_index::total_parts]
+
+
+def _csv_text(rows: list[dict], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def synthesize(
+    reports_csv: str,
+    projections_csv: str,
+    image_dir: str,
+    output_dir: str,
+    bundle_root: str | None = None,
+    checkpoint: str | None = None,
+    config_files: Sequence[str] | str | None = None,
+    format: str = "h5",
+    start_from: int = 0,
+    end_at: int | None = None,
+    part_index: int = 0,
+    total_parts: int = 1,
+    device: str | None = None,
+    predictor=None,
+) -> dict:
+    """Synthesize one CT per uid; returns a summary dict (also the CLI's printed result)."""
+    from bundles.perx2ct.scripts.api import BUNDLE_ROOT, PerX2CTInference
+
+    suffix = SUFFIXES.get(str(format).lstrip("."))
+    if suffix is None:
+        raise InputError(None, f"unknown --format {format!r}; choose from {sorted(SUFFIXES)}")
+    uids = select_part(read_uids(reports_csv), int(start_from), end_at, int(part_index), int(total_parts))
+    views = read_projections(projections_csv)
+    if predictor is None:
+        if isinstance(config_files, str):
+            config_files = [config_files]
+        device = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        predictor = PerX2CTInference.from_bundle(bundle_root or BUNDLE_ROOT, checkpoint, config_files, device)
+    os.makedirs(output_dir, exist_ok=True)
+    rows, skipped, done = [], [], 0
+    for uid in tqdm(uids, desc=f"synthesize part {part_index + 1}/{total_parts}", unit="uid"):
+        target = os.path.join(output_dir, f"{uid}_ct_synthetic{suffix}")
+        files = views.get(uid, {})
+        absent = [k for k in ("frontal", "lateral") if k not in files]
+        if absent:
+            skipped.append(
+                {"uid": uid, "reason": f"no {' and no '.join(absent)} view in the projections CSV"}
+            )
+            continue
+        paths = {k: os.path.join(image_dir, v) for k, v in files.items()}
+        row = {
+            "uid": uid,
+            "volume": os.path.basename(target),
+            "frontal": files["frontal"],
+            "lateral": files["lateral"],
+        }
+        if os.path.exists(target):  # finished by an earlier run: atomic writes never leave partial files
+            rows.append(row)
+            done += 1
+            continue
+        try:
+            volume = predictor.predict(paths["frontal"], paths["lateral"])
+        except InputError as e:
+            skipped.append({"uid": uid, "reason": str(e)})
+            continue
+        from common.io import save_volume
+
+        save_volume(volume, target)
+        rows.append(row)
+    tag = "" if int(total_parts) == 1 else f".part{part_index}of{total_parts}"
+    atomic_write_text(
+        os.path.join(output_dir, f"projections_synth{tag}.csv"),
+        _csv_text(rows, ["uid", "volume", "frontal", "lateral"]),
+    )
+    atomic_write_text(os.path.join(output_dir, f"skipped{tag}.csv"), _csv_text(skipped, ["uid", "reason"]))
+    atomic_write_text(os.path.join(output_dir, f"skipped{tag}.json"), json.dumps(skipped, indent=2) + "\n")
+    summary = {"uids": len(uids), "written": len(rows) - done, "already_done": done, "skipped": len(skipped)}
+    return summary
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire(synthesize)
+
+
+if __name__ == "__main__":
+    main()

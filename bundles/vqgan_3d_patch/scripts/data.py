@@ -1,0 +1,42 @@
+"""Batch preparation: the datalist's CT key is both the network input and the reconstruction target."""
+
+from __future__ import annotations
+
+import torch
+from monai.engines.utils import PrepareBatch
+from monai.utils import convert_to_tensor
+
+
+class PrepareCTBatch(PrepareBatch):
+    """``batch[key]`` -> ``(images, images)`` on ``device`` (MONAI's default reads "image"/"label")."""
+
+    def __init__(self, key: str = "ct"):
+        self.key = key
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        images = batchdata[self.key]
+        if isinstance(images, torch.Tensor):
+            images = images.to(device=device, non_blocking=non_blocking, **kwargs)
+        else:
+            images = convert_to_tensor(images, device=device)
+        return images, images
+
+
+def inference_items(source: str, key: str = "ct", datalist_key: str = "test") -> list[dict]:
+    """Items to reconstruct: a datalist folder (``dataset.json``, ``datalist_key``), a folder of NIfTI, or one file."""
+    import glob
+    import os
+
+    from monai.data import load_decathlon_datalist
+
+    from common.errors import InputError
+
+    if os.path.isfile(source):
+        return [{key: source}]
+    datalist = os.path.join(source, "dataset.json")
+    if os.path.isfile(datalist):
+        return load_decathlon_datalist(datalist, True, datalist_key, source)
+    files = sorted(glob.glob(os.path.join(source, "**", "*.nii*"), recursive=True))
+    if not files:
+        raise InputError(source, "no dataset.json and no NIfTI volume found")
+    return [{key: f} for f in files]

@@ -1,0 +1,55 @@
+"""Start the web demo: ``python -m webapp --checkpoint <ckpt> [--bundle perx2ct] [--host 127.0.0.1 --port 8000]``.
+
+Several checkpoints: ``--checkpoint a.pt,b.pt`` (or a list). Config overlays of the bundle by name or path, e.g. a
+checkpoint trained with the tiny CPU config: ``--config cpu_tiny``. Binds to localhost unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import fire
+import torch
+
+from common.errors import InputError
+
+
+def as_list(value: str | Sequence[str] | None) -> list[str]:
+    """fire hands ``a,b`` or ``[a,b]`` over as one string (unquoted paths are no Python literal): split it."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def serve(
+    checkpoint: str | list[str],
+    bundle: str = "perx2ct",
+    config: str | list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    max_upload_mb: float = 20.0,
+    workdir: str | None = None,
+    threads: int = 1,
+) -> None:
+    """Load the checkpoint(s) and serve the page and API until Ctrl-C."""
+    import uvicorn
+
+    from webapp.app import create_app
+    from webapp.models import load_models
+
+    torch.set_num_threads(int(threads))
+    try:
+        models = load_models(as_list(checkpoint), bundle, as_list(config), device)
+    except InputError as exc:
+        sys.exit(f"cannot start the web demo: {exc}")
+    app = create_app(models, workdir=workdir, max_upload_bytes=int(max_upload_mb * 1e6))
+    print(f"xray2ct web demo: http://{host}:{port}/  models: {', '.join(models)}")
+    uvicorn.run(app, host=host, port=int(port), log_level="info")
+
+
+if __name__ == "__main__":
+    fire.Fire(serve)

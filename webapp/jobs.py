@@ -1,0 +1,158 @@
+"""Reconstruction jobs run one at a time by a single worker thread, so concurrent uploads queue instead of
+holding several volumes (and network activations) in memory at once. Clients poll a job's status.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from common.errors import InputError
+from common.io import save_volume
+from common.volume import Volume
+from webapp.models import LoadedModel
+from webapp.render import render_drrs
+
+logger = logging.getLogger(__name__)
+
+# (stage, progress fraction reached when the stage starts)
+STAGES = {"queued": 0.0, "preprocessing": 0.05, "reconstructing": 0.15, "rendering DRRs": 0.8, "writing": 0.9}
+
+
+class QueueFull(RuntimeError):
+    """Too many jobs waiting: the client should try again later."""
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    model: LoadedModel
+    folder: str
+    pa: str
+    lateral: str | None
+    state: str = "queued"  # queued | running | done | failed
+    stage: str = "queued"
+    progress: float = 0.0
+    error: str | None = None
+    submitted: float = dataclasses.field(default_factory=time.time)
+    seconds: float | None = None
+    volume: Volume | None = None
+    views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model inputs, [0, 1]
+    drrs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # "nifti" / "hdf5" -> path
+
+
+class JobQueue:
+    """FIFO of jobs and the one thread that runs them; finished jobs beyond ``keep`` are forgotten."""
+
+    def __init__(self, max_pending: int = 4, keep: int = 8):
+        self.max_pending = int(max_pending)
+        self.keep = int(keep)
+        self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._pending: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._run, name="webapp-worker", daemon=True)
+        self._worker.start()
+
+    # -- client side ----------------------------------------------------------------------------
+    def new_id(self) -> str:
+        return uuid.uuid4().hex[:12]
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            waiting = sum(j.state == "queued" for j in self.jobs.values())
+            if waiting >= self.max_pending:
+                raise QueueFull(f"server busy: {waiting} jobs are waiting; try again in a minute")
+            self.jobs[job.id] = job
+            self._forget_old()
+        self._pending.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self.jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """How many jobs run before this one (0 when it is running or finished)."""
+        if job.state != "queued":
+            return 0
+        with self._lock:
+            ahead = [
+                j
+                for j in self.jobs.values()
+                if j.state in ("queued", "running") and j.submitted <= job.submitted
+            ]
+        return len(ahead) - 1
+
+    def status(self, job: Job) -> dict:
+        out = {
+            "id": job.id,
+            "model": job.model.name,
+            "state": job.state,
+            "stage": job.stage,
+            "progress": round(job.progress, 3),
+            "queue_position": self.position(job),
+            "error": job.error,
+            "seconds": job.seconds,
+        }
+        if job.volume is not None:
+            out["shape"] = list(job.volume.shape)
+            out["spacing"] = list(job.volume.spacing)
+            out["views"] = list(job.views)  # pa first
+        return out
+
+    def close(self) -> None:
+        self._pending.put(None)
+        self._worker.join(timeout=30)
+
+    # -- worker side ----------------------------------------------------------------------------
+    def _forget_old(self) -> None:
+        finished = [j for j in self.jobs.values() if j.state in ("done", "failed")]
+        for job in finished[: max(0, len(finished) - self.keep)]:
+            del self.jobs[job.id]
+            shutil.rmtree(job.folder, ignore_errors=True)
+
+    def _stage(self, job: Job, stage: str) -> None:
+        job.stage, job.progress = stage, STAGES[stage]
+
+    def _run(self) -> None:
+        while True:
+            job = self._pending.get()
+            if job is None:
+                return
+            start = time.perf_counter()
+            job.state = "running"
+            try:
+                self._execute(job)
+                job.stage, job.progress, job.state = "done", 1.0, "done"
+            except InputError as exc:
+                job.state, job.error = "failed", str(exc)
+            except Exception as exc:  # a bug or out-of-memory must fail this job only, never the server
+                logger.exception("job %s failed", job.id)
+                job.state, job.error = "failed", f"reconstruction failed: {type(exc).__name__}: {exc}"
+            job.seconds = round(time.perf_counter() - start, 3)
+
+    def _execute(self, job: Job) -> None:
+        model = job.model
+        self._stage(job, "preprocessing")
+        views = model.preprocess(job.pa, job.lateral)
+        job.views = dict(zip(("pa", "lateral"), views))
+        self._stage(job, "reconstructing")
+        volume = model.reconstruct(views).to_canonical()
+        self._stage(job, "rendering DRRs")
+        drrs = render_drrs(volume, model.geometry)
+        self._stage(job, "writing")
+        files = {
+            "nifti": save_volume(volume, os.path.join(job.folder, "ct.nii.gz")),
+            "hdf5": save_volume(volume, os.path.join(job.folder, "ct.h5")),
+        }
+        job.volume, job.drrs, job.files = volume, drrs, files
