@@ -236,6 +236,12 @@ def test_multi_gpu_overlay_trains_with_gloo_world_of_one(phantom_4dct, tmp_path,
     assert isinstance(parser.get_parsed_content("train#sampler"), torch.utils.data.DistributedSampler)
     workflow.finalize()
     assert not torch.distributed.is_initialized()  # finalize destroyed the process group
+    # ignite caches the native (distributed) context it detected during the run; put back the serial one so
+    # later in-process tests in this pytest worker do not query the destroyed process group.
+    from ignite.distributed import utils as idist_utils
+    from ignite.distributed.comp_models import _SerialModel
+
+    idist_utils._set_model(_SerialModel())
     # ignite's Checkpoint unwraps DDP: the saved generator loads into the bare network
     state = torch.load(
         tmp_path / "bundle" / "models" / "model_final.pt", map_location="cpu", weights_only=True
