@@ -62,7 +62,6 @@ def _diffdrr_renderers():
 
 def _rays_in_voxels(shape, spacing, geometry, view: str, device: str):
     """Source and detector-pixel positions in DiffDRR's voxel-index frame (voxel centres at integers)."""
-    beam = {"pa": 1, "lateral": 0}[view]
     h, w = geometry.detector_pixels
     dv, du = geometry.detector_spacing
     v = (torch.arange(h, dtype=torch.float64) - (h - 1) / 2) * dv
@@ -76,7 +75,6 @@ def _rays_in_voxels(shape, spacing, geometry, view: str, device: str):
     else:
         source[0] = geometry.sad
         target[..., 0], target[..., 1], target[..., 2] = -(geometry.sid - geometry.sad), -uu, -vv
-    del beam
     sp = torch.tensor(spacing, dtype=torch.float64)
     centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
     src_vox = source / sp + centre

@@ -22,7 +22,6 @@ patient's right (viewer faces the patient); lateral column 0 is anterior (patien
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
@@ -261,17 +260,3 @@ class DRRProjector(torch.nn.Module):
             line = render_drr(mu, spacing, self.geometry, view)
             out[view] = drr_to_image(line) if self.as_image else line
         return out
-
-
-def fov_fits(shape: Sequence[int], spacing: Sequence[float], geometry: str | DRRGeometry) -> bool:
-    """Whether the volume's projection (at its nearest face) fits on the detector in both views."""
-    geometry = get_geometry(geometry)
-    ext = [n * s for n, s in zip(shape, spacing)]
-    ok = True
-    for view in VIEWS:
-        beam, _, horiz = _view_axes(view)
-        near = geometry.sad - ext[beam] / 2.0
-        mag = geometry.sid / near
-        ok &= ext[horiz] * mag <= geometry.detector_size_mm[1] + 1e-6
-        ok &= ext[2] * mag <= geometry.detector_size_mm[0] + 1e-6
-    return bool(ok) and math.isfinite(float(sum(ext)))

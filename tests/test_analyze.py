@@ -19,17 +19,6 @@ from common.volume import Volume
 from data_prep.analyze import analyze_folder
 
 
-@pytest.fixture(scope="session")
-def chest_dicom_dir() -> Path:
-    example_ct = pytest.importorskip("data_prep.example_ct")
-    if not hasattr(example_ct, "fetch_example_dicom"):
-        pytest.skip("data_prep.example_ct has no fetch_example_dicom yet")
-    try:
-        return Path(example_ct.fetch_example_dicom())
-    except Exception as e:  # no network and no cache
-        pytest.skip(f"example DICOM unavailable: {e}")
-
-
 @pytest.fixture()
 def data_root(tmp_path, shared_data, chest_dicom_dir) -> Path:
     """Two DICOM series (one re-labelled as a sharp-kernel 100 kVp scan with a gap), NIfTI files, junk."""

