@@ -1,5 +1,8 @@
 """Reconstruction jobs run one at a time by a single worker thread, so concurrent uploads queue instead of
 holding several volumes (and network activations) in memory at once. Clients poll a job's status.
+
+A job is first *reserved* (it takes a place in the queue, or the client gets "server busy" before anything
+is decoded), then *started* with its decoded views (see :mod:`webapp.app`), or *discarded* when they fail.
 """
 
 from __future__ import annotations
@@ -67,15 +70,31 @@ class JobQueue:
     def new_id(self) -> str:
         return uuid.uuid4().hex[:12]
 
-    def submit(self, job: Job) -> Job:
+    def reserve(self, job: Job) -> Job:
+        """Take a place in the queue for ``job`` (not run yet); :class:`QueueFull` when none is left."""
         with self._lock:
             waiting = sum(j.state == "queued" for j in self.jobs.values())
             if waiting >= self.max_pending:
                 raise QueueFull(f"server busy: {waiting} jobs are waiting; try again in a minute")
             self.jobs[job.id] = job
             self._forget_old()
+        return job
+
+    def start(self, job: Job, views: np.ndarray | None = None) -> Job:
+        """Hand a reserved job to the worker; ``views`` (decoded model inputs) skip its preprocessing."""
+        if views is not None:
+            job.views = dict(zip(("pa", "lateral"), views))
         self._pending.put(job)
         return job
+
+    def discard(self, job: Job) -> None:
+        """Give a reserved job's place back (its upload failed)."""
+        with self._lock:
+            self.jobs.pop(job.id, None)
+
+    def submit(self, job: Job) -> Job:
+        """Reserve and start in one step (the job preprocesses its own uploads)."""
+        return self.start(self.reserve(job))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -144,8 +163,9 @@ class JobQueue:
     def _execute(self, job: Job) -> None:
         model = job.model
         self._stage(job, "preprocessing")
-        views = model.preprocess(job.pa, job.lateral)
-        job.views = dict(zip(("pa", "lateral"), views))
+        if not job.views:
+            job.views = dict(zip(("pa", "lateral"), model.preprocess(job.pa, job.lateral)))
+        views = np.stack(list(job.views.values()))
         self._stage(job, "reconstructing")
         volume = model.reconstruct(views).to_canonical()
         self._stage(job, "rendering DRRs")
