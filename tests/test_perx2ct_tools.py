@@ -27,7 +27,7 @@ import torch
 from bundles.perx2ct.scripts.api import PerX2CTInference
 from bundles.perx2ct.scripts.network import PerX2CTNet
 from bundles.perx2ct.scripts.server import PerX2CTClient, serve
-from bundles.perx2ct.scripts.synthesize import safe_uid_name, select_part, synthesize
+from bundles.perx2ct.scripts.synthesize import select_part, synthesize
 from common.errors import InputError
 from common.io import load_volume
 
@@ -192,6 +192,8 @@ def test_synthesize_keeps_outputs_inside_output_dir(tmp_path, collection, predic
     assert len(set(names)) == 5 and names[-1] == "u1_ct_synthetic.h5"
     for name in names:  # the CSV names the file that exists, inside output_dir
         assert "/" not in name and (out / name).is_file()
+    from bundles.perx2ct.scripts.synthesize import safe_uid_name
+
     assert safe_uid_name("sub/dir") != safe_uid_name("sub-dir") and safe_uid_name("a.b_c-1") == "a.b_c-1"
     again = synthesize(output_dir=str(out), format="h5", predictor=predictor, **kw)  # resume finds them
     assert again["already_done"] == 5
@@ -225,10 +227,14 @@ def server(predictor):
         return port
 
     yield start
+
+    def stop(port: int) -> None:
+        with contextlib.suppress(OSError, ConnectionError), PerX2CTClient(port=port, authkey=KEY) as c:
+            c.shutdown()
+
     for port, thread, _ in started:
         if thread.is_alive():
-            with contextlib.suppress(OSError, ConnectionError), PerX2CTClient(port=port, authkey=KEY) as c:
-                c.shutdown()
+            threading.Thread(target=stop, args=(port,), daemon=True).start()
             thread.join(30)
 
 
@@ -322,29 +328,32 @@ def test_server_never_unpickles(server, tmp_path):
     """Issue 14 item 1: pickles (code execution, or one that raises while loading) are inert bytes."""
     port = server()
     marker = tmp_path / "pwned"
-    with PerX2CTClient(port=port, authkey=KEY, timeout=30) as client:
+    with PerX2CTClient(port=port, authkey=KEY) as client:
         send_raw(client, pickle.dumps(Exploit(marker)))
-    with PerX2CTClient(port=port, authkey=KEY, timeout=30) as client:  # the pickle as a header, then as data
+    with PerX2CTClient(port=port, authkey=KEY) as client:
+        send_raw(client, pickle.dumps(Divide()))
+    time.sleep(1.0)
+    assert not marker.exists(), "the server ran code sent by a client"
+    assert within(60, lambda: PerX2CTClient(port=port, authkey=KEY).ping()), "the server died"
+    with PerX2CTClient(port=port, authkey=KEY) as client:  # the pickle as a header, then as array data
         send_raw(client, frame(pickle.dumps(Exploit(marker))))
         assert read_reply(client)["ok"] is False
-        blob = pickle.dumps({"frontal": Exploit(marker)})
-        client.request({"frontal": np.frombuffer(blob, np.uint8), "lateral": np.frombuffer(blob, np.uint8)})
-    with PerX2CTClient(port=port, authkey=KEY, timeout=30) as client:
-        send_raw(client, pickle.dumps(Divide()))
-    time.sleep(0.5)
-    assert not marker.exists()
-    with PerX2CTClient(port=port, authkey=KEY, timeout=30) as client:  # still serving
+    with PerX2CTClient(port=port, authkey=KEY) as client:
+        blob = np.frombuffer(pickle.dumps({"frontal": Exploit(marker)}), np.uint8)
+        assert client.request({"frontal": blob, "lateral": blob})["ok"] is False
         assert client.ping()
+    assert not marker.exists()
 
 
 def test_server_refuses_oversized_views_before_allocating(server):
     """Issue 14 item 4: (2, 60000) would be padded to a 13 GiB square; refused, nothing big allocated."""
     port = server()
     lat = np.random.default_rng(1).random((48, 48), dtype=np.float32)
-    with PerX2CTClient(port=port, authkey=KEY, timeout=60) as client:
+    with PerX2CTClient(port=port, authkey=KEY) as client:
         tracemalloc.start()
         try:
-            reply = client.request({"frontal": np.ones((2, 60000), np.float32), "lateral": lat})
+            strip = np.linspace(0, 1, 120000, dtype=np.float32).reshape(2, 60000)  # not blank: really padded
+            reply = client.request({"frontal": strip, "lateral": lat})
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -362,21 +371,55 @@ def test_server_refuses_oversized_views_before_allocating(server):
         assert "limit" in read_reply(client)["error"]
 
 
-def test_silent_idle_and_slow_clients_do_not_block_others(server):
-    """Issue 14 item 3: a silent TCP connection, an idle client and a trickling upload starve no one."""
-    port = server(handshake_timeout=1.0, idle_timeout=2.0, transfer_timeout=3.0)
-    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
-    idle = PerX2CTClient(port=port, authkey=KEY, timeout=30)
-    slow = PerX2CTClient(port=port, authkey=KEY, timeout=30)
+def within(seconds: float, fn):
+    """``fn()`` in a thread; fails when it is still blocked after ``seconds`` (a hung server)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def trickle(port: int) -> PerX2CTClient:
+    """An authenticated client that announced 1 MiB of payload, sent 10 bytes and stalls."""
+    client = PerX2CTClient(port=port, authkey=KEY)
     send_raw(
-        slow,
+        client,
         frame({"arrays": [{"name": "x", "dtype": "uint8", "shape": [1 << 20]}]}, b"0" * 10, declared=1 << 20),
     )
+    return client
+
+
+def test_silent_idle_and_slow_clients_do_not_block_others(server):
+    """Issue 14 item 3: a silent TCP connection, an idle client and a trickling upload starve no one."""
+    port = server()
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)  # never answers the handshake
     lat = np.random.default_rng(2).random((48, 48), dtype=np.float32)
-    with PerX2CTClient(port=port, authkey=KEY, timeout=30) as client:
-        assert client.ping()
-        assert client.reconstruct(lat, lat)[0].shape == (32, 32, 32)
-    silent.settimeout(30)
+
+    def others() -> tuple:
+        idle, slow = PerX2CTClient(port=port, authkey=KEY), trickle(port)
+        with PerX2CTClient(port=port, authkey=KEY) as client:
+            return idle, slow, client.ping(), client.reconstruct(lat, lat)[0].shape
+
+    idle, slow, pong, shape = within(60, others)
+    assert pong and shape == (32, 32, 32)
+    for stale in (silent, idle.conn, slow.conn):
+        stale.close()
+
+    # and they are dropped after their timeouts
+    port = server(handshake_timeout=1.0, idle_timeout=2.0, transfer_timeout=3.0)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+    idle, slow = PerX2CTClient(port=port, authkey=KEY), trickle(port)
     t0 = time.monotonic()
     received = b""
     with contextlib.suppress(ConnectionError):
@@ -391,14 +434,17 @@ def test_silent_idle_and_slow_clients_do_not_block_others(server):
     silent.close()
 
 
-def test_server_cli_refuses_key_on_command_line(tmp_path, repo_root):
+def test_server_cli_refuses_key_on_command_line(predictor, tmp_path, repo_root):
     """Issue 14 item 2: ``--authkey`` (visible in /proc/PID/cmdline) is refused before anything starts."""
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": predictor.net.state_dict()}, ckpt)
+    configs = str([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "cpu_tiny.json")])
     cmd = [sys.executable, "-m", "bundles.perx2ct.scripts.server", "--authkey", "0123456789abcdef-secret",
-           "--port", str(free_port()), "--device", "cpu"]  # fmt: skip
+           "--port", str(free_port()), "--checkpoint", str(ckpt), "--config_files", configs, "--device", "cpu"]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
-        pytest.fail("the server started with a key given on the command line")
+        pytest.fail("the server started with its key on the command line")
     assert proc.returncode != 0 and "command line" in proc.stderr
 
 

@@ -499,13 +499,14 @@ def test_chunked_body_limit_enforced_while_streaming(live_server):
                 break
         else:
             with contextlib.suppress(OSError):
-                sock.sendall(b"0\r\n\r\n")
+                end = b"\r\n--XYZ--\r\n"
+                sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
         sock.settimeout(30)
         with contextlib.suppress(OSError):
             while chunk := sock.recv(65536):
                 reply += chunk
                 if b"}" in reply:
                     break
+    assert sent < 32 * 2**20, f"the server read {sent / 2**20:.0f} MiB of a body over the 5 MB limit"
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"application/json" in reply and b"larger than" in reply
-    assert sent < 32 * 2**20, f"the server read {sent / 2**20:.0f} MiB of a body over the 5 MB limit"

@@ -198,14 +198,17 @@ def _bomb_png(width: int, height: int) -> bytes:
 
 def test_declared_sizes_refused_before_decoding(tmp_path):
     """An X-ray DICOM or PNG declaring 60000 x 60000 raised MemoryError / DecompressionBombError."""
-    dicom = tmp_path / "huge.dcm"
-    _write_dicom(dicom, np.ones((8, 10), np.uint16), "MONOCHROME2")
-    ds = pydicom.dcmread(dicom)
-    ds.Rows = ds.Columns = 60000
-    ds.save_as(dicom)
-    with pytest.raises(InputError, match="over the limit") as err:
-        load_xray(dicom)
-    assert err.value.path == str(dicom) and "60000 x 60000" in str(err.value)
+    for compressed in (True, False):  # RLE: the decoder allocates the declared size first
+        dicom = tmp_path / f"huge{compressed}.dcm"
+        _write_dicom(dicom, np.arange(80, dtype=np.uint16).reshape(8, 10), "MONOCHROME2")
+        ds = pydicom.dcmread(dicom)
+        if compressed:
+            ds.compress(pydicom.uid.RLELossless)
+        ds.Rows = ds.Columns = 60000
+        ds.save_as(dicom)
+        with pytest.raises(InputError, match="over the limit") as err:
+            load_xray(dicom)
+        assert err.value.path == str(dicom) and "60000 x 60000" in str(err.value)
     for width, height in ((60000, 60000), (9000, 9000)):  # Pillow's own guard, then ours
         png = tmp_path / f"bomb{width}.png"
         png.write_bytes(_bomb_png(width, height))
