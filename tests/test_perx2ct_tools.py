@@ -288,6 +288,7 @@ def test_server_serves_clients_and_survives_garbage(predictor, server):
             client.request({"frontal": np.array([["x"] * 8] * 8), "lateral": lat})
         wire = [  # well-framed but wrong: answered, and the connection stays usable
             frame(b"garbage"),
+            frame(b"[" * 60000),  # nesting deep enough to overflow a recursive parser
             frame(b"[1, 2]"),
             frame({"arrays": [{"name": "frontal", "dtype": "object", "shape": [2]}]}, b"\0" * 16),
             frame({"arrays": [{"name": "frontal", "dtype": "float32", "shape": [4, 4]}]}, b"\0" * 10),

@@ -22,6 +22,7 @@ from common.io import load_volume  # noqa: E402
 from common.volume import Volume  # noqa: E402
 from webapp.app import create_app  # noqa: E402
 from webapp.demo_checkpoint import make_random_checkpoint  # noqa: E402
+from webapp.jobs import Job  # noqa: E402
 from webapp.models import LoadedModel, load_models  # noqa: E402
 
 PAIR = "pneumocystis-pneumonia-2"
@@ -510,3 +511,28 @@ def test_chunked_body_limit_enforced_while_streaming(live_server):
     assert sent < 32 * 2**20, f"the server read {sent / 2**20:.0f} MiB of a body over the 5 MB limit"
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"application/json" in reply and b"larger than" in reply
+
+
+def test_finished_jobs_kept_a_minute_under_load(tmp_path):
+    """A burst of finished jobs must not evict a result seconds after it finished (soak: 404 on slices)."""
+    from webapp.jobs import JobQueue
+
+    queue = JobQueue(max_pending=100, keep=2, min_keep_s=60.0, max_kept=5)
+    try:
+        now = time.monotonic()
+        model = GatedModel().entry()
+        for k, age in enumerate([600, 500, 30, 20, 10, 5]):  # two stale, four recent
+            job = Job(f"old{k}", model, str(tmp_path / f"j{k}"), "pa.png", None, state="done")
+            job.finished = now - age
+            queue.jobs[job.id] = job
+        queue.reserve(Job("new", model, str(tmp_path / "new"), "pa.png", None))
+        assert sorted(queue.jobs) == ["new", "old2", "old3", "old4", "old5"]  # stale ones gone, recent kept
+        for k in range(6, 10):  # past max_kept the oldest go whatever their age
+            job = Job(f"old{k}", model, str(tmp_path / f"j{k}"), "pa.png", None, state="done")
+            job.finished = now - 1
+            queue.jobs[job.id] = job
+        queue.reserve(Job("newer", model, str(tmp_path / "newer"), "pa.png", None))
+        finished = [j for j in queue.jobs.values() if j.state == "done"]
+        assert len(finished) == 5 and "old2" not in queue.jobs
+    finally:
+        queue.close()

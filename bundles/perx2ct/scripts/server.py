@@ -234,17 +234,29 @@ def parse_array_specs(header: dict, payload_bytes: int, limits: Limits) -> list[
 
 
 def read_message(
+    sock: socket.socket, limits: Limits, idle_timeout: float | None, transfer_timeout: float
+) -> dict:
+    """One frame -> dict with numpy arrays. Raises :class:`ProtocolError`, ``TimeoutError``, ``ConnectionError``.
+
+    ``idle_timeout``: seconds to wait for the frame to start (None: forever); ``transfer_timeout``: for
+    the rest of it once started.
+    """
+    return read_frame(sock, limits, idle_timeout, transfer_timeout)[0]
+
+
+def read_frame(
     sock: socket.socket,
     limits: Limits,
     idle_timeout: float | None,
     transfer_timeout: float,
     check_header=None,
     budget: ByteBudget | None = None,
-) -> dict:
-    """One frame -> dict with numpy arrays. Raises :class:`ProtocolError`, ``TimeoutError``, ``ConnectionError``.
+) -> tuple[dict, int]:
+    """:func:`read_message` plus the payload size, which the caller gives back to ``budget`` when done.
 
     ``check_header(header, specs)`` may raise ``ProtocolError(fatal=False)`` to refuse a request from its
-    header alone (the payload is then skipped without being stored).
+    header alone (the payload is then skipped without being stored). ``budget`` (a :class:`ByteBudget`)
+    must grant the payload's bytes before they are allocated.
     """
     first = time.monotonic() + (idle_timeout if idle_timeout is not None else 10**9)
     frame = bytes(_recv_exact(sock, 1, first))
@@ -267,7 +279,7 @@ def read_message(
         specs = parse_array_specs(header, payload_bytes, limits)
         if check_header is not None:
             check_header(header, specs)
-    except (ValueError, ProtocolError) as e:
+    except (ValueError, RecursionError, ProtocolError) as e:  # RecursionError: "[[[[..." nested headers
         _discard(sock, payload_bytes, deadline)
         if isinstance(e, ProtocolError):
             raise
@@ -289,8 +301,7 @@ def read_message(
         count = math.prod(shape)
         message[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
         offset += count * dtype.itemsize
-    message["_payload_bytes"] = payload_bytes
-    return message
+    return message, payload_bytes
 
 
 class ByteBudget:
@@ -304,11 +315,10 @@ class ByteBudget:
         if n > self.total:
             return False
         with self._cond:
-            return self._cond.wait_for(lambda: self.used + n <= self.total, timeout) and self._take(n)
-
-    def _take(self, n: int) -> bool:
-        self.used += n
-        return True
+            if not self._cond.wait_for(lambda: self.used + n <= self.total, timeout):
+                return False
+            self.used += n
+            return True
 
     def release(self, n: int) -> None:
         with self._cond:
@@ -516,7 +526,7 @@ class PerX2CTServer:
                 return
             while not self._stop.is_set():
                 try:
-                    request = read_message(
+                    request, payload = read_frame(
                         conn,
                         self.limits,
                         self.idle_timeout,
@@ -531,7 +541,6 @@ class PerX2CTServer:
                 except (OSError, ValueError) as e:  # closed, reset or timed out (maybe mid-message)
                     logger.info("client %s gone: %s: %s", peer, type(e).__name__, e)
                     return
-                payload = request.pop("_payload_bytes", 0)
                 try:
                     if request.get("cmd") == "shutdown":
                         if self.allow_shutdown:
@@ -592,9 +601,7 @@ class PerX2CTClient:
     def request(self, message: dict) -> dict:
         self.conn.settimeout(self.timeout)
         send_message(self.conn, message)
-        reply = read_message(self.conn, self.limits, self.timeout, self.timeout)
-        reply.pop("_payload_bytes", None)
-        return reply
+        return read_message(self.conn, self.limits, self.timeout, self.timeout)
 
     def reconstruct(self, frontal: np.ndarray, lateral: np.ndarray) -> tuple[np.ndarray, list[float]]:
         """(volume in HU, spacing in mm); raises :class:`InputError` with the server's message on failure."""
