@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -125,27 +124,12 @@ def test_synthesize_cli(collection, predictor, tmp_path, repo_root):
     np.testing.assert_allclose(got.array, want.array, atol=1e-3)
 
 
-def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
-    """A tiny PNG whose header declares ``width`` x ``height`` 8-bit gray pixels (no real data)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack("!IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
-def test_synthesize_reports_any_per_uid_error_and_goes_on(collection, predictor):
+def test_synthesize_reports_any_per_uid_error_and_goes_on(collection, predictor, png_bomb):
     """Issue 14 item 5: a 60000 x 60000 PNG (PIL DecompressionBombError) and a crashing decoder are skipped."""
     c = collection
     images = Path(c["images"])
-    (images / "bomb.png").write_bytes(bomb_png())
-    assert len(bomb_png()) < 100
+    (images / "bomb.png").write_bytes(png_bomb())
+    assert len(png_bomb()) < 100
     with open(c["reports"], "a") as f:
         f.write("ubomb,e\nu5,f\n")
     with open(c["projections"], "a") as f:

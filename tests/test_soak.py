@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +80,16 @@ class MemorySampler:
         self._stop.set()
         self._thread.join(5)
         return peak
+
+
+def run_all(threads: list[threading.Thread], timeout: float = 1800) -> float:
+    """Start every thread, wait for all; returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return time.perf_counter() - t0
 
 
 def report(name: str, figures: dict) -> None:
@@ -171,13 +180,7 @@ def test_server_soak(tiny_checkpoint, tmp_path, repo_root):
                 for j in range(per_client):
                     good_request(client, k + j)
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(1800)
-        concurrent_s = time.perf_counter() - t0
+        concurrent_s = run_all([threading.Thread(target=worker, args=(k,)) for k in range(n_clients)])
         end_rss = memory.now()
         with PerX2CTClient(port=port, authkey=key, timeout=60) as client:
             client.shutdown()
@@ -216,13 +219,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def bomb_png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack("!IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0))
-
-
 def chunked_upload(total: int):
     """A valid start of a multipart upload, then zeros: sent chunked (no Content-Length)."""
     yield b'--XYZ\r\nContent-Disposition: form-data; name="pa"; filename="big.png"\r\n\r\n\x89PNG\r\n\x1a\n'
@@ -230,7 +226,7 @@ def chunked_upload(total: int):
         yield b"\0" * 65536
 
 
-def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root):
+def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root, png_bomb):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     n_uploads = int(50 * SCALE)
@@ -288,7 +284,7 @@ def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root):
         """A refused request of each kind; each must get its JSON answer."""
         with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
             cases = [
-                (http.post, "/api/jobs", {"files": {"pa": ("b.png", bomb_png()), "lateral": ("l.png", images[0])}}, 400),
+                (http.post, "/api/jobs", {"files": {"pa": ("b.png", png_bomb()), "lateral": ("l.png", images[0])}}, 400),
                 (http.post, "/api/jobs", {"files": {"pa": ("a.png", images[0])}, "headers": {"Origin": "http://evil.example"}}, 403),
                 (http.get, "/api/models", {"headers": {"Host": "rebound.evil.example"}}, 400),
                 (http.post, "/api/jobs", {"content": chunked_upload(64 * MB),
@@ -311,14 +307,8 @@ def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root):
         assert failures == [] and counts["done"] == 2, failures
         counts.update(posts=0, accepted=0, busy_503=0, done=0)
         warm_rss = memory.now()
-        t0 = time.perf_counter()
         threads = [threading.Thread(target=client_job, args=(k,)) for k in range(n_uploads)]
-        threads += [threading.Thread(target=hostile, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(1800)
-        wall = time.perf_counter() - t0
+        wall = run_all(threads + [threading.Thread(target=hostile, args=(k,)) for k in range(8)])
         end_rss = memory.now()
         peak = memory.status("VmHWM")
         big = {}
@@ -363,9 +353,5 @@ def big_uploads(base: str, httpx, lateral: bytes, n: int = 4) -> dict:
             files = {"pa": ("big.png", data), "lateral": ("l.png", lateral)}
             codes.append(http.post("/api/jobs", files=files).status_code)
 
-    threads = [threading.Thread(target=upload) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(1800)
+    run_all([threading.Thread(target=upload) for _ in range(n)])
     return {"big_uploads": n, "big_upload_bytes": len(data), "big_upload_codes": sorted(codes)}

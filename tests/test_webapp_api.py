@@ -296,18 +296,6 @@ def png16_bytes(size=(1024, 1024)) -> bytes:
     return buffer.getvalue()
 
 
-def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
-    """69 bytes whose PNG header declares ``width`` x ``height`` pixels."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack("!IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 class DecodeProbe:
     """Wraps ``common.xray._load_raster`` (every PNG decode, whoever asks) to count concurrent decodes."""
 
@@ -369,10 +357,10 @@ def test_uploads_decoded_one_at_a_time_and_only_when_admitted(tmp_path, monkeypa
         fake.gate.set()
 
 
-def test_bomb_png_and_internal_errors_are_json(client, tmp_path):
+def test_bomb_png_and_internal_errors_are_json(client, tmp_path, png_bomb):
     """Issue 14 item 13: a PNG declaring 60000 x 60000 pixels, and a bug, both answer JSON with a message."""
     response = client.post(
-        "/api/jobs", files={"pa": ("bomb.png", bomb_png()), "lateral": ("l.png", png_bytes())}
+        "/api/jobs", files={"pa": ("bomb.png", png_bomb()), "lateral": ("l.png", png_bytes())}
     )
     assert response.status_code == 400 and response.headers["content-type"] == "application/json"
     assert "PA X-ray (bomb.png)" in response.json()["detail"] and "pixels" in response.json()["detail"]

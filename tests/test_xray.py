@@ -185,18 +185,7 @@ def test_histogram_matching_follows_the_reference():
 
 
 # ----------------------------------------------------------------------------------------------- issue 14 item 15
-def _bomb_png(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack("!IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def test_declared_sizes_refused_before_decoding(tmp_path):
+def test_declared_sizes_refused_before_decoding(tmp_path, png_bomb):
     """An X-ray DICOM or PNG declaring 60000 x 60000 raised MemoryError / DecompressionBombError."""
     for compressed in (True, False):  # RLE: the decoder allocates the declared size first
         dicom = tmp_path / f"huge{compressed}.dcm"
@@ -211,7 +200,7 @@ def test_declared_sizes_refused_before_decoding(tmp_path):
         assert err.value.path == str(dicom) and "60000 x 60000" in str(err.value)
     for width, height in ((60000, 60000), (9000, 9000)):  # Pillow's own guard, then ours
         png = tmp_path / f"bomb{width}.png"
-        png.write_bytes(_bomb_png(width, height))
+        png.write_bytes(png_bomb(width, height))
         with pytest.raises(InputError, match="too large|over the limit") as err:
             load_xray(png)
         assert err.value.path == str(png)
