@@ -142,6 +142,8 @@ def test_synthesize_reports_any_per_uid_error_and_goes_on(collection, predictor,
     skipped = {r["uid"]: r["reason"] for r in read_csv(c["out"] / "skipped.csv")}
     assert "bomb.png" in skipped["ubomb"] and "pixels" in skipped["ubomb"]
     assert (c["out"] / "u5_ct_synthetic.npy").exists()  # the uid after the bomb was synthesised
+    resumed = synthesize(output_dir=str(c["out"]), format="npy", predictor=predictor, **kw)
+    assert resumed == {"uids": 6, "written": 0, "already_done": 3, "skipped": 3}  # no stop at the bomb
 
     class Flaky:  # any exception type, not only InputError, goes to the skip report
         def predict(self, pa, lateral):
