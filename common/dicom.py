@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from common.atomic import is_partial_file
 from common.errors import InputError
 from common.volume import Volume
 
@@ -49,6 +52,8 @@ ABS_TOL_MM = 1e-3
 REL_GAP_TOL = 0.01  # a gap may differ from the median gap by 1 % before the series counts as irregular
 TILT_TOL = 2e-3  # in-plane drift per mm along the normal (about 0.1 degree)
 ORIENTATION_TOL = 1e-4
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib'd
+MAX_INFLATED_BYTES = int(os.environ.get("XRAY2CT_MAX_DICOM_INFLATED_BYTES", 256 * 2**20))
 
 
 @dataclasses.dataclass
@@ -114,11 +119,14 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
     return DicomScan(series, problems)
 
 
-def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
+def load_dicom_series(
+    folder: str | os.PathLike, series_uid: str | None = None, max_voxels: int | None = None
+) -> Volume:
     """Load one series from ``folder`` as a RAS volume of float32 HU (axes: column, row, slice).
 
     Raises :class:`InputError` when the folder holds several series and ``series_uid`` is None, when a
     DICOM file is unreadable, and for any geometry defect (see :func:`series_geometry`).
+    ``max_voxels``: see :func:`common.io.check_voxel_count`.
     """
     folder = os.fspath(folder)
     scan = scan_dicom_folder(folder)
@@ -137,16 +145,56 @@ def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         if not matches:
             raise InputError(folder, f"series {series_uid} not found; present: {[s.uid for s in scan]}")
         info = matches[0]
-    return load_series(info)
+    return load_series(info, max_voxels=max_voxels)
 
 
-def load_series(info: SeriesInfo) -> Volume:
-    """Read the pixels of a scanned series, checking its geometry first."""
+def load_series(info: SeriesInfo, max_voxels: int | None = None) -> Volume:
+    """Read the pixels of a scanned series, checking its geometry and declared size first.
+
+    Raises :class:`InputError` naming the file for undecodable pixels, non-finite rescale values or
+    non-finite voxels, so a NaN volume is never returned.
+    """
+    from common.io import check_voxel_count
+
     headers = read_headers(info)
     affine, order = series_geometry(headers, info.files, info.folder)
-    slices = [_read_slice(info.files[i]) for i in order]
-    array = np.stack(slices, axis=-1)  # (col i, row j, slice k)
+    rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    check_voxel_count(info.folder, (cols, rows, len(order)), max_voxels, what="DICOM series")
+    array = np.empty((cols, rows, len(order)), dtype=np.float32)  # (col i, row j, slice k)
+    for k, i in enumerate(order):
+        array[..., k] = _read_slice(info.files[i], (cols, rows))
     return Volume(array, affine)
+
+
+def check_series_pixels(info: SeriesInfo) -> dict:
+    """Decode every slice of a series one at a time (no stacking): ``{"min", "max"}`` in HU.
+
+    Raises :class:`InputError` naming the first file whose pixel data is truncated, undecodable,
+    of the wrong size or non-finite after rescaling. Memory: one slice.
+    """
+    headers = read_headers(info)
+    rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    low, high = np.inf, -np.inf
+    for path in info.files:
+        hu = _read_slice(path, (cols, rows))
+        low, high = min(low, float(hu.min())), max(high, float(hu.max()))
+    return {"min": low, "max": high}
+
+
+def series_warnings(info: SeriesInfo, scan: Sequence[SeriesInfo] = ()) -> list[str]:
+    """Things about a series that are legal but usually a mistake (e.g. one stray slice)."""
+    warnings = []
+    if info.n_files == 1:
+        rows, cols = info.meta.get("Rows"), info.meta.get("Columns")
+        others = [s for s in scan if s is not info and s.folder == info.folder and s.n_files > 1]
+        where = (
+            f"; {info.folder} also holds series {others[0].uid} ({others[0].n_files} files)" if others else ""
+        )
+        warnings.append(
+            f"single slice {os.path.basename(info.files[0])}: it becomes a {cols}x{rows}x1 volume "
+            f"(a file from another series?{where})"
+        )
+    return warnings
 
 
 def read_headers(info: SeriesInfo) -> list[pydicom.Dataset]:
@@ -168,6 +216,7 @@ def series_geometry(
                 raise InputError(f, f"no {tag}: not a CT/MR image slice with known geometry")
         if int(h.get("NumberOfFrames") or 1) != 1:
             raise InputError(f, "multi-frame DICOM files are not supported")
+        _require_positive(f, "PixelSpacing", h.PixelSpacing, 2)
     _require_same(headers, files, "Rows", lambda h: int(h.Rows))
     _require_same(headers, files, "Columns", lambda h: int(h.Columns))
     _require_close(headers, files, "PixelSpacing", lambda h: [float(v) for v in h.PixelSpacing], 1e-4)
@@ -193,6 +242,8 @@ def series_geometry(
     dy, dx = (float(v) for v in headers[0].PixelSpacing)  # PixelSpacing = [between rows, between columns]
     if len(headers) == 1:
         dz = float(headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1.0)
+        if not np.isfinite(dz) or dz <= 0:
+            raise InputError(files[0], f"slice thickness must be positive, got {dz}")
     else:
         dz = _check_stacking(positions, along, normal, sorted_files, folder)
     lps = np.eye(4)
@@ -246,21 +297,82 @@ def _check_stacking(
     return float((along[-1] - along[0]) / (len(along) - 1))
 
 
-def _read_slice(path: str) -> np.ndarray:
-    """One slice as float32 HU, transposed to (column i, row j)."""
+def _read_slice(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One slice as float32 HU, transposed to (column i, row j); ``shape`` the expected (cols, rows)."""
+    check_inflated_size(path)
     try:
         ds = pydicom.dcmread(path)
+        slope, intercept = rescale(ds, path)
         raw = ds.pixel_array
+    except InputError:
+        raise
     except Exception as e:  # truncated pixel data, broken compression: pydicom/pillow raise many types
         raise InputError(path, f"cannot decode pixel data ({type(e).__name__}: {e})") from e
     if raw.ndim != 2:
         raise InputError(
             path, f"expected a single-frame grayscale slice, got pixel array of shape {raw.shape}"
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if shape is not None and raw.T.shape != tuple(shape):
+        raise InputError(
+            path, f"pixel data is {raw.shape[1]}x{raw.shape[0]}, the header said {shape[0]}x{shape[1]}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.all(np.isfinite(hu)):
+        n = int(hu.size - np.count_nonzero(np.isfinite(hu)))
+        raise InputError(
+            path, f"{n} voxels are NaN or infinite after rescaling (slope {slope}, intercept {intercept})"
+        )
     return hu.T
+
+
+def rescale(ds: pydicom.Dataset, path: str | None = None) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), defaults 1 and 0; :class:`InputError` unless both are finite."""
+    values = []
+    for tag, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(tag)
+        try:
+            value = default if raw is None or str(raw).strip() == "" else float(raw)
+        except (TypeError, ValueError):
+            raise InputError(path, f"{tag} {raw!r} is not a number") from None
+        if not np.isfinite(value):
+            raise InputError(path, f"{tag} is {value}: the voxels would not be finite")
+        values.append(value)
+    if values[0] == 0:
+        raise InputError(path, "RescaleSlope is 0: every voxel would get the same value")
+    return values[0], values[1]
+
+
+def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
+    """Refuse a deflated DICOM whose dataset inflates beyond ``max_bytes`` (default MAX_INFLATED_BYTES).
+
+    pydicom inflates a Deflated Explicit VR file whole, even to read its header, so a 1 MB upload
+    could become 300 MB in memory; this counts the inflated bytes in 1 MiB steps first, keeping none.
+    """
+    limit = MAX_INFLATED_BYTES if max_bytes is None else int(max_bytes)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(144)
+            if len(head) < 144 or head[128:132] != b"DICM":
+                return  # no Part 10 file meta: pydicom never inflates such a file
+            if head[132:136] == b"\x02\x00\x00\x00" and head[136:138] == b"UL":
+                meta = f.read(struct.unpack("<I", head[140:144])[0])
+            else:
+                meta = head[132:] + f.read(4096)  # no group length: the meta group is small
+            if DEFLATED_SYNTAX not in meta:
+                return
+            inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    total += len(inflater.decompress(chunk, 1 << 20))
+                    if total > limit:
+                        raise InputError(
+                            path,
+                            f"deflated DICOM inflates to more than {limit / 2**20:.0f} MiB (decompression bomb?)",
+                        )
+                    chunk = inflater.unconsumed_tail
+    except (OSError, zlib.error) as e:
+        raise InputError(path, f"cannot read deflated DICOM ({type(e).__name__}: {e})") from e
 
 
 class _NotDicom(Exception):
@@ -268,6 +380,7 @@ class _NotDicom(Exception):
 
 
 def _read_header(path: str) -> pydicom.Dataset:
+    check_inflated_size(path)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError as e:
@@ -313,14 +426,17 @@ def _has_dicm_marker(path: str) -> bool:
 
 
 def _list_files(folder: str, recursive: bool) -> list[str]:
+    """Candidate files, without the leftovers of interrupted atomic writes (common.atomic)."""
     if not recursive:
         return sorted(
-            os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+            os.path.join(folder, n)
+            for n in os.listdir(folder)
+            if os.path.isfile(os.path.join(folder, n)) and not is_partial_file(n)
         )
     out = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
-        out.extend(os.path.join(root, n) for n in sorted(names))
+        out.extend(os.path.join(root, n) for n in sorted(names) if not is_partial_file(n))
     return out
 
 
@@ -371,6 +487,19 @@ def _require_same(headers, files, name: str, get) -> None:
     for h, f in zip(headers, files, strict=True):
         if get(h) != ref:
             raise InputError(f, f"{name} {get(h)} differs from {ref} in {files[0]} (same series)")
+
+
+def _require_positive(path: str, name: str, value, n: int) -> None:
+    """A multi-valued spacing tag with ``n`` finite positive numbers (mirror images come from negatives)."""
+    try:
+        numbers = [
+            float(v)
+            for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])
+        ]
+    except (TypeError, ValueError):
+        raise InputError(path, f"{name} {value!r} is not numeric") from None
+    if len(numbers) != n or not all(np.isfinite(v) and v > 0 for v in numbers):
+        raise InputError(path, f"{name} must be {n} positive numbers (mm), got {numbers}")
 
 
 def _require_close(headers, files, name: str, get, tol: float) -> None:

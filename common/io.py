@@ -7,18 +7,25 @@ Geometry survives every round trip:
 - NPY writes ``<name>.json`` beside ``<name>.npy`` holding the affine and spacing.
 Writes are atomic (see :mod:`common.atomic`). Every load is validated (3D, finite, spacing > 0)
 and failures raise :class:`common.errors.InputError` naming the file.
+
+Before any voxel is allocated, the size a header declares is checked against the file (an
+uncompressed file must hold every byte; a gzip stream cannot inflate more than 1032:1; every chunk
+of an HDF5 dataset must be written) and against a voxel limit (``max_voxels`` argument, default
+:data:`MAX_VOXELS`, environment variable ``XRAY2CT_MAX_VOXELS``), so a forged 76-byte header never
+costs gigabytes of memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import h5py
 import nibabel as nib
 import numpy as np
 
-from common.atomic import atomic_path, atomic_write_text
+from common.atomic import atomic_path, atomic_write_text, is_partial_file
 from common.errors import InputError, require_file
 from common.volume import Volume
 
@@ -26,11 +33,15 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 NPY_SUFFIXES = (".npy",)
 H5_KEY = "ct"
+MAX_VOXELS = int(os.environ.get("XRAY2CT_MAX_VOXELS", 1024**3))  # 4 GiB as float32; a 512^2 x 4000 CT fits
+DEFLATE_MAX_RATIO = 1032  # deflate's hard limit on the inflated / compressed size ratio
 
 
 def volume_format(path: str | os.PathLike) -> str:
     """``"nifti"``, ``"hdf5"``, ``"npy"`` or ``"dicom"`` (a folder), from the path."""
     p = os.fspath(path).lower()
+    if is_partial_file(p):
+        raise InputError(path, "unfinished temporary file left by an interrupted write, not a volume")
     if p.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if p.endswith(HDF5_SUFFIXES):
@@ -44,21 +55,26 @@ def volume_format(path: str | os.PathLike) -> str:
     )
 
 
-def load_volume(path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False) -> Volume:
-    """Load a volume from any supported format; the array is cast to ``dtype`` (None keeps it)."""
+def load_volume(
+    path: str | os.PathLike, dtype=np.float32, allow_nan: bool = False, max_voxels: int | None = None
+) -> Volume:
+    """Load a volume from any supported format; the array is cast to ``dtype`` (None keeps it).
+
+    ``max_voxels`` (default :data:`MAX_VOXELS`): larger declared volumes are refused before loading.
+    """
     path = require_file(path)
     fmt = volume_format(path)
     try:
         if fmt == "nifti":
-            vol = _load_nifti(path)
+            vol = _load_nifti(path, max_voxels)
         elif fmt == "hdf5":
-            vol = _load_hdf5(path)
+            vol = _load_hdf5(path, max_voxels)
         elif fmt == "npy":
-            vol = _load_npy(path)
+            vol = _load_npy(path, max_voxels)
         else:
             from common.dicom import load_dicom_series
 
-            vol = load_dicom_series(path)
+            vol = load_dicom_series(path, max_voxels=max_voxels)
     except InputError:
         raise
     except Exception as e:  # corrupt or truncated files surface as library-specific errors
@@ -118,8 +134,56 @@ def _write_geometry_attrs(attrs, vol: Volume) -> None:
     attrs["space"] = "RAS"
 
 
-def _load_nifti(path: str) -> Volume:
+def check_voxel_count(
+    path: str | os.PathLike | None, shape, max_voxels: int | None = None, what: str = "volume"
+) -> int:
+    """The number of voxels of ``shape``; :class:`InputError` when over ``max_voxels`` (default MAX_VOXELS)."""
+    limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
+    dims = [int(s) for s in shape]
+    if any(d < 0 for d in dims):
+        raise InputError(path, f"header declares a negative size {tuple(dims)}")
+    count = math.prod(dims)
+    if count > limit:
+        raise InputError(
+            path,
+            f"{what} of shape {tuple(dims)} has {count:,} voxels, over the limit of {limit:,} "
+            "(raise it with max_voxels= or XRAY2CT_MAX_VOXELS if the file is genuine)",
+        )
+    return count
+
+
+def check_payload_fits(path: str, offset: int, nbytes: int, compressed: bool) -> None:
+    """Refuse a header whose declared data cannot be in the file (truncated or forged header)."""
+    size = os.path.getsize(path)
+    if compressed:
+        most = DEFLATE_MAX_RATIO * size
+        if offset + nbytes > most:
+            raise InputError(
+                path,
+                f"header declares {nbytes:,} bytes of data but a {size:,}-byte gzip file inflates to at most "
+                f"{most:,} bytes: truncated file or forged header",
+            )
+    elif offset + nbytes > size:
+        raise InputError(
+            path,
+            f"truncated file: {size:,} bytes, the header declares {offset + nbytes:,} (data from byte {offset})",
+        )
+
+
+def check_nifti_header(img, path: str, max_voxels: int | None = None) -> None:
+    """Declared shape of a loaded (not yet read) NIfTI image against the limit and the file size."""
+    shape = img.shape
+    check_voxel_count(path, shape, max_voxels)
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    check_payload_fits(
+        path, offset, math.prod(int(s) for s in shape) * itemsize, path.lower().endswith(".gz")
+    )
+
+
+def _load_nifti(path: str, max_voxels: int | None = None) -> Volume:
     img = nib.load(path)
+    check_nifti_header(img, path, max_voxels)
     array = np.asanyarray(img.dataobj)
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -136,11 +200,40 @@ def _load_nifti(path: str) -> Volume:
     return Volume(np.asarray(array), img.affine)
 
 
-def _load_hdf5(path: str) -> Volume:
+def _check_hdf5_dataset(ds, path: str, max_voxels: int | None) -> None:
+    """Every byte of the dataset must be stored: unwritten chunks or space would read as fill values."""
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(path, f"'{H5_KEY}' is an HDF5 group, not a dataset")
+    count = check_voxel_count(path, ds.shape, max_voxels)
+    nbytes = count * ds.dtype.itemsize
+    stored = int(ds.id.get_storage_size())
+    if ds.chunks is None:
+        if ds.compression is None and stored < nbytes:
+            raise InputError(
+                path, f"HDF5 dataset '{H5_KEY}' stores {stored:,} of its {nbytes:,} bytes (never written)"
+            )
+        offset = ds.id.get_offset()
+        if offset is not None:
+            check_payload_fits(path, int(offset), nbytes, compressed=False)
+        return
+    n_chunks = math.prod(math.ceil(s / c) for s, c in zip(ds.shape, ds.chunks, strict=True))
+    written = int(ds.id.get_num_chunks())
+    if written < n_chunks:
+        raise InputError(
+            path,
+            f"HDF5 dataset '{H5_KEY}' has {written} of its {n_chunks} chunks written "
+            "(the rest would read as zeros): interrupted or forged file",
+        )
+    if ds.compression in (None, "gzip") and ds.scaleoffset is None and stored * DEFLATE_MAX_RATIO < nbytes:
+        raise InputError(path, f"HDF5 dataset '{H5_KEY}' stores {stored:,} bytes, too few for {nbytes:,}")
+
+
+def _load_hdf5(path: str, max_voxels: int | None = None) -> Volume:
     with h5py.File(path, "r") as f:
         if H5_KEY not in f:
             raise InputError(path, f"HDF5 file has no '{H5_KEY}' dataset (found: {list(f.keys())})")
         ds = f[H5_KEY]
+        _check_hdf5_dataset(ds, path, max_voxels)
         array = ds[()]
         if "affine" in ds.attrs:
             affine = np.asarray(ds.attrs["affine"], dtype=np.float64)
@@ -154,10 +247,28 @@ def _load_hdf5(path: str) -> Volume:
     return Volume(array, affine)
 
 
-def _load_npy(path: str) -> Volume:
+def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of an .npy file, without reading its data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise InputError(path, f"unsupported .npy format version {version}")
+        return tuple(int(s) for s in shape), np.dtype(dtype), f.tell()
+
+
+def _load_npy(path: str, max_voxels: int | None = None) -> Volume:
     sidecar = sidecar_path(path)
     if not os.path.exists(sidecar):
         raise InputError(path, f"no geometry sidecar {os.path.basename(sidecar)}: voxel spacing unknown")
+    shape, dtype, offset = read_npy_header(path)
+    if dtype.hasobject:
+        raise InputError(path, "object arrays are refused (they would need unpickling)")
+    count = check_voxel_count(path, shape, max_voxels)
+    check_payload_fits(path, offset, count * dtype.itemsize, compressed=False)
     array = np.load(path, allow_pickle=False)
     with open(sidecar) as f:
         meta = json.load(f)

@@ -5,10 +5,16 @@ and soft tissue bright, air dark, row 0 superior) plus the pixel spacing when th
 :func:`preprocess_xray` brings a real radiograph close to the DRRs our models are trained on
 (``docs/ARCHITECTURE.md``: DRR = 1 - exp(-line integral), in [0, 1], bones bright): centred square
 crop or pad, robust percentile normalisation, resize, and optional histogram matching to a DRR.
+
+Sizes are checked before pixels are allocated: a file or array declaring more than ``max_pixels``
+(default :data:`MAX_PIXELS`, environment variable ``XRAY2CT_MAX_XRAY_PIXELS``) raises
+:class:`InputError`, and so does padding that would produce a square over the limit
+(``(2, 60000)`` -> 60000 x 60000), so a 69-byte PNG that declares 60000 x 60000 never costs memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -21,6 +27,21 @@ from common.errors import InputError, require_file
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_PIXELS = int(os.environ.get("XRAY2CT_MAX_XRAY_PIXELS", 8192 * 8192))  # larger than any detector
+
+
+def check_pixel_count(path: str | None, shape, max_pixels: int | None = None, what: str = "image") -> int:
+    """Pixels of a declared ``shape``; :class:`InputError` naming ``path`` when over the limit."""
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    dims = tuple(int(s) for s in shape)
+    count = math.prod(dims)
+    if any(d < 0 for d in dims) or count > limit:
+        raise InputError(
+            path,
+            f"{what} of {' x '.join(map(str, dims))} pixels is over the limit of {limit:,} pixels "
+            "(XRAY2CT_MAX_XRAY_PIXELS raises it for genuine files)",
+        )
+    return count
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -106,6 +127,7 @@ def _normalise_array(image: np.ndarray, path: str | None) -> np.ndarray:
 def _load_raster(path: str) -> np.ndarray:
     try:
         with Image.open(path) as pil:
+            check_pixel_count(path, (pil.height, pil.width), what="image")  # header only, nothing decoded
             pil.load()
             if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(pil)
@@ -115,6 +137,10 @@ def _load_raster(path: str) -> np.ndarray:
                 array = np.asarray(pil, dtype=np.float32)
             else:
                 array = np.asarray(pil.convert("L"))
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own guard (twice its MAX_IMAGE_PIXELS)
+        raise InputError(path, f"image is too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot read image ({exc})") from None
     return _normalise_array(_validate(array, path), path)
@@ -125,9 +151,20 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    from common.dicom import check_inflated_size
+
+    check_inflated_size(path)
     try:
         ds = pydicom.dcmread(path)
+        if ds.get("Rows") is None or ds.get("Columns") is None:
+            raise InputError(path, "no Rows/Columns: not an image")
+        frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+        extra = (frames,) if frames > 1 else ()
+        extra += (samples,) if samples > 1 else ()
+        check_pixel_count(path, (int(ds.Rows), int(ds.Columns), *extra), what="DICOM image")
         raw = ds.pixel_array
+    except InputError:
+        raise
     except (
         InvalidDicomError,
         AttributeError,
@@ -164,10 +201,16 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
 def _load_nifti(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     import nibabel as nib
 
+    from common.io import check_nifti_header
+
     try:
         img = nib.load(path)
+        check_pixel_count(path, img.shape, what="NIfTI image")
+        check_nifti_header(img, path)
         array = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:2])
+    except InputError:
+        raise
     except Exception as exc:  # nibabel raises many types for corrupt headers or data
         raise InputError(path, f"cannot read NIfTI ({exc})") from None
     while array.ndim > 2 and array.shape[-1] == 1:
@@ -186,6 +229,7 @@ def square(image: np.ndarray, mode: str = "crop", fill: float = 0.0) -> np.ndarr
         top, left = (h - side) // 2, (w - side) // 2
         return image[top : top + side, left : left + side]
     if mode == "pad":
+        check_pixel_count(None, (side, side), what=f"a {w} x {h} image padded to a square of")
         out = np.full((side, side), fill, dtype=image.dtype)
         top, left = (side - h) // 2, (side - w) // 2
         out[top : top + h, left : left + w] = image

@@ -4,22 +4,29 @@ Usage::
 
     python -m data_prep.dicom_to_nifti <input_dir> <output_dir> [--series_uid UID] [--recursive False]
 
-Output names: ``<PatientID>_<SeriesNumber>_<SeriesInstanceUID>.nii.gz`` (unsafe characters replaced).
-A series that fails (missing slices, tilt, corrupt files...) is reported with its reason and does not
-stop the others; unreadable files that belong to no series are reported too. The exit code is 1 when
-anything failed, so scripts notice.
+Output names: ``<PatientID>_<SeriesNumber>_<SeriesInstanceUID>.nii.gz`` (unsafe characters replaced;
+when that changed the key, e.g. the synthetic key of a series without a SeriesInstanceUID, a short hash
+of the original key is appended so ``Lung (soft)`` and ``Lung [soft]`` never share a file). An existing
+output is never overwritten silently: it is kept and reported as ``exists`` unless ``--overwrite True``.
+A series that fails (missing slices, tilt, corrupt files, non-finite rescale values...) is reported
+with its reason and does not stop the others; unreadable files that belong to no series are reported
+too. Legal but suspicious series (a single slice, likely a stray file) are converted with a WARNING.
+The exit code is 1 when anything failed, so scripts notice. Leftovers of a killed earlier run (hidden
+``.*.part*`` files in the output folder) are removed first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import sys
 
 from tqdm import tqdm
 
-from common.dicom import SeriesInfo, load_series, scan_dicom_folder
+from common.atomic import remove_partial_files
+from common.dicom import SeriesInfo, load_series, scan_dicom_folder, series_warnings
 from common.errors import InputError
 from common.io import save_volume
 
@@ -32,16 +39,36 @@ class ConversionResult:
     shape: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
     error: str | None = None
+    exists: bool = False  # the output was already there and was kept
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def status(self) -> str:
+        if not self.ok:
+            return "FAILED"
+        return "exists" if self.exists else ("WARNING" if self.warnings else "ok")
+
 
 def output_name(info: SeriesInfo) -> str:
-    """``PatientID_SeriesNumber_uid.nii.gz`` with anything but ``[A-Za-z0-9.-]`` replaced by ``-``."""
+    """``PatientID_SeriesNumber_uid.nii.gz`` with anything but ``[A-Za-z0-9.-]`` replaced by ``-``.
+
+    Sanitising can map two keys to one name (``Lung (soft)`` / ``Lung [soft]``): a part that changed gets
+    the first 8 hex digits of its SHA-1 appended, so distinct keys always give distinct names.
+    """
     parts = [info.meta.get("PatientID") or "unknown", info.meta.get("SeriesNumber"), info.uid]
-    return "_".join(sanitize(str(p if p is not None else "na")) for p in parts) + ".nii.gz"
+    return "_".join(safe_part(str(p if p is not None else "na")) for p in parts) + ".nii.gz"
+
+
+def safe_part(text: str) -> str:
+    """``sanitize(text)``, plus a hash of ``text`` when sanitising lost information."""
+    clean = sanitize(text)
+    if clean == text:
+        return clean
+    return f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def sanitize(text: str) -> str:
@@ -53,6 +80,7 @@ def convert_folder(
     output_dir: str | os.PathLike,
     series_uid: str | None = None,
     recursive: bool = True,
+    overwrite: bool = False,
 ) -> tuple[list[ConversionResult], list[str]]:
     """Convert each series; returns per-series results and the unreadable-file problems of the scan."""
     scan = scan_dicom_folder(input_dir, recursive=recursive)
@@ -60,29 +88,48 @@ def convert_folder(
     series = [s for s in scan if series_uid is None or s.uid == series_uid]
     if series_uid is not None and not series:
         raise InputError(input_dir, f"series {series_uid} not found; present: {[s.uid for s in scan]}")
-    results = []
+    output_dir = os.fspath(output_dir)
+    remove_partial_files(output_dir, recursive=False)
+    results, used = [], set()
     for info in tqdm(series, desc="DICOM -> NIfTI", unit="series"):
-        result = ConversionResult(uid=info.uid, n_files=info.n_files)
+        result = ConversionResult(uid=info.uid, n_files=info.n_files, warnings=series_warnings(info, scan))
+        name, k = output_name(info), 2
+        while name in used:  # distinct keys never collide (see output_name); this is a last guard
+            name, k = output_name(info)[: -len(".nii.gz")] + f"-{k}.nii.gz", k + 1
+        used.add(name)
+        target = os.path.join(output_dir, name)
+        results.append(result)
+        if os.path.exists(target) and not overwrite:
+            result.output, result.exists = target, True
+            continue
         try:
             vol = load_series(info)
-            result.output = save_volume(vol, os.path.join(os.fspath(output_dir), output_name(info)))
+            vol.validate(info.folder)  # never write NaN/inf voxels (load_series already refuses them)
+            result.output = save_volume(vol, target)
             result.shape, result.spacing = vol.shape, tuple(round(s, 4) for s in vol.spacing)
         except InputError as e:  # a bad series is reported, the others still convert
             result.error = str(e)
-        results.append(result)
     return results, problems
 
 
 def format_table(results: list[ConversionResult]) -> str:
     rows = [("status", "files", "shape", "spacing (mm)", "output / reason")]
     for r in results:
+        if not r.ok:
+            detail = r.error
+        elif r.exists:
+            detail = f"{os.path.basename(r.output)} already exists, kept (--overwrite True replaces it)"
+        else:
+            detail = os.path.basename(r.output)
+        if r.ok and r.warnings:
+            detail += "  WARNING: " + "; ".join(r.warnings)
         rows.append(
             (
-                "ok" if r.ok else "FAILED",
+                r.status,
                 str(r.n_files),
                 "x".join(map(str, r.shape)) if r.shape else "-",
                 "x".join(f"{s:g}" for s in r.spacing) if r.spacing else "-",
-                os.path.basename(r.output) if r.ok else r.error,
+                detail,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -91,14 +138,29 @@ def format_table(results: list[ConversionResult]) -> str:
     )
 
 
-def main(input_dir: str, output_dir: str, series_uid: str | None = None, recursive: bool = True) -> None:
+def main(
+    input_dir: str,
+    output_dir: str,
+    series_uid: str | None = None,
+    recursive: bool = True,
+    overwrite: bool = False,
+) -> None:
     """Convert and print a summary table; exit code 1 if any series or file failed."""
-    results, problems = convert_folder(input_dir, output_dir, series_uid=series_uid, recursive=recursive)
+    results, problems = convert_folder(
+        input_dir, output_dir, series_uid=series_uid, recursive=recursive, overwrite=overwrite
+    )
     print(format_table(results))
     for p in problems:
         print(f"UNREADABLE  {p}")
     n_failed = sum(not r.ok for r in results)
-    print(f"{len(results) - n_failed} of {len(results)} series converted, {len(problems)} unreadable file(s)")
+    n_kept = sum(r.exists for r in results)
+    n_warned = sum(bool(r.warnings) for r in results if r.ok)
+    kept = f" ({n_kept} already there, kept)" if n_kept else ""
+    warned = f", {n_warned} with warnings" if n_warned else ""
+    print(
+        f"{len(results) - n_failed} of {len(results)} series converted{kept}{warned}, "
+        f"{len(problems)} unreadable file(s)"
+    )
     if not results:
         print(f"no DICOM series found under {input_dir}")
     if n_failed or problems or not results:

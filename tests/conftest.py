@@ -120,3 +120,23 @@ def phantom_4dct(tmp_path_factory) -> dict:
         avg=[c["avg"] for c in cases],
         phase0=[c["phase0"] for c in cases],
     )
+
+
+@pytest.fixture(scope="session")
+def png_bomb():
+    """``png_bomb(width, height)``: a ~60-byte PNG whose header declares that many 8-bit gray pixels.
+
+    No pixel data: what matters is that loaders refuse it from the header (issue 14: a 69-byte PNG
+    declaring 60000 x 60000 raised Pillow's DecompressionBombError or a plain-text HTTP 500).
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
+
+    def make(width: int = 60000, height: int = 60000) -> bytes:
+        ihdr = struct.pack("!IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+    return make

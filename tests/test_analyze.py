@@ -97,3 +97,25 @@ def test_analyze_cli_writes_json(data_root, tmp_path, repo_root):
 def test_analyze_missing_folder(tmp_path):
     with pytest.raises(InputError, match="folder not found"):
         analyze_folder(tmp_path / "nope")
+
+
+def test_analyze_skips_and_cleans_partial_files(data_root):
+    """Issue 14 item 20: hidden ``.*.part*`` leftovers of a kill -9 are not inputs; stale ones are removed."""
+    import os
+    import time
+
+    ramp = data_root / "nifti" / "ramp.nii.gz"
+    fresh = data_root / "nifti" / ".ct.nii.gz.k2j4h1x_.part.nii.gz"
+    stale = data_root / "nifti" / ".pa.nii.gz.abcd1234.part.nii.gz"
+    for leftover in (fresh, stale):
+        leftover.write_bytes(ramp.read_bytes()[:-20])  # half-written
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    summary = analyze_folder(data_root)
+    assert all(".part" not in n["path"] for n in summary["nifti"]) and len(summary["nifti"]) == 3
+    found = {Path(p["path"]).name: p["removed"] for p in summary["partial_files"]}
+    assert found == {fresh.name: False, stale.name: True}
+    assert fresh.exists() and not stale.exists()
+    assert analyze_folder(data_root, clean_partial=False)["partial_files"] == [
+        {"path": str(Path("nifti") / fresh.name), "removed": False}
+    ]

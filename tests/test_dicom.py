@@ -261,13 +261,13 @@ def test_dicom_to_nifti_converts_good_series_and_reports_bad(mixed_archive, tmp_
     names = sorted(p.name for p in out.iterdir())
     uid = pydicom.dcmread(next((mixed_archive / "chest").iterdir())).SeriesInstanceUID
     assert names == sorted(
-        [f"LIDC-IDRI-0001_3000566_{uid}.nii.gz", "unknown_na_no-uid-CT-Body-3.0-CT.nii.gz"]
+        [f"LIDC-IDRI-0001_3000566_{uid}.nii.gz", "unknown_na_no-uid-CT-Body-3.0-CT-ebbcfeba.nii.gz"]
     )
     chest = load_volume(out / f"LIDC-IDRI-0001_3000566_{uid}.nii.gz")
     reference = load_dicom_series(mixed_archive / "chest")
     np.testing.assert_array_equal(chest.array, reference.array)
     np.testing.assert_allclose(chest.affine, reference.affine, atol=1e-4)
-    abdomen = load_volume(out / "unknown_na_no-uid-CT-Body-3.0-CT.nii.gz")
+    abdomen = load_volume(out / "unknown_na_no-uid-CT-Body-3.0-CT-ebbcfeba.nii.gz")
     assert abdomen.shape == (512, 512, 4)
     np.testing.assert_allclose(abdomen.spacing, (0.9765625, 0.9765625, 2.0), atol=1e-5)
 
@@ -291,3 +291,116 @@ def test_dicom_to_nifti_cli_single_series_exit_code(mixed_archive, tmp_path, rep
     assert [p.name for p in (tmp_path / "o").iterdir()] == [f"LIDC-IDRI-0001_3000566_{uid}.nii.gz"]
     bad = subprocess.run([*cmd, "1.2.3.4.5"], capture_output=True, text=True, cwd=repo_root)
     assert bad.returncode == 1 and "missing slice" in bad.stdout
+
+
+# ----------------------------------------------------------------------------------------------- issue 14: hostile series
+def test_blank_uid_series_never_overwrite_each_other(chest_five, tmp_path):
+    """Item 7: blank SeriesInstanceUID + descriptions that sanitise alike give two files; reruns keep them."""
+    from data_prep.dicom_to_nifti import convert_folder
+
+    root = tmp_path / "archive"
+    for folder, description, intercept in (("a", "Lung (soft)", -1024), ("b", "Lung [soft]", -924)):
+        copy = shutil.copytree(chest_five, root / folder)
+        for f in copy.iterdir():
+            edit(f, SeriesInstanceUID="", SeriesDescription=description, RescaleIntercept=intercept)
+    out = tmp_path / "nifti"
+    results, _ = convert_folder(root, out)
+    assert [r.ok for r in results] == [True, True]
+    outputs = sorted(p.name for p in out.iterdir())
+    assert len(outputs) == 2 and len({r.output for r in results}) == 2
+    volumes = [load_volume(r.output) for r in results]
+    assert abs(float(volumes[0].array.mean() - volumes[1].array.mean())) == pytest.approx(100.0)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    again, _ = convert_folder(root, out)  # never overwritten silently: kept and reported
+    assert [r.status for r in again] == ["exists", "exists"]
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    replaced, _ = convert_folder(root, out, overwrite=True)
+    assert [r.status for r in replaced] == ["ok", "ok"] and sorted(p.name for p in out.iterdir()) == outputs
+
+
+def test_negative_pixel_spacing_rejected(chest_five):
+    """Item 8: a negative PixelSpacing would mirror the volume left-right and front-back."""
+    for f in chest_five.iterdir():
+        edit(f, PixelSpacing=[-0.703125, -0.703125])
+    with pytest.raises(InputError, match=r"PixelSpacing must be 2 positive numbers") as err:
+        load_dicom_series(chest_five)
+    assert err.value.path.endswith(".dcm")
+
+
+@pytest.mark.parametrize("tag,value", [("RescaleSlope", "NaN"), ("RescaleIntercept", "Infinity")])
+def test_non_finite_rescale_rejected_and_never_saved(chest_five, tmp_path, tag, value):
+    """Item 9: RescaleSlope NaN made an all-NaN volume that was written as "ok"."""
+    from data_prep.dicom_to_nifti import convert_folder
+
+    victim = sorted(chest_five.iterdir())[3]
+    ds = pydicom.dcmread(victim)
+    ds[tag].value = value
+    ds.save_as(victim)
+    with pytest.raises(InputError, match=tag) as err:
+        load_dicom_series(chest_five)
+    assert err.value.path == str(victim)
+    results, _ = convert_folder(chest_five, tmp_path / "out")
+    assert not results[0].ok and victim.name in results[0].error
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_zero_pixel_spacing_error_names_the_dicom(chest_five, tmp_path):
+    """Item 10: PixelSpacing 0 is reported against the DICOM file (not the output) and by analyze."""
+    from data_prep.analyze import analyze_folder
+    from data_prep.dicom_to_nifti import convert_folder
+
+    for f in chest_five.iterdir():
+        edit(f, PixelSpacing=[0, 0])
+    results, _ = convert_folder(chest_five, tmp_path / "out")
+    assert not results[0].ok and ".dcm" in results[0].error and ".nii.gz" not in results[0].error
+    assert "PixelSpacing" in results[0].error
+    series = analyze_folder(chest_five)["dicom_series"]
+    assert "PixelSpacing" in series[0]["problem"] and series[0]["spacing"] is None
+
+
+def test_single_stray_slice_is_converted_with_a_warning(chest_five, tmp_path, capsys):
+    """Item 10: one slice of another series in the folder would silently become a 512x512x1 volume."""
+    from data_prep.analyze import analyze_folder
+    from data_prep.dicom_to_nifti import convert_folder, main
+
+    stray = chest_five / "stray.dcm"
+    shutil.copy(sorted(chest_five.iterdir())[0], stray)
+    edit(stray, SeriesInstanceUID="1.2.3.999", SeriesNumber=99)
+    results, _ = convert_folder(chest_five, tmp_path / "out")
+    single = next(r for r in results if r.n_files == 1)
+    assert single.ok and single.status == "WARNING" and "512x512x1" in single.warnings[0]
+    assert "stray.dcm" in single.warnings[0]
+    assert all(not r.warnings for r in results if r.n_files == 5)
+    main(str(chest_five), str(tmp_path / "cli"))  # warnings alone do not fail the run
+    printed = capsys.readouterr().out
+    assert "WARNING" in printed and "1 with warnings" in printed
+    rows = {s["n_files"]: s for s in analyze_folder(chest_five)["dicom_series"]}
+    assert rows[1]["warnings"] and not rows[5]["warnings"]
+
+
+def test_analyze_decode_finds_truncated_pixels_headers_miss(abdomen_dir, tmp_path):
+    """Item 10: a truncated compressed slice passes the header survey; --decode finds it, and the report says so."""
+    from data_prep.analyze import analyze_folder
+
+    names = sorted(p.name for p in abdomen_dir.iterdir())[:4]
+    folder = copy_slices(abdomen_dir, tmp_path / "abd", names)
+    victim = folder / names[2]
+    victim.write_bytes(victim.read_bytes()[:60000])
+    quick = analyze_folder(folder)
+    assert quick["dicom_series"][0]["problem"] is None and not quick["dicom_series"][0]["pixels_decoded"]
+    assert any("--decode" in item for item in quick["checks"]["not_checked"])
+    full = analyze_folder(folder, decode=True)
+    row = full["dicom_series"][0]
+    assert names[2] in row["problem"] and "decode" in row["problem"]
+    assert full["checks"]["not_checked"] == []
+    good = analyze_folder(copy_slices(abdomen_dir, tmp_path / "good", names), decode=True)["dicom_series"][0]
+    assert good["pixels_decoded"] and good["hu_min"] == -1024.0 and good["hu_max"] > 0
+
+
+def test_scan_ignores_partial_files_of_interrupted_writes(chest_five):
+    """Item 20: a hidden ``.x.dcm.<random>.part.dcm`` left by kill -9 is not a slice of the series."""
+    first = sorted(chest_five.iterdir())[0]
+    shutil.copy(first, chest_five / f".{first.name}.k2j4h1x_.part.dcm")
+    scan = scan_dicom_folder(chest_five)
+    assert len(scan) == 1 and scan[0].n_files == 5
+    assert load_dicom_series(chest_five).shape == (512, 512, 5)

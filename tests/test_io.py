@@ -249,3 +249,108 @@ def test_truncated_h5_and_npy(tmp_path, array):
         open(path, "wb").write(data[: len(data) // 2])
         with pytest.raises(InputError, match=name):
             load_volume(path)
+
+
+# ----------------------------------------------------------------------------------------------- issue 14 item 15
+def forged_nifti(path, shape=(600, 600, 600), dtype=np.float32) -> None:
+    """A NIfTI header declaring ``shape`` and no voxel data at all (76 bytes once gzipped)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_zooms((1.0,) * len(shape))
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4
+    path.write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
+
+
+def traced_peak(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as err:
+            fn()
+        return tracemalloc.get_traced_memory()[1], err.value
+    finally:
+        tracemalloc.stop()
+
+
+def test_forged_nifti_header_refused_before_allocating(tmp_path):
+    """A 76-byte .nii.gz declaring 600^3 float32 allocated 864 MB before failing."""
+    path = tmp_path / "forged.nii.gz"
+    forged_nifti(path)
+    assert path.stat().st_size < 100
+    peak, err = traced_peak(lambda: load_volume(path))
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+    assert "forged" in str(err) and str(path) in str(err)
+    raw = tmp_path / "forged.nii"
+    forged_nifti(raw)
+    peak, err = traced_peak(lambda: load_volume(raw))
+    assert peak < 32 * 2**20 and "truncated" in str(err)
+
+
+def test_chunked_h5_without_data_refused(tmp_path):
+    """A chunked .h5 with no chunk written read as an all-zero volume (864 MB at 600^3)."""
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset(
+            "ct", shape=(256, 256, 256), dtype=np.float32, chunks=(64, 64, 64), compression="gzip"
+        )
+        ds.attrs["affine"] = np.eye(4)
+    peak, err = traced_peak(lambda: load_volume(path))
+    assert peak < 32 * 2**20 and "0 of its 64 chunks" in str(err)
+    with h5py.File(path, "a") as f:
+        f["ct"][:64, :64, :64] = 1.0  # one chunk of 64: still mostly fill values
+    with pytest.raises(InputError, match="1 of its 64 chunks"):
+        load_volume(path)
+    contiguous = tmp_path / "contiguous.h5"
+    with h5py.File(contiguous, "w") as f:
+        f.create_dataset("ct", shape=(64, 64, 64), dtype=np.float32).attrs["affine"] = np.eye(4)
+    with pytest.raises(InputError, match="never written"):
+        load_volume(contiguous)
+
+
+def test_truncated_npy_and_voxel_limit(tmp_path, array):
+    big = tmp_path / "big.npy"
+    with open(big, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (600, 600, 600)}
+        )
+    (tmp_path / "big.json").write_text(json.dumps({"spacing": [1, 1, 1]}))
+    peak, err = traced_peak(lambda: load_volume(big))
+    assert peak < 32 * 2**20 and "truncated" in str(err)
+    path = save_volume(Volume.from_spacing(array, (1, 1, 1)), tmp_path / "ok.nii.gz")
+    assert load_volume(path, max_voxels=array.size).shape == array.shape
+    with pytest.raises(InputError, match="over the limit"):
+        load_volume(path, max_voxels=array.size - 1)
+
+
+def test_partial_files_are_not_volumes(tmp_path, array):
+    """Issue 14 item 20: the hidden temporary file of a killed atomic write is refused by name."""
+    path = save_volume(Volume.from_spacing(array, (1, 1, 1)), tmp_path / "ct.nii.gz")
+    leftover = tmp_path / ".ct.nii.gz.k2j4h1x_.part.nii.gz"
+    os.link(path, leftover)
+    with pytest.raises(InputError, match="interrupted write"):
+        load_volume(leftover)
+
+
+def test_atomic_writes_respect_the_umask(tmp_path, array):
+    """Issue 14 item 20: files were 0600 whatever the umask (mkstemp's mode)."""
+    import stat
+
+    from common.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        for mask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            os.umask(mask)
+            text = tmp_path / f"t{mask:o}.json"
+            atomic_write_text(text, "{}")
+            assert stat.S_IMODE(os.stat(text).st_mode) == mode, (oct(mask), text)
+            for suffix in (".nii.gz", ".h5", ".npy"):
+                out = save_volume(Volume.from_spacing(array, (1, 1, 1)), tmp_path / f"v{mask:o}{suffix}")
+                assert stat.S_IMODE(os.stat(out).st_mode) == mode, (oct(mask), out)
+    finally:
+        os.umask(old)

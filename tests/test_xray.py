@@ -182,3 +182,41 @@ def test_histogram_matching_follows_the_reference():
     flat = np.argsort(image.ravel(), kind="stable")
     assert np.all(np.diff(out.ravel()[flat]) >= 0)  # monotone: pixel order preserved
     np.testing.assert_array_equal(match_histogram(image, reference), match_histogram(image, reference))
+
+
+# ----------------------------------------------------------------------------------------------- issue 14 item 15
+def test_declared_sizes_refused_before_decoding(tmp_path, png_bomb):
+    """An X-ray DICOM or PNG declaring 60000 x 60000 raised MemoryError / DecompressionBombError."""
+    for compressed in (True, False):  # RLE: the decoder allocates the declared size first
+        dicom = tmp_path / f"huge{compressed}.dcm"
+        _write_dicom(dicom, np.arange(80, dtype=np.uint16).reshape(8, 10), "MONOCHROME2")
+        ds = pydicom.dcmread(dicom)
+        if compressed:
+            ds.compress(pydicom.uid.RLELossless)
+        ds.Rows = ds.Columns = 60000
+        ds.save_as(dicom)
+        with pytest.raises(InputError, match="over the limit") as err:
+            load_xray(dicom)
+        assert err.value.path == str(dicom) and "60000 x 60000" in str(err.value)
+    for width, height in ((60000, 60000), (9000, 9000)):  # Pillow's own guard, then ours
+        png = tmp_path / f"bomb{width}.png"
+        png.write_bytes(png_bomb(width, height))
+        with pytest.raises(InputError, match="too large|over the limit") as err:
+            load_xray(png)
+        assert err.value.path == str(png)
+
+
+def test_padding_to_a_square_checked_before_allocating():
+    """A (2, 60000) image padded to a square would be 60000 x 60000 (13 GiB as float32)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="60000 x 60000"):
+            preprocess_xray(
+                np.linspace(0, 1, 120000, dtype=np.float32).reshape(2, 60000), 32, square_mode="pad"
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20

@@ -1,7 +1,9 @@
 """Start the web demo: ``python -m webapp --checkpoint <ckpt> [--bundle perx2ct] [--host 127.0.0.1 --port 8000]``.
 
 Several checkpoints: ``--checkpoint a.pt,b.pt`` (or a list). Config overlays of the bundle by name or path, e.g. a
-checkpoint trained with the tiny CPU config: ``--config cpu_tiny``. Binds to localhost unless told otherwise.
+checkpoint trained with the tiny CPU config: ``--config cpu_tiny``. Binds to localhost unless told otherwise;
+requests must name this server in their ``Host`` header: loopback names, the ``--host`` name, and the names
+in ``--allowed_hosts`` (e.g. the public name a reverse proxy forwards). See docs/SECURITY.md.
 """
 
 from __future__ import annotations
@@ -34,21 +36,37 @@ def serve(
     max_upload_mb: float = 20.0,
     workdir: str | None = None,
     threads: int = 1,
+    allowed_hosts: str | list[str] | None = None,
+    max_pending: int = 4,
+    decode_workers: int = 1,
 ) -> None:
     """Load the checkpoint(s) and serve the page and API until Ctrl-C."""
     import uvicorn
 
     from webapp.app import create_app
     from webapp.models import load_models
+    from webapp.security import WILDCARDS, allowed_hosts_for
 
     torch.set_num_threads(int(threads))
     try:
         models = load_models(as_list(checkpoint), bundle, as_list(config), device)
     except InputError as exc:
         sys.exit(f"cannot start the web demo: {exc}")
-    app = create_app(models, workdir=workdir, max_upload_bytes=int(max_upload_mb * 1e6))
-    print(f"xray2ct web demo: http://{host}:{port}/  models: {', '.join(models)}")
-    uvicorn.run(app, host=host, port=int(port), log_level="info")
+    hosts = sorted(allowed_hosts_for(host, as_list(allowed_hosts)))
+    app = create_app(
+        models,
+        workdir=workdir,
+        max_upload_bytes=int(max_upload_mb * 1e6),
+        max_pending=max_pending,
+        allowed_hosts=hosts,
+        decode_workers=decode_workers,
+    )
+    if host in WILDCARDS:
+        print(f"WARNING: listening on every interface ({host!r}); plain HTTP, no login: see docs/SECURITY.md")
+    print(
+        f"xray2ct web demo: http://{host}:{port}/  models: {', '.join(models)}  hosts served: {', '.join(hosts)}"
+    )
+    uvicorn.run(app, host=host, port=int(port), log_level="info", server_header=False)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,37 @@
 """The FastAPI app: a static page, an upload endpoint that queues a job, status polling, PNG renders and downloads.
 
-Every bad request gets a JSON ``{"detail": message}`` the page shows as is; nothing a client sends can stop
-the server (reconstructions run on the single worker of :class:`webapp.jobs.JobQueue`).
+Every error, a bad request or a bug, gets a JSON ``{"detail": message}`` the page shows as is; nothing a
+client sends can stop the server (reconstructions run on the single worker of :class:`webapp.jobs.JobQueue`).
+
+Memory stays bounded whatever clients send: bodies are limited while they stream and Host / Origin are
+checked (:mod:`webapp.security`); an upload is only copied to disk and its header read; a job takes its
+place in the queue (or the client hears "busy") *before* its images are decoded, and at most
+``decode_workers`` uploads are decoded at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import threading
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import InputError
+from common.xray import MAX_PIXELS
 from webapp.jobs import Job, JobQueue, QueueFull
 from webapp.models import LoadedModel
 from webapp.render import WINDOW_PRESETS, slice_count, slice_png, xray_png
-from webapp.uploads import MAX_UPLOAD_BYTES, store_upload
+from webapp.security import RequestGuard, allowed_hosts_for
+from webapp.uploads import MAX_UPLOAD_BYTES, UploadTooLarge, save_upload
+
+logger = logging.getLogger(__name__)
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DOWNLOADS = {"nifti": ("ct.nii.gz", "application/gzip"), "hdf5": ("ct.h5", "application/x-hdf5")}
@@ -30,8 +43,17 @@ def create_app(
     workdir: str | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pending: int = 4,
+    allowed_hosts: list[str] | None = None,
+    decode_workers: int = 1,
+    decode_wait_s: float = 120.0,
+    max_pixels: int = MAX_PIXELS,
 ) -> FastAPI:
-    """Build the app serving ``models`` (name -> :class:`LoadedModel`); job files live under ``workdir``."""
+    """Build the app serving ``models`` (name -> :class:`LoadedModel`); job files live under ``workdir``.
+
+    ``allowed_hosts``: host names the ``Host`` header may carry (default: loopback names, see
+    :func:`webapp.security.allowed_hosts_for`). ``decode_workers`` uploads are decoded at a time; a request
+    waits up to ``decode_wait_s`` for a turn, then hears "busy". ``max_pixels`` per uploaded image.
+    """
     if not models:
         raise InputError(None, "no model to serve")
     own_workdir = workdir is None
@@ -48,15 +70,26 @@ def create_app(
 
     app = FastAPI(title="xray2ct web demo", lifespan=lifespan)
     app.state.jobs, app.state.models, app.state.workdir = jobs, models, workdir
+    hosts = allowed_hosts_for("127.0.0.1", allowed_hosts or ())
+    # two uploads at the limit plus form overhead
+    app.add_middleware(RequestGuard, allowed_hosts=hosts, max_body_bytes=2 * max_upload_bytes + (1 << 20))
+    decode_slots = threading.BoundedSemaphore(max(1, int(decode_workers)))
 
-    @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):
-        """Two uploads at the limit plus form overhead; bigger bodies are refused before they are read."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > 2 * max_upload_bytes + (1 << 20):
-            mb = max_upload_bytes / 1e6
-            return JSONResponse({"detail": f"upload too large: each file must be at most {mb:.0f} MB"}, 413)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
+        )
+        return JSONResponse({"detail": f"bad request: {problems}"}, 422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return JSONResponse({"detail": f"internal server error: {type(exc).__name__}: {exc}"}, 500)
 
     def find_job(job_id: str, finished: bool = True) -> Job:
         job = jobs.get(job_id)
@@ -66,17 +99,30 @@ def create_app(
             raise HTTPException(409, f"job {job_id} is {job.state}, not done")
         return job
 
-    def read_upload(upload: UploadFile | None, label: str, folder: str, stem: str) -> str:
+    def read_upload(upload: UploadFile | None, label: str, folder: str, stem: str) -> tuple[str, str]:
+        """(path on disk, the name messages use); header checks only, nothing decoded."""
         if upload is None or not upload.filename:
             raise HTTPException(400, f"{label}: no file chosen")
-        data = upload.file.read(max_upload_bytes + 1)
         name = f"{label} ({upload.filename})"
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"{name}: larger than the {max_upload_bytes / 1e6:.0f} MB limit")
         try:
-            return store_upload(data, name, folder, stem, max_upload_bytes)
+            return save_upload(upload.file, name, folder, stem, max_upload_bytes, max_pixels), name
+        except UploadTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
+
+    def decode(model: LoadedModel, uploads: list[tuple[str, str]]):
+        """The model's input views, decoded by at most ``decode_workers`` requests at a time."""
+        if not decode_slots.acquire(timeout=decode_wait_s):
+            raise HTTPException(503, "server busy decoding other uploads; try again in a minute")
+        try:
+            paths = [p for p, _ in uploads]
+            return model.preprocess(paths[0], paths[1] if len(paths) > 1 else None)
+        except InputError as exc:  # name the upload, not the server's temporary path
+            name = next((n for p, n in uploads if exc.path == p), None)
+            raise HTTPException(400, f"{name}: {exc.problem}" if name else str(exc)) from None
+        finally:
+            decode_slots.release()
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -110,20 +156,24 @@ def create_app(
         job_id = jobs.new_id()
         folder = os.path.join(workdir, job_id)
         os.makedirs(folder)
+        job = None
         try:
-            pa_path = read_upload(pa, "PA X-ray", folder, "pa")
-            lateral_path = None
+            uploads = [read_upload(pa, "PA X-ray", folder, "pa")]
             if chosen.needs_lateral or (lateral is not None and lateral.filename):
                 if chosen.needs_lateral and (lateral is None or not lateral.filename):
                     raise HTTPException(
                         400, f"lateral X-ray: model {name} is biplanar and needs a lateral view"
                     )
-                lateral_path = read_upload(lateral, "lateral X-ray", folder, "lateral")
-            job = jobs.submit(Job(job_id, chosen, folder, pa_path, lateral_path))
+                uploads.append(read_upload(lateral, "lateral X-ray", folder, "lateral"))
+            paths = [p for p, _ in uploads] + [None]
+            job = jobs.reserve(Job(job_id, chosen, folder, paths[0], paths[1]))
+            jobs.start(job, decode(chosen, uploads))
         except QueueFull as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(503, str(exc)) from None
         except BaseException:
+            if job is not None:
+                jobs.discard(job)
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return jobs.status(job)

@@ -1,5 +1,8 @@
 """Reconstruction jobs run one at a time by a single worker thread, so concurrent uploads queue instead of
 holding several volumes (and network activations) in memory at once. Clients poll a job's status.
+
+A job is first *reserved* (it takes a place in the queue, or the client gets "server busy" before anything
+is decoded), then *started* with its decoded views (see :mod:`webapp.app`), or *discarded* when they fail.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Job:
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     seconds: float | None = None
+    finished: float | None = None  # time.monotonic() when it finished
     volume: Volume | None = None
     views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model inputs, [0, 1]
     drrs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -52,11 +56,20 @@ class Job:
 
 
 class JobQueue:
-    """FIFO of jobs and the one thread that runs them; finished jobs beyond ``keep`` are forgotten."""
+    """FIFO of jobs and the one thread that runs them.
 
-    def __init__(self, max_pending: int = 4, keep: int = 8):
+    Finished jobs beyond the ``keep`` most recent are forgotten (files deleted) once ``min_keep_s`` seconds
+    old, so a busy server does not drop a result before its client has fetched it; ``max_kept`` caps them
+    whatever their age (each holds a volume in memory).
+    """
+
+    def __init__(self, max_pending: int = 4, keep: int = 8, min_keep_s: float = 60.0, max_kept: int = 32):
         self.max_pending = int(max_pending)
-        self.keep = int(keep)
+        self.keep, self.min_keep_s, self.max_kept = (
+            int(keep),
+            float(min_keep_s),
+            max(int(keep), int(max_kept)),
+        )
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._pending: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -67,15 +80,31 @@ class JobQueue:
     def new_id(self) -> str:
         return uuid.uuid4().hex[:12]
 
-    def submit(self, job: Job) -> Job:
+    def reserve(self, job: Job) -> Job:
+        """Take a place in the queue for ``job`` (not run yet); :class:`QueueFull` when none is left."""
         with self._lock:
             waiting = sum(j.state == "queued" for j in self.jobs.values())
             if waiting >= self.max_pending:
                 raise QueueFull(f"server busy: {waiting} jobs are waiting; try again in a minute")
             self.jobs[job.id] = job
             self._forget_old()
+        return job
+
+    def start(self, job: Job, views: np.ndarray | None = None) -> Job:
+        """Hand a reserved job to the worker; ``views`` (decoded model inputs) skip its preprocessing."""
+        if views is not None:
+            job.views = dict(zip(("pa", "lateral"), views))
         self._pending.put(job)
         return job
+
+    def discard(self, job: Job) -> None:
+        """Give a reserved job's place back (its upload failed)."""
+        with self._lock:
+            self.jobs.pop(job.id, None)
+
+    def submit(self, job: Job) -> Job:
+        """Reserve and start in one step (the job preprocesses its own uploads)."""
+        return self.start(self.reserve(job))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -116,10 +145,16 @@ class JobQueue:
 
     # -- worker side ----------------------------------------------------------------------------
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.state in ("done", "failed")]
-        for job in finished[: max(0, len(finished) - self.keep)]:
-            del self.jobs[job.id]
-            shutil.rmtree(job.folder, ignore_errors=True)
+        finished = sorted(
+            (j for j in self.jobs.values() if j.state in ("done", "failed")),
+            key=lambda j: j.finished or float("inf"),
+        )
+        now = time.monotonic()
+        for k, job in enumerate(finished[: max(0, len(finished) - self.keep)]):
+            over_cap = len(finished) - k > self.max_kept
+            if over_cap or now - (job.finished or now) >= self.min_keep_s:  # no stamp yet: just finished
+                del self.jobs[job.id]
+                shutil.rmtree(job.folder, ignore_errors=True)
 
     def _stage(self, job: Job, stage: str) -> None:
         job.stage, job.progress = stage, STAGES[stage]
@@ -140,12 +175,14 @@ class JobQueue:
                 logger.exception("job %s failed", job.id)
                 job.state, job.error = "failed", f"reconstruction failed: {type(exc).__name__}: {exc}"
             job.seconds = round(time.perf_counter() - start, 3)
+            job.finished = time.monotonic()
 
     def _execute(self, job: Job) -> None:
         model = job.model
         self._stage(job, "preprocessing")
-        views = model.preprocess(job.pa, job.lateral)
-        job.views = dict(zip(("pa", "lateral"), views))
+        if not job.views:
+            job.views = dict(zip(("pa", "lateral"), model.preprocess(job.pa, job.lateral)))
+        views = np.stack(list(job.views.values()))
         self._stage(job, "reconstructing")
         volume = model.reconstruct(views).to_canonical()
         self._stage(job, "rendering DRRs")

@@ -7,28 +7,51 @@
 
 ``projections_csv`` has ``uid``, ``projection`` (``Frontal`` / ``Lateral``) and ``filename`` (relative to
 ``image_dir``); ``reports_csv`` lists the uids to process (column ``uid``). Each uid gets
-``<output_dir>/<uid>_ct_synthetic.<format>`` (written atomically; finished volumes are skipped, so a
+``<output_dir>/<name>_ct_synthetic.<format>`` (written atomically; finished volumes are skipped, so a
 killed job resumes) and a row in ``projections_synth.csv`` (``uid``, ``volume``, ``frontal``,
-``lateral``). A uid without a readable frontal and lateral view is skipped and listed with the reason
-in ``skipped.csv`` / ``skipped.json``. Sharding: uids ``[start_from, end_at)`` of the reports, then every
-``total_parts``-th from ``part_index`` (SLURM array task / torchrun rank); per-part CSVs are suffixed
-``.part<k>of<n>`` when sharded.
+``lateral``; ``volume`` is the file name inside ``output_dir``). ``<name>`` is the uid itself when it is
+a plain file name (letters, digits, ``.``, ``_``, ``-``); any other uid (``../../x``, ``sub/dir``, spaces)
+is mapped to a safe name plus a hash of the uid (:func:`safe_uid_name`), so every output stays inside
+``output_dir``. Any failure for one uid (no frontal or lateral view, an unreadable or oversized image
+such as a PNG declaring 60000 x 60000 pixels, an inference error) is listed with its reason in
+``skipped.csv`` / ``skipped.json`` and the batch goes on; only Ctrl-C stops it. Sharding: uids
+``[start_from, end_at)`` of the reports, then every ``total_parts``-th from ``part_index`` (SLURM array
+task / torchrun rank); per-part CSVs are suffixed ``.part<k>of<n>`` when sharded.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, remove_partial_files
 from common.errors import InputError, require_file
 
 SUFFIXES = {"h5": ".h5", "nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy"}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
+logger = logging.getLogger(__name__)
+
+
+def safe_uid_name(uid: str) -> str:
+    """A file-name stem for ``uid`` that cannot leave the output folder.
+
+    A uid made of letters, digits, ``.``, ``_`` and ``-`` (not starting with ``.`` or ``-``, at most 120
+    characters) is kept as is; anything else becomes its sanitised form plus the first 12 hex digits of
+    the uid's SHA-256 (``../../escaped`` -> ``escaped-<hash>``), so distinct uids keep distinct files.
+    """
+    uid = str(uid)
+    if _SAFE_NAME.fullmatch(uid):
+        return uid
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", uid).strip("-._")[:80] or "uid"
+    return f"{clean}-{hashlib.sha256(uid.encode()).hexdigest()[:12]}"
 
 
 def read_uids(reports_csv: str) -> list[str]:
@@ -101,9 +124,12 @@ def synthesize(
         device = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
         predictor = PerX2CTInference.from_bundle(bundle_root or BUNDLE_ROOT, checkpoint, config_files, device)
     os.makedirs(output_dir, exist_ok=True)
+    remove_partial_files(output_dir, recursive=False)  # leftovers of a killed run (none of a live shard's)
+    from common.io import save_volume
+
     rows, skipped, done = [], [], 0
     for uid in tqdm(uids, desc=f"synthesize part {part_index + 1}/{total_parts}", unit="uid"):
-        target = os.path.join(output_dir, f"{uid}_ct_synthetic{suffix}")
+        target = os.path.join(output_dir, f"{safe_uid_name(uid)}_ct_synthetic{suffix}")
         files = views.get(uid, {})
         absent = [k for k in ("frontal", "lateral") if k not in files]
         if absent:
@@ -124,12 +150,14 @@ def synthesize(
             continue
         try:
             volume = predictor.predict(paths["frontal"], paths["lateral"])
+            save_volume(volume, target)
         except InputError as e:
             skipped.append({"uid": uid, "reason": str(e)})
             continue
-        from common.io import save_volume
-
-        save_volume(volume, target)
+        except Exception as e:  # one uid's failure (a decoder's error, out of memory) must not end the batch
+            logger.warning("uid %s failed: %s: %s", uid, type(e).__name__, e)
+            skipped.append({"uid": uid, "reason": f"{type(e).__name__}: {e}"})
+            continue
         rows.append(row)
     tag = "" if int(total_parts) == 1 else f".part{part_index}of{total_parts}"
     atomic_write_text(
