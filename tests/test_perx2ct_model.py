@@ -125,10 +125,19 @@ def phantom_pair():
 
 
 def test_tiny_model_overfits_one_pair(phantom_pair):
-    """120 Adam steps of 8 random slices (any axis) on one phantom: PSNR (ours) must exceed 17 dB and gain 5 dB."""
+    """120 Adam steps of 8 random slices (any axis) on one phantom: PSNR (ours) must exceed 17 dB and gain 5 dB.
+
+    The learning rate is cosine-annealed to 0 over the 120 steps. At a constant 2e-3 (betas 0.5, 0.9) the
+    whole-volume PSNR of the tiny model swings by 2-5 dB from one 10-step checkpoint to the next (seeds 0-2:
+    e.g. 19.5 -> 18.4 -> 14.8 dB over the last 20 steps), so the old test asserted on wherever the last
+    step happened to land and failed on main (14.8 dB) after unrelated changes to the arithmetic; annealed,
+    the final PSNR is 20-22 dB for every seed tried.
+    """
     x, y = phantom_pair
     net = tiny_net()
+    steps = 120
     opt = torch.optim.Adam(net.parameters(), 2e-3, betas=(0.5, 0.9))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(0)
 
     def volume_psnr() -> float:
@@ -140,13 +149,14 @@ def test_tiny_model_overfits_one_pair(phantom_pair):
 
     start = volume_psnr()
     losses = []
-    for _ in range(120):
+    for _ in range(steps):
         axis = int(torch.randint(3, (1,), generator=gen))
         idx = torch.randint(32, (1, 8), generator=gen)
         loss = F.l1_loss(net(x, idx, axis), select_slices(y, idx, axis))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     end = volume_psnr()
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:10])
