@@ -61,12 +61,15 @@ class PerX2CTInference:
         chunk_size: int | None = None,
         reference_drr: str | np.ndarray | None = None,
         views: str | None = None,
+        channels_last: bool = True,
     ):
         """``reference_drr`` (a training DRR, path or array): real radiographs are histogram-matched to it.
 
         ``views``: ``"xray2ct"`` (our preprocessing, :func:`xray_input.load_view`) or ``"perx2ct"`` (the
         released model's 8-bit PNG intensities, :func:`xray_input.load_view_perx2ct`); default: ``perx2ct``
-        when the network uses the released camera.
+        when the network uses the released camera. ``chunk_size`` None: chosen for the machine
+        (``network.auto_chunk_size``). ``channels_last``: NHWC weights and activations (faster convolutions
+        on CPU, same result; ``benchmarks/perx2ct_synthesis.py``).
         """
         if views is None:
             views = "perx2ct" if getattr(_unwrap(network), "camera", "drr") == "perx2ct" else "xray2ct"
@@ -78,9 +81,11 @@ class PerX2CTInference:
             self.reference = load_view(reference_drr, int(_unwrap(network).image_size), "reference_drr")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.network = network.to(self.device).eval()
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.window = get_window(window)
-        self.chunk_size = chunk_size
+        self.chunk_size = 0 if chunk_size is None else int(chunk_size)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

@@ -17,6 +17,7 @@ encoder run once, not one full forward per slice as the original repository does
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,48 @@ from common.drr import get_geometry
 # torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cache_bytes(default: int = 8 << 20) -> int:
+    """The largest CPU cache (bytes) the OS reports (Linux sysfs), else ``default``."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else default
+
+
+def auto_chunk_size(net: PerX2CTNet, device: str | torch.device = "cpu") -> int:
+    """Slices per decoder call for this machine.
+
+    CPU: the decoder is compute-bound per slice but slows down once a chunk's finest activation
+    (chunk x N^2 x C x 4 bytes, e.g. 512 KB per 64^2 x 32 slice) spills out of the cache: the chunk is
+    sized so it stays within 1/4 of the largest cache (the rest: weights, the other activations, other
+    processes); measured in ``benchmarks/perx2ct_synthesis.py`` (``chunk_sweep``). CUDA: as many
+    slices as fit in half the free memory at ~16 such activations per slice (AMP halves it).
+    """
+    finest = max(net.decoder_channels[:2])  # the last upsampling runs at N x N with the next level's width
+    per_slice = net.volume_size**2 * finest * 4
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        n = free // 2 // (16 * per_slice)
+    else:
+        n = cache_bytes() // 4 // per_slice
+    return int(max(1, min(net.volume_size, n)))
+
+
+class ProjectedFeatures:
+    """Encoder features with the decoder's first convolution applied per kernel tap (see ``project_features``)."""
+
+    def __init__(self, taps: list[torch.Tensor]):
+        self.taps = taps
 
 
 class NeRFPositionalEncoding(nn.Module):
@@ -147,7 +190,7 @@ class PerX2CTNet(nn.Module):
         out_channels / output_channel: decoder output channels and the one that is the CT (the released
             model predicts 3 identical channels and its test script reads channel 1).
         decode_axis: slice axis for whole volumes.
-        chunk_size: slices per decoder call when decoding a whole volume.
+        chunk_size: slices per decoder call when decoding a whole volume (0: chosen for the machine).
     """
 
     def __init__(
@@ -198,6 +241,7 @@ class PerX2CTNet(nn.Module):
         self.camera = camera
         self.align_corners = camera == "perx2ct"
         self.output_channel = int(output_channel)
+        self.decoder_channels = tuple(int(c) for c in decoder_channels)
         self.spacing = tuple(float(s) for s in spacing)
         # Stored in checkpoints so a loader can rebuild the same geometry (see _load_from_state_dict).
         self.register_buffer("spacing_mm", torch.tensor(self.spacing, dtype=torch.float64))
@@ -290,7 +334,22 @@ class PerX2CTNet(nn.Module):
         return list(both.reshape(len(VIEWS), x.shape[0], *both.shape[1:]).unbind(0))
 
     def decode_slices(self, feats: list[torch.Tensor], index: torch.Tensor, axis: int) -> torch.Tensor:
-        """Slices ``index`` (B, K) along ``axis`` -> (B, K, N, N), all K x B slices in one decoder call."""
+        """Slices ``index`` (B, K) along ``axis`` -> (B, K, N, N), all K x B slices in one decoder call.
+
+        ``feats`` from :meth:`encode` (sample, concatenate, decode) or from :meth:`project_features` (the
+        decoder's first convolution already applied to the feature maps; same result, see there).
+        """
+        if isinstance(feats, ProjectedFeatures):
+            h = self._first_conv_projected(feats, index, axis)
+        else:
+            h = self.decoder.blocks[0](self._decoder_input(feats, index, axis))
+        for block in self.decoder.blocks[1:]:
+            h = block(h)
+        b, k = index.shape
+        return h[:, self.output_channel].reshape(b, k, self.volume_size, self.volume_size)
+
+    def _decoder_input(self, feats: list[torch.Tensor], index: torch.Tensor, axis: int) -> torch.Tensor:
+        """(B*K, 2 C + PE, F, F): features sampled at the slices' points in both views + positional encoding."""
         b, k = index.shape
         f = self.feature_res
         parts = []
@@ -300,23 +359,75 @@ class PerX2CTNet(nn.Module):
                 feat, grid, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners
             )
             parts.append(sampled.reshape(b, -1, k, f, f).transpose(1, 2))  # (B, K, C, F, F)
-        unit = self._buffer("unit", axis)[index]  # (B, K, F, F, 3)
-        parts.append(self.pos_enc(unit).permute(0, 1, 4, 2, 3).to(parts[0].dtype))
-        z = torch.cat(parts, dim=2).reshape(b * k, -1, f, f)
-        out = self.decoder(z)[:, self.output_channel]  # (B*K, N, N)
-        return out.reshape(b, k, self.volume_size, self.volume_size)
+        parts.append(self._positional(index, axis).to(parts[0].dtype))
+        return torch.cat(parts, dim=2).reshape(b * k, -1, f, f)
+
+    def _positional(self, index: torch.Tensor, axis: int) -> torch.Tensor:
+        return self.pos_enc(self._buffer("unit", axis)[index]).permute(0, 1, 4, 2, 3)  # (B, K, PE, F, F)
+
+    def project_features(self, feats: list[torch.Tensor]) -> ProjectedFeatures:
+        """Apply the decoder's first 3x3 convolution to the encoder features *before* sampling (inference).
+
+        Bilinear sampling and convolution are both linear, so for each of the 9 kernel taps ``W_t`` the
+        image-feature part of ``conv(z)`` at grid point p is ``sum_t (W_t * feat)`` sampled where the
+        neighbour ``p + t`` projects. Projecting the (h x w) feature maps once per volume (a 1x1 convolution
+        to 9 x C_out channels) replaces the per-slice convolution over 2 x 512 sampled channels (the largest
+        convolution of the decoder, 1087 -> 512 channels at F x F in the paper); only the 63-channel
+        positional part is still convolved per slice. Equal to the direct path up to float rounding.
+        """
+        conv = self.decoder.blocks[0].conv
+        c = feats[0].shape[1]
+        c_out = conv.weight.shape[0]
+        taps = []
+        for i, feat in enumerate(feats):
+            w = conv.weight[:, i * c : (i + 1) * c]  # (C_out, C, 3, 3)
+            w = w.permute(2, 3, 0, 1).reshape(9 * c_out, c, 1, 1)  # tap-major: (ky, kx, C_out)
+            taps.append(F.conv2d(feat, w.to(feat.dtype)))  # (B, 9 C_out, h, w)
+        return ProjectedFeatures(taps)
+
+    def _first_conv_projected(self, feats: ProjectedFeatures, index: torch.Tensor, axis: int) -> torch.Tensor:
+        b, k = index.shape
+        f = self.feature_res
+        conv = self.decoder.blocks[0].conv
+        c_out = conv.weight.shape[0]
+        total = None
+        for view, tap in zip(VIEWS, feats.taps):
+            grid = self._buffer(view, axis)[index].to(tap.dtype).reshape(b, k * f, f, 2)
+            sampled = F.grid_sample(
+                tap, grid, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners
+            )
+            total = sampled if total is None else total + sampled  # (B, 9 C_out, K F, F)
+        taps = total.reshape(b, 9, c_out, k, f, f).permute(0, 3, 1, 2, 4, 5).reshape(b * k, 9, c_out, f, f)
+        taps = F.pad(taps, (1, 1, 1, 1))
+        n_img = conv.weight.shape[1] - self.pos_enc.out_channels
+        pe = self._positional(index, axis).reshape(b * k, -1, f, f).to(taps.dtype)
+        out = F.conv2d(pe, conv.weight[:, n_img:].to(taps.dtype), conv.bias, padding=1)
+        for t in range(9):  # output(i, j) += tap (ky, kx) read at neighbour (i + ky - 1, j + kx - 1)
+            ky, kx = divmod(t, 3)
+            out = out + taps[:, t, :, ky : ky + f, kx : kx + f]
+        return out
 
     def reconstruct(
-        self, x: torch.Tensor, chunk_size: int | None = None, axis: int | None = None
+        self,
+        x: torch.Tensor,
+        chunk_size: int | None = None,
+        axis: int | None = None,
+        fused: bool | None = None,
     ) -> torch.Tensor:
         """Whole volume (B, 1, N, N, N) decoded ``chunk_size`` slices per decoder call (1 = slice by slice).
 
         The volume is canonical RAS for both cameras (the released camera's (D0, D1, D2) are reordered);
-        ``axis`` and :meth:`decode_slices` address the camera's own array axes.
+        ``axis`` and :meth:`decode_slices` address the camera's own array axes. ``fused`` (default: when
+        not training) applies the decoder's first convolution before sampling (:meth:`project_features`).
+        ``chunk_size`` 0 (or the network's ``chunk_size`` 0) picks it for the machine (:func:`auto_chunk_size`).
         """
         axis = self.decode_axis if axis is None else int(axis)
-        chunk = self.chunk_size if chunk_size is None else max(1, int(chunk_size))
+        chunk = self.chunk_size if chunk_size is None else int(chunk_size)
+        if chunk <= 0:
+            chunk = auto_chunk_size(self, x.device)
         feats = self.encode(x)
+        if (not self.training) if fused is None else fused:
+            feats = self.project_features(feats)
         b, n = x.shape[0], self.volume_size
         chunks = []
         for start in range(0, n, chunk):
