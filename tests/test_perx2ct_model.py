@@ -161,3 +161,47 @@ def test_tiny_model_overfits_one_pair(phantom_pair):
     end = volume_psnr()
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:10])
     assert end > 17.0 and end > start + 5.0, (start, end)
+
+
+@pytest.mark.parametrize("camera", ["drr", "perx2ct"])
+def test_fused_first_convolution_equals_the_direct_decoder(camera):
+    """project_features (decoder conv before sampling) == sample, concatenate, convolve (both cameras)."""
+    net = tiny_net(camera=camera, attention=False).eval()
+    with torch.no_grad():  # non-zero biases and a non-trivial first convolution
+        net.decoder.blocks[0].conv.bias.normal_()
+    x = torch.rand(2, 2, 32, 32)
+    with torch.inference_mode():
+        direct = net.reconstruct(x, chunk_size=5, fused=False)
+        fused = net.reconstruct(x, chunk_size=7, fused=True)
+        auto = net.reconstruct(x, chunk_size=0)
+    torch.testing.assert_close(fused, direct, rtol=0, atol=1e-5)
+    torch.testing.assert_close(auto, direct, rtol=0, atol=1e-5)
+    net.to(memory_format=torch.channels_last)  # what the API does
+    with torch.inference_mode():
+        torch.testing.assert_close(net.reconstruct(x), direct, rtol=0, atol=1e-5)
+
+
+def test_auto_chunk_size_follows_the_cache():
+    from bundles.perx2ct.scripts.network import auto_chunk_size, cache_bytes
+
+    net = tiny_net()
+    per_slice = 32 * 32 * 32 * 4  # N^2 x widest of the two finest decoder levels x float32
+    assert auto_chunk_size(net) == max(1, min(32, cache_bytes() // 4 // per_slice))
+    assert cache_bytes() > 0
+
+
+def test_released_view_intensities():
+    """load_view_perx2ct: our DRR -> line integral -> PerX2CT's 8-bit min-max PNG values / 255."""
+    from bundles.perx2ct.scripts.xray_input import load_view_perx2ct, perx2ct_png_intensity
+
+    line = torch.linspace(0.0, 6.0, 64 * 64).reshape(64, 64)
+    drr = drr_to_image(line).numpy()
+    view = load_view_perx2ct(drr, 64)
+    assert view.dtype == np.float32 and view.min() == 0.0 and view.max() == 1.0
+    np.testing.assert_allclose(view * 255, np.round(view * 255), atol=1e-4)  # 8-bit levels
+    assert np.all(np.diff(view.ravel()) >= 0)  # monotone in the line integral
+    png = perx2ct_png_intensity(line.numpy())
+    im = np.floor(line.numpy().astype(np.float64) / 6.0 * 255)  # savepng: raw / max * 255 -> uint8
+    expected = np.minimum(np.floor(im / 255 * 256), 255)  # plt.imsave: autoscaled 256-entry grey map
+    np.testing.assert_array_equal(png, expected.astype(np.uint8))
+    assert load_view_perx2ct(drr, 32).shape == (32, 32)
