@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DenseNet, DiffusionModelUNet, ViT
 
 from common.errors import InputError
+from common.weights import read_state_dict
 
 # open_clip's OPENAI_DATASET_MEAN / STD, which BiomedCLIP's preprocessing uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -156,15 +157,8 @@ def biomedclip_key_map(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_biomedclip_image_tower(encoder: BiomedCLIPImageEncoder, path: str) -> None:
     """Load BiomedCLIP's ``open_clip_pytorch_model.bin`` (local file, ``weights_only``) into ``encoder``."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(path, "BiomedCLIP weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(path, f"not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or "visual.trunk.patch_embed.proj.weight" not in state:
+    state = read_state_dict(path, "BiomedCLIP weights")
+    if "visual.trunk.patch_embed.proj.weight" not in state:
         raise InputError(
             path, "not an open_clip BiomedCLIP checkpoint (no 'visual.trunk.patch_embed.proj.weight')"
         )

@@ -16,7 +16,6 @@ MONAI's ResNet uses stride 2 without dilation, so the weights are an initialisat
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import torch
@@ -26,6 +25,7 @@ from monai.networks.utils import copy_model_state
 from torch import nn
 
 from common.errors import InputError
+from common.weights import read_state_dict
 
 MODALITIES = ("ct", "xray", "fusion")
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121")
@@ -85,22 +85,6 @@ def build_encoder(
     return net, n_features
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A local checkpoint's tensors (``state_dict`` / ``model`` / bare), ``module.`` stripped; clear errors."""
-    if not os.path.isfile(path):
-        raise InputError(path, "pretrained weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(path, f"not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(path, "no state dict of tensors in the file")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def medicalnet_depth(state: dict[str, torch.Tensor]) -> int | None:
     """ResNet depth of a MedicalNet-layout state dict (10/18/34/50/101/152/200), None if not a ResNet."""
     if "conv1.weight" not in state or not any(k.startswith("layer4.") for k in state):
@@ -123,7 +107,7 @@ def load_medicalnet_weights(net: nn.Module, path: str, arch: str) -> dict[str, l
     Refuses a checkpoint of another depth or width, or one that is no ResNet, with the file name and the
     fix; returns and logs which tensors were loaded and which of the file were ignored (``conv_seg``).
     """
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "pretrained weights")
     depth = medicalnet_depth(state)
     want = int(arch[len("resnet") :])
     if depth is None:
@@ -161,7 +145,7 @@ def load_medicalnet_weights(net: nn.Module, path: str, arch: str) -> dict[str, l
 def load_local_weights(net: nn.Module, path: str) -> list[str]:
     """Copy matching tensors from a local checkpoint (``state_dict`` / ``model`` / plain dict, ``module.``
     prefixes stripped) into ``net``; returns the names that were loaded."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "pretrained weights")
     _, updated, unchanged = copy_model_state(net, state, inplace=True)
     if not updated:
         raise InputError(path, "no tensor in the checkpoint matches the encoder (wrong architecture?)")
