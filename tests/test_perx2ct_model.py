@@ -125,10 +125,19 @@ def phantom_pair():
 
 
 def test_tiny_model_overfits_one_pair(phantom_pair):
-    """120 Adam steps of 8 random slices (any axis) on one phantom: PSNR (ours) must exceed 17 dB and gain 5 dB."""
+    """120 Adam steps of 8 random slices (any axis) on one phantom: PSNR (ours) must exceed 17 dB and gain 5 dB.
+
+    The learning rate is cosine-annealed to 0 over the 120 steps. At a constant 2e-3 (betas 0.5, 0.9) the
+    whole-volume PSNR of the tiny model swings by 2-5 dB from one 10-step checkpoint to the next (seeds 0-2:
+    e.g. 19.5 -> 18.4 -> 14.8 dB over the last 20 steps), so the old test asserted on wherever the last
+    step happened to land and failed on main (14.8 dB) after unrelated changes to the arithmetic; annealed,
+    the final PSNR is 20-22 dB for every seed tried.
+    """
     x, y = phantom_pair
     net = tiny_net()
+    steps = 120
     opt = torch.optim.Adam(net.parameters(), 2e-3, betas=(0.5, 0.9))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(0)
 
     def volume_psnr() -> float:
@@ -140,14 +149,59 @@ def test_tiny_model_overfits_one_pair(phantom_pair):
 
     start = volume_psnr()
     losses = []
-    for _ in range(120):
+    for _ in range(steps):
         axis = int(torch.randint(3, (1,), generator=gen))
         idx = torch.randint(32, (1, 8), generator=gen)
         loss = F.l1_loss(net(x, idx, axis), select_slices(y, idx, axis))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     end = volume_psnr()
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:10])
     assert end > 17.0 and end > start + 5.0, (start, end)
+
+
+@pytest.mark.parametrize("camera", ["drr", "perx2ct"])
+def test_fused_first_convolution_equals_the_direct_decoder(camera):
+    """project_features (decoder conv before sampling) == sample, concatenate, convolve (both cameras)."""
+    net = tiny_net(camera=camera, attention=False).eval()
+    with torch.no_grad():  # non-zero biases and a non-trivial first convolution
+        net.decoder.blocks[0].conv.bias.normal_()
+    x = torch.rand(2, 2, 32, 32)
+    with torch.inference_mode():
+        direct = net.reconstruct(x, chunk_size=5, fused=False)
+        fused = net.reconstruct(x, chunk_size=7, fused=True)
+        auto = net.reconstruct(x, chunk_size=0)
+    torch.testing.assert_close(fused, direct, rtol=0, atol=1e-5)
+    torch.testing.assert_close(auto, direct, rtol=0, atol=1e-5)
+    net.to(memory_format=torch.channels_last)  # what the API does
+    with torch.inference_mode():
+        torch.testing.assert_close(net.reconstruct(x), direct, rtol=0, atol=1e-5)
+
+
+def test_auto_chunk_size_follows_the_cache():
+    from bundles.perx2ct.scripts.network import auto_chunk_size, cache_bytes
+
+    net = tiny_net()
+    per_slice = 32 * 32 * 32 * 4  # N^2 x widest of the two finest decoder levels x float32
+    assert auto_chunk_size(net) == max(1, min(32, cache_bytes() // 4 // per_slice))
+    assert cache_bytes() > 0
+
+
+def test_released_view_intensities():
+    """load_view_perx2ct: our DRR -> line integral -> PerX2CT's 8-bit min-max PNG values / 255."""
+    from bundles.perx2ct.scripts.xray_input import load_view_perx2ct, perx2ct_png_intensity
+
+    line = torch.linspace(0.0, 6.0, 64 * 64).reshape(64, 64)
+    drr = drr_to_image(line).numpy()
+    view = load_view_perx2ct(drr, 64)
+    assert view.dtype == np.float32 and view.min() == 0.0 and view.max() == 1.0
+    np.testing.assert_allclose(view * 255, np.round(view * 255), atol=1e-4)  # 8-bit levels
+    assert np.all(np.diff(view.ravel()) >= 0)  # monotone in the line integral
+    png = perx2ct_png_intensity(line.numpy())
+    im = np.floor(line.numpy().astype(np.float64) / 6.0 * 255)  # savepng: raw / max * 255 -> uint8
+    expected = np.minimum(np.floor(im / 255 * 256), 255)  # plt.imsave: autoscaled 256-entry grey map
+    np.testing.assert_array_equal(png, expected.astype(np.uint8))
+    assert load_view_perx2ct(drr, 32).shape == (32, 32)

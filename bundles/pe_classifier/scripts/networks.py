@@ -2,23 +2,40 @@
 
 The encoders are MONAI's ResNet (MedicalNet/Med3D layout) and DenseNet121; only the heads and the
 late-fusion wrapper are written here because MONAI has no two-encoder fusion classifier.
+
+MedicalNet (Tencent, Med3D) weights: ``ct_pretrained`` takes a local ``resnet_{10,18,34,50}[_23dataset].pth``
+(``{"state_dict": {"module.conv1.weight", ...}}``). The ResNets are built with MONAI's own MedicalNet
+layout (``monai.networks.nets.resnet.get_medicalnet_pretrained_resnet_args``: shortcut ``A`` for 18/34,
+``B`` without bias for 10/50) and loaded the way MONAI's ``resnetXX(pretrained=...)`` does (``module.``
+stripped, ``weights_only=True``); MONAI's own entry point downloads from a hub or expects a bare state
+dict, so the unwrapping, the depth check and the report are here. MedicalNet's segmentation head
+(``conv_seg``) is reported and ignored. MedicalNet trained layer3/layer4 with dilation 2/4 and stride 1;
+MONAI's ResNet uses stride 2 without dilation, so the weights are an initialisation, not the same features.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import re
 
 import torch
 from monai.networks.nets import DenseNet121, ResNet
+from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from monai.networks.utils import copy_model_state
 from torch import nn
 
 from common.errors import InputError
+from common.weights import read_state_dict
 
 MODALITIES = ("ct", "xray", "fusion")
-ARCHS = ("resnet10", "resnet18", "densenet121")
-RESNET_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2]}
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121")
+# MedicalNet's depths: (block, blocks per layer)
+RESNET_LAYERS = {
+    "resnet10": ("basic", [1, 1, 1, 1]),
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+}
 logger = logging.getLogger(__name__)
 
 
@@ -32,9 +49,11 @@ def build_encoder(
     nothing is ever downloaded.
     """
     if arch in RESNET_LAYERS:
+        block, layers = RESNET_LAYERS[arch]
+        bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(int(arch[len("resnet") :]))
         net = ResNet(
-            block="basic",
-            layers=RESNET_LAYERS[arch],
+            block=block,
+            layers=layers,
             block_inplanes=[64, 128, 256, 512],
             spatial_dims=spatial_dims,
             n_input_channels=in_channels,
@@ -42,10 +61,10 @@ def build_encoder(
             conv1_t_stride=2,  # MedicalNet's stem
             widen_factor=width,
             feed_forward=False,
-            shortcut_type="B",
-            bias_downsample=False,
+            shortcut_type=shortcut_type,
+            bias_downsample=bias_downsample,
         )
-        n_features = int(512 * width)
+        n_features = int(512 * width) * (4 if block == "bottleneck" else 1)
     elif arch == "densenet121":
         net = DenseNet121(
             spatial_dims=spatial_dims,
@@ -59,20 +78,74 @@ def build_encoder(
     else:
         raise ValueError(f"unknown encoder {arch!r}; choose one of {ARCHS}")
     if pretrained_path:
-        load_local_weights(net, pretrained_path)
+        if arch in RESNET_LAYERS:
+            load_medicalnet_weights(net, pretrained_path, arch)
+        else:
+            load_local_weights(net, pretrained_path)
     return net, n_features
+
+
+def medicalnet_depth(state: dict[str, torch.Tensor]) -> int | None:
+    """ResNet depth of a MedicalNet-layout state dict (10/18/34/50/101/152/200), None if not a ResNet."""
+    if "conv1.weight" not in state or not any(k.startswith("layer4.") for k in state):
+        return None
+    counts = []
+    for i in range(1, 5):
+        counts.append(len({m.group(1) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))}))
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    table = {
+        ((1, 1, 1, 1), False): 10, ((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34,
+        ((3, 4, 6, 3), True): 50, ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152,
+        ((3, 24, 36, 3), True): 200,
+    }  # fmt: skip
+    return table.get((tuple(counts), bottleneck), -1)
+
+
+def load_medicalnet_weights(net: nn.Module, path: str, arch: str) -> dict[str, list[str]]:
+    """Load MedicalNet weights into ``net`` (built by :func:`build_encoder` for ``arch``).
+
+    Refuses a checkpoint of another depth or width, or one that is no ResNet, with the file name and the
+    fix; returns and logs which tensors were loaded and which of the file were ignored (``conv_seg``).
+    """
+    state = read_state_dict(path, "pretrained weights")
+    depth = medicalnet_depth(state)
+    want = int(arch[len("resnet") :])
+    if depth is None:
+        raise InputError(
+            path, f"not a MedicalNet ResNet checkpoint (no conv1/layer4 weights; keys: {sorted(state)[:4]})"
+        )
+    if depth != want:
+        found = f"ResNet-{depth}" if depth > 0 else "a ResNet of unknown depth"
+        raise InputError(
+            path, f"checkpoint is {found} but the encoder is {arch}: set ct_arch to resnet{depth}"
+        )
+    ours = net.state_dict()
+    if ours["conv1.weight"].shape != state["conv1.weight"].shape:
+        raise InputError(
+            path,
+            f"conv1 is {tuple(state['conv1.weight'].shape)} in the checkpoint but {tuple(ours['conv1.weight'].shape)} "
+            "here: MedicalNet weights need width 1.0 and one input channel",
+        )
+    backbone = {k: v for k, v in state.items() if k in ours}
+    unexpected = sorted(k for k in state if k not in ours)
+    try:
+        missing = net.load_state_dict(backbone, strict=False).missing_keys
+    except RuntimeError as e:
+        raise InputError(path, f"tensor shapes differ from {arch}: {e}") from e
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise InputError(path, f"checkpoint lacks {len(missing)} tensors of {arch}, e.g. {missing[:4]}")
+    logger.info(
+        "MedicalNet %s: loaded %d tensors from %s; ignored %d (%s)",
+        arch, len(backbone), path, len(unexpected), ", ".join(sorted({k.split('.')[0] for k in unexpected})) or "none",
+    )  # fmt: skip
+    return {"loaded": sorted(backbone), "missing": missing, "ignored": unexpected}
 
 
 def load_local_weights(net: nn.Module, path: str) -> list[str]:
     """Copy matching tensors from a local checkpoint (``state_dict`` / ``model`` / plain dict, ``module.``
     prefixes stripped) into ``net``; returns the names that were loaded."""
-    if not os.path.isfile(path):
-        raise InputError(path, "pretrained weights file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path, "pretrained weights")
     _, updated, unchanged = copy_model_state(net, state, inplace=True)
     if not updated:
         raise InputError(path, "no tensor in the checkpoint matches the encoder (wrong architecture?)")

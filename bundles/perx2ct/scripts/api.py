@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bundles.perx2ct.scripts.xray_input import load_view
+from bundles.perx2ct.scripts.xray_input import load_view, load_view_perx2ct
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import load_volume, save_volume
@@ -60,16 +60,32 @@ class PerX2CTInference:
         window: str = "xray2ct",
         chunk_size: int | None = None,
         reference_drr: str | np.ndarray | None = None,
+        views: str | None = None,
+        channels_last: bool = True,
     ):
-        """``reference_drr`` (a training DRR, path or array): real radiographs are histogram-matched to it."""
+        """``reference_drr`` (a training DRR, path or array): real radiographs are histogram-matched to it.
+
+        ``views``: ``"xray2ct"`` (our preprocessing, :func:`xray_input.load_view`) or ``"perx2ct"`` (the
+        released model's 8-bit PNG intensities, :func:`xray_input.load_view_perx2ct`); default: ``perx2ct``
+        when the network uses the released camera. ``chunk_size`` None: chosen for the machine
+        (``network.auto_chunk_size``). ``channels_last``: NHWC weights and activations (faster convolutions
+        on CPU, same result; ``benchmarks/perx2ct_synthesis.py``).
+        """
+        if views is None:
+            views = "perx2ct" if getattr(_unwrap(network), "camera", "drr") == "perx2ct" else "xray2ct"
+        if views not in ("xray2ct", "perx2ct"):
+            raise ValueError(f"views must be 'xray2ct' or 'perx2ct', got {views!r}")
+        self.views = views
         self.reference = None
         if reference_drr is not None:
             self.reference = load_view(reference_drr, int(_unwrap(network).image_size), "reference_drr")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.network = network.to(self.device).eval()
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.window = get_window(window)
-        self.chunk_size = chunk_size
+        self.chunk_size = 0 if chunk_size is None else int(chunk_size)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -115,7 +131,8 @@ class PerX2CTInference:
         network = parser.get_parsed_content("network_def", instantiate=True)
         network.load_state_dict(state)
         window = parser.get("hu_window", "xray2ct")
-        return cls(network, device=device, amp=amp, window=window, reference_drr=reference_drr)
+        views = parser.get("predictor#views", None)
+        return cls(network, device=device, amp=amp, window=window, reference_drr=reference_drr, views=views)
 
     def load_checkpoint(self, path: str) -> PerX2CTInference:
         _unwrap(self.network).load_state_dict(read_checkpoint(path))
@@ -143,10 +160,16 @@ class PerX2CTInference:
         """Two radiographs (paths or 2D arrays) -> (1, 2, H, W) float32 network input."""
         if pa is None or lateral is None:
             raise InputError(None, "PerX2CT needs both a PA (frontal) and a lateral radiograph")
-        views = [
-            load_view(pa, self.image_size, "pa", self.reference),
-            load_view(lateral, self.image_size, "lateral", self.reference),
-        ]
+        if self.views == "perx2ct":
+            views = [
+                load_view_perx2ct(pa, self.image_size, "pa"),
+                load_view_perx2ct(lateral, self.image_size, "lateral"),
+            ]
+        else:
+            views = [
+                load_view(pa, self.image_size, "pa", self.reference),
+                load_view(lateral, self.image_size, "lateral", self.reference),
+            ]
         return torch.from_numpy(np.stack(views))[None]
 
     def _autocast(self):
@@ -154,7 +177,7 @@ class PerX2CTInference:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """(B, 2, H, W) -> (B, 1, N, N, N) in the network window [0, 1] (float32, on CPU)."""
         chunk = chunk_size if chunk_size is not None else self.chunk_size

@@ -1,52 +1,116 @@
-"""The PerX2CT network (Kyung et al., ICASSP 2023): 2D encoders + perspective feature sampling + slice decoder.
+"""The PerX2CT network (Kyung et al., ICASSP 2023): 2D encoder + perspective feature sampling + slice decoder.
 
 For every CT slice, a coarse F x F grid of 3D points is projected into the PA and the lateral radiograph
-(:mod:`bundles.perx2ct.scripts.geometry`, i.e. ``common.drr``'s camera). The 2D encoder features found
-there (bilinear ``grid_sample``) and a NeRF positional encoding of the point are concatenated
+(:mod:`bundles.perx2ct.scripts.geometry`: our DRR camera, or the released model's own camera). The 2D encoder
+features found there (bilinear ``grid_sample``) and a NeRF positional encoding of the point are concatenated
 (2 x 512 + 63 = 1087 channels in the paper) and a 2D decoder (the VQGAN/taming decoder, here MONAI's
-``AutoencoderKL`` decoder, same design) upsamples the F x F grid to the N x N slice.
+``AutoencoderKL`` decoder, same blocks) upsamples the F x F grid to the N x N slice.
 
-Whole volumes are decoded in batched chunks of slices (``chunk_size`` slices per decoder call), not one
-Python step per slice as the original repository does.
+The defaults are the paper's architecture (``configs/PerX2CT.yaml`` of github.com/dek924/PerX2CT): one
+ResNet-101-to-layer2 encoder shared by both views, a decoder with ch 128, ch_mult (1, 2, 4), 3 res blocks
+per level (taming's ``num_res_blocks: 2`` builds ``num_res_blocks + 1`` per up level), attention at the
+32 px level and in the middle block. ``scripts/convert_official.py`` maps the released checkpoint onto it.
+
+Whole volumes are decoded in batched chunks of slices (``chunk_size`` slices per decoder call) with the
+encoder run once, not one full forward per slice as the original repository does.
 """
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.networks.nets import ResNet
 from monai.networks.nets.autoencoderkl import Decoder
 
-from bundles.perx2ct.scripts.geometry import VIEWS, projection_grids
+from bundles.perx2ct.scripts.geometry import (
+    CAMERAS,
+    VIEWS,
+    perx2ct_camera_grids,
+    perx2ct_to_ras,
+    perx2ct_view_orientation,
+    projection_grids,
+)
 from common.drr import get_geometry
+
+# torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cache_bytes(default: int = 8 << 20) -> int:
+    """The largest CPU cache (bytes) the OS reports (Linux sysfs), else ``default``."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else default
+
+
+def auto_chunk_size(net: PerX2CTNet, device: str | torch.device = "cpu") -> int:
+    """Slices per decoder call for this machine.
+
+    CPU: the decoder is compute-bound per slice but slows down once a chunk's finest activation
+    (chunk x N^2 x C x 4 bytes, e.g. 512 KB per 64^2 x 32 slice) spills out of the cache: the chunk is
+    sized so it stays within 1/4 of the largest cache (the rest: weights, the other activations, other
+    processes); measured in ``benchmarks/perx2ct_synthesis.py`` (``chunk_sweep``). CUDA: as many
+    slices as fit in half the free memory at ~16 such activations per slice (AMP halves it).
+    """
+    finest = max(net.decoder_channels[:2])  # the last upsampling runs at N x N with the next level's width
+    per_slice = net.volume_size**2 * finest * 4
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        n = free // 2 // (16 * per_slice)
+    else:
+        n = cache_bytes() // 4 // per_slice
+    return int(max(1, min(net.volume_size, n)))
+
+
+class ProjectedFeatures:
+    """Encoder features with the decoder's first convolution applied per kernel tap (see ``project_features``)."""
+
+    def __init__(self, taps: list[torch.Tensor]):
+        self.taps = taps
 
 
 class NeRFPositionalEncoding(nn.Module):
-    """``[x, sin(2^k x), cos(2^k x)]_{k<L}`` per coordinate (NeRF, ``multires`` = L; 3 + 6L channels).
+    """``[x, sin(2^k x) for all k, cos(2^k x) for all k]`` per coordinate (NeRF, ``multires`` = L; 3 + 6L channels).
 
-    Written here because MONAI has no NeRF-style frequency encoding.
+    Written here because MONAI has no NeRF-style frequency encoding. The original interleaves sin/cos per
+    frequency; ``convert_official`` permutes the decoder's first convolution to this order (exact).
     """
 
     def __init__(self, multires: int = 10, in_dims: int = 3):
         super().__init__()
+        self.multires = int(multires)
         self.register_buffer("freqs", 2.0 ** torch.arange(multires, dtype=torch.float32), persistent=False)
         self.out_channels = in_dims * (1 + 2 * multires)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         scaled = coords.unsqueeze(-1) * self.freqs  # (..., 3, L)
         parts = [coords, torch.sin(scaled).flatten(-2), torch.cos(scaled).flatten(-2)]
-        # NeRF order interleaves sin/cos per frequency; the channel order does not matter to the decoder.
         return torch.cat(parts, dim=-1)
 
 
 class XrayEncoder(nn.Module):
-    """ResNet stem + layer1 + layer2 (PerX2CT: ResNet-101 up to ``layer2``, stride 8), then 3x3 conv to ``latent_dim``.
+    """ResNet stem + layer1 + layer2 (PerX2CT: ResNet-101 up to ``layer2``, stride 8), projected to ``latent_dim``.
 
-    Built from MONAI's ResNet; layer3/layer4 are dropped (never used). Grayscale input: the paper repeats
-    the X-ray to 3 channels for ImageNet weights, which we do not download.
+    Built from MONAI's ResNet in torchvision's layout (7x7 stride-2 stem, max-pool, bottleneck stride on the
+    3x3 conv, no bias in the downsampling conv); layer3/layer4 are dropped (never used). Like the original,
+    a 3x3 conv + BN + ReLU maps to ``latent_dim`` only when layer2's width differs (ResNet-101: 512 = 512,
+    so none). ``in_channels`` 3 repeats a grey X-ray to 3 channels; ``normalization="imagenet"`` then
+    standardises it with ImageNet's mean/std, as the released model does before its first convolution.
     """
 
     def __init__(
@@ -56,17 +120,25 @@ class XrayEncoder(nn.Module):
         block_inplanes: Sequence[int] = (64, 128),
         latent_dim: int = 512,
         in_channels: int = 1,
+        normalization: str | None = None,
+        bias_downsample: bool = False,
     ):
         super().__init__()
+        if normalization not in (None, "imagenet"):
+            raise ValueError(f"normalization must be None or 'imagenet', got {normalization!r}")
+        if normalization == "imagenet" and in_channels != 3:
+            raise ValueError("ImageNet normalisation needs in_channels=3")
         resnet = ResNet(
             block,
             [int(layers[0]), int(layers[1]), 1, 1],
             [int(block_inplanes[0]), int(block_inplanes[1]), 8, 8],
             spatial_dims=2,
-            n_input_channels=in_channels,
+            n_input_channels=int(in_channels),
             conv1_t_stride=2,
             num_classes=1,
+            bias_downsample=bool(bias_downsample),
         )
+        self.in_channels = int(in_channels)
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.act, resnet.maxpool)
         self.layer1, self.layer2 = resnet.layer1, resnet.layer2
         expansion = 4 if block == "bottleneck" else 1
@@ -80,8 +152,18 @@ class XrayEncoder(nn.Module):
         else:
             self.project = nn.Identity()
         self.out_channels = latent_dim
+        if normalization == "imagenet":
+            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        else:
+            self.input_mean = self.input_std = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or in_channels, H, W) -> (B, latent_dim, H/8, W/8)."""
+        if x.shape[1] == 1 and self.in_channels > 1:
+            x = x.expand(-1, self.in_channels, -1, -1)
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         return self.project(self.layer2(self.layer1(self.stem(x))))
 
 
@@ -90,15 +172,25 @@ class PerX2CTNet(nn.Module):
 
     Args:
         volume_size: N, the cubic output size (128 in the paper).
-        spacing: output voxel size (mm); with ``geometry`` it fixes where each voxel projects.
+        spacing: output voxel size (mm); with ``geometry`` it fixes where each voxel projects (DRR camera).
         image_size: X-ray size the network expects (128 in the paper).
         geometry: ``common.drr`` preset name or dict (``"perx2ct"``).
+        camera: ``"drr"`` (our DRR geometry, ``align_corners=False``) or ``"perx2ct"`` (the released model's
+            unit-cube pinhole camera, fov ``fov_deg``, ``align_corners=True``; volume axes are then the
+            original's (D0, D1, D2), see :func:`geometry.perx2ct_to_ras`).
         feature_res: F, the coarse grid per slice that is decoded to N x N (32 in the paper).
+        shared_encoder: one encoder for both views (paper) or one per view.
+        encoder_in_channels / encoder_normalization: 3 and ``"imagenet"`` reproduce the released model's
+            input (grey repeated to RGB, ImageNet mean/std); 1 and None feed the grey image as is.
         decoder_channels: decoder widths from fine to coarse (paper: 128, 256, 512); N = F * 2^(len-1).
-        attention: self-attention at the coarsest decoder level and in the middle block as in the
-            taming decoder (needs ``einops``).
-        decode_axis: slice axis for whole volumes (0 sagittal, 1 coronal, 2 axial).
-        chunk_size: slices per decoder call when decoding a whole volume.
+        decoder_res_blocks: res blocks per decoder level (paper: 3).
+        attention: self-attention at the coarsest decoder level and in the middle block (taming decoder).
+        decoder_out_activation: the swish between the decoder's last GroupNorm and its output convolution,
+            which taming's decoder has and MONAI's ``Decoder`` lacks (inserted as ``decoder.blocks[-2]``).
+        out_channels / output_channel: decoder output channels and the one that is the CT (the released
+            model predicts 3 identical channels and its test script reads channel 1).
+        decode_axis: slice axis for whole volumes.
+        chunk_size: slices per decoder call when decoding a whole volume (0: chosen for the machine).
     """
 
     def __init__(
@@ -107,16 +199,25 @@ class PerX2CTNet(nn.Module):
         spacing: Sequence[float] = (2.5, 2.5, 2.5),
         image_size: int = 128,
         geometry: str | dict = "perx2ct",
+        camera: str = "drr",
+        fov_deg: float = 60.0,
         feature_res: int = 32,
+        shared_encoder: bool = True,
         encoder_block: str = "bottleneck",
         encoder_layers: Sequence[int] = (3, 4),
         encoder_inplanes: Sequence[int] = (64, 128),
+        encoder_in_channels: int = 1,
+        encoder_normalization: str | None = None,
+        encoder_bias_downsample: bool = False,
         latent_dim: int = 512,
         pe_multires: int = 10,
         decoder_channels: Sequence[int] = (128, 256, 512),
-        decoder_res_blocks: int = 2,
+        decoder_res_blocks: int = 3,
         norm_num_groups: int = 32,
         attention: bool = True,
+        decoder_out_activation: bool = True,
+        out_channels: int = 1,
+        output_channel: int = 0,
         decode_axis: int = 2,
         chunk_size: int = 16,
     ):
@@ -126,11 +227,21 @@ class PerX2CTNet(nn.Module):
             raise ValueError(
                 f"feature_res {feature_res} x 2^{len(decoder_channels) - 1} must equal volume_size {volume_size}"
             )
+        if camera not in CAMERAS:
+            raise ValueError(f"camera must be one of {CAMERAS}, got {camera!r}")
+        if not 0 <= int(output_channel) < int(out_channels):
+            raise ValueError(
+                f"output_channel {output_channel} is not one of the {out_channels} output channels"
+            )
         self.volume_size = int(volume_size)
         self.image_size = int(image_size)
         self.feature_res = int(feature_res)
         self.decode_axis = int(decode_axis)
         self.chunk_size = int(chunk_size)
+        self.camera = camera
+        self.align_corners = camera == "perx2ct"
+        self.output_channel = int(output_channel)
+        self.decoder_channels = tuple(int(c) for c in decoder_channels)
         self.spacing = tuple(float(s) for s in spacing)
         # Stored in checkpoints so a loader can rebuild the same geometry (see _load_from_state_dict).
         self.register_buffer("spacing_mm", torch.tensor(self.spacing, dtype=torch.float64))
@@ -139,9 +250,23 @@ class PerX2CTNet(nn.Module):
         self.register_buffer(
             "geometry_mm", torch.tensor([geom.sad, geom.sid, *geom.detector_size_mm], dtype=torch.float64)
         )
-        self.encoders = nn.ModuleList(
-            XrayEncoder(encoder_block, encoder_layers, encoder_inplanes, latent_dim) for _ in VIEWS
+        # 0 = our DRR camera; > 0 = the released model's camera with this field of view (degrees)
+        self.register_buffer(
+            "camera_fov_deg",
+            torch.tensor([float(fov_deg) if camera == "perx2ct" else 0.0], dtype=torch.float64),
         )
+
+        def make_encoder() -> XrayEncoder:
+            return XrayEncoder(
+                encoder_block, encoder_layers, encoder_inplanes, latent_dim, encoder_in_channels,
+                encoder_normalization, encoder_bias_downsample,
+            )  # fmt: skip
+
+        self.shared_encoder = bool(shared_encoder)
+        if self.shared_encoder:
+            self.encoder = make_encoder()
+        else:
+            self.encoders = nn.ModuleList(make_encoder() for _ in VIEWS)
         self.pos_enc = NeRFPositionalEncoding(pe_multires)
         z_channels = len(VIEWS) * latent_dim + self.pos_enc.out_channels
         n = len(decoder_channels)
@@ -149,29 +274,38 @@ class PerX2CTNet(nn.Module):
             spatial_dims=2,
             channels=tuple(int(c) for c in decoder_channels),
             in_channels=z_channels,
-            out_channels=1,
+            out_channels=int(out_channels),
             num_res_blocks=(int(decoder_res_blocks),) * n,
             norm_num_groups=int(norm_num_groups),
             norm_eps=1e-6,
             attention_levels=(False,) * (n - 1) + (bool(attention),),
             with_nonlocal_attn=bool(attention),
         )
+        if decoder_out_activation:  # GroupNorm -> SiLU -> conv_out, as taming's Decoder
+            self.decoder.blocks.insert(len(self.decoder.blocks) - 1, nn.SiLU())
         for axis in range(3):  # geometry is fixed by the config: recomputed, never stored in checkpoints
-            grids = projection_grids(volume_size, feature_res, self.spacing, geometry, image_size, axis)
+            if camera == "perx2ct":
+                grids = perx2ct_camera_grids(volume_size, feature_res, axis, fov_deg)
+            else:
+                grids = projection_grids(volume_size, feature_res, self.spacing, geometry, image_size, axis)
             for key, value in grids.items():
                 self.register_buffer(f"_{key}_{axis}", value, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name, what in (
-            ("spacing_mm", "voxel spacing (mm)"),
-            ("geometry_mm", "DRR geometry [SAD, SID, det h, det w]"),
-        ):
+        camera_key = prefix + "camera_fov_deg"
+        if camera_key not in state_dict:  # checkpoints from before the camera option: the DRR camera
+            state_dict[camera_key] = torch.zeros(1, dtype=torch.float64)
+        for name, what, hint in (
+            ("spacing_mm", "voxel spacing (mm)", "'spacing'"),
+            ("geometry_mm", "DRR geometry [SAD, SID, det h, det w]", "'geometry'"),
+            ("camera_fov_deg", "camera field of view (0 = DRR camera)", "'camera'/'fov_deg' (configs/perx2ct_official.json)"),
+        ):  # fmt: skip
             key = prefix + name
             mine = getattr(self, name).cpu()
             if key in state_dict and not torch.allclose(state_dict[key].double().cpu(), mine):
                 raise ValueError(
                     f"checkpoint was trained for {what} {state_dict[key].tolist()} but the network was built "
-                    f"for {mine.tolist()}; set 'spacing'/'geometry' in the config to match"
+                    f"for {mine.tolist()}; set {hint} in the config to match"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -180,6 +314,8 @@ class PerX2CTNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-view feature maps from ``x`` = (B, 2, H, W) (channel 0 PA, 1 lateral)."""
+        if isinstance(x, MetaTensor):  # batch reshapes below would split MONAI's per-item metadata
+            x = x.as_tensor()
         if (
             x.ndim != 4
             or x.shape[1] != len(VIEWS)
@@ -188,42 +324,128 @@ class PerX2CTNet(nn.Module):
             raise ValueError(
                 f"expected (B, 2, {self.image_size}, {self.image_size}) PA+lateral images, got {tuple(x.shape)}"
             )
-        return [enc(x[:, i : i + 1]) for i, enc in enumerate(self.encoders)]
+        if self.camera == "perx2ct":  # the released camera looks at the radiographs flipped / transposed
+            x = torch.stack([perx2ct_view_orientation(x[:, i], v) for i, v in enumerate(VIEWS)], dim=1)
+        if not self.shared_encoder:
+            return [enc(x[:, i : i + 1]) for i, enc in enumerate(self.encoders)]
+        if self.training:  # one view per call, so batch-norm statistics are per view as in the original
+            return [self.encoder(x[:, i : i + 1]) for i in range(len(VIEWS))]
+        both = self.encoder(x.transpose(0, 1).reshape(-1, 1, *x.shape[2:]))  # (2B, C, h, w): one call
+        return list(both.reshape(len(VIEWS), x.shape[0], *both.shape[1:]).unbind(0))
 
     def decode_slices(self, feats: list[torch.Tensor], index: torch.Tensor, axis: int) -> torch.Tensor:
-        """Slices ``index`` (B, K) along ``axis`` -> (B, K, N, N), all K x B slices in one decoder call."""
+        """Slices ``index`` (B, K) along ``axis`` -> (B, K, N, N), all K x B slices in one decoder call.
+
+        ``feats`` from :meth:`encode` (sample, concatenate, decode) or from :meth:`project_features` (the
+        decoder's first convolution already applied to the feature maps; same result, see there).
+        """
+        if isinstance(feats, ProjectedFeatures):
+            h = self._first_conv_projected(feats, index, axis)
+        else:
+            h = self.decoder.blocks[0](self._decoder_input(feats, index, axis))
+        for block in self.decoder.blocks[1:]:
+            h = block(h)
+        b, k = index.shape
+        return h[:, self.output_channel].reshape(b, k, self.volume_size, self.volume_size)
+
+    def _decoder_input(self, feats: list[torch.Tensor], index: torch.Tensor, axis: int) -> torch.Tensor:
+        """(B*K, 2 C + PE, F, F): features sampled at the slices' points in both views + positional encoding."""
         b, k = index.shape
         f = self.feature_res
         parts = []
         for view, feat in zip(VIEWS, feats):
             grid = self._buffer(view, axis)[index].to(feat.dtype).reshape(b, k * f, f, 2)
-            sampled = F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            sampled = F.grid_sample(
+                feat, grid, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners
+            )
             parts.append(sampled.reshape(b, -1, k, f, f).transpose(1, 2))  # (B, K, C, F, F)
-        unit = self._buffer("unit", axis)[index]  # (B, K, F, F, 3)
-        parts.append(self.pos_enc(unit).permute(0, 1, 4, 2, 3).to(parts[0].dtype))
-        z = torch.cat(parts, dim=2).reshape(b * k, -1, f, f)
-        out = self.decoder(z)  # (B*K, 1, N, N)
-        return out.reshape(b, k, self.volume_size, self.volume_size)
+        parts.append(self._positional(index, axis).to(parts[0].dtype))
+        return torch.cat(parts, dim=2).reshape(b * k, -1, f, f)
+
+    def _positional(self, index: torch.Tensor, axis: int) -> torch.Tensor:
+        return self.pos_enc(self._buffer("unit", axis)[index]).permute(0, 1, 4, 2, 3)  # (B, K, PE, F, F)
+
+    def project_features(self, feats: list[torch.Tensor]) -> ProjectedFeatures:
+        """Apply the decoder's first 3x3 convolution to the encoder features *before* sampling (inference).
+
+        Bilinear sampling and convolution are both linear, so for each of the 9 kernel taps ``W_t`` the
+        image-feature part of ``conv(z)`` at grid point p is ``sum_t (W_t * feat)`` sampled where the
+        neighbour ``p + t`` projects. Projecting the (h x w) feature maps once per volume (a 1x1 convolution
+        to 9 x C_out channels) replaces the per-slice convolution over 2 x 512 sampled channels (the largest
+        convolution of the decoder, 1087 -> 512 channels at F x F in the paper); only the 63-channel
+        positional part is still convolved per slice. Equal to the direct path up to float rounding.
+        """
+        conv = self.decoder.blocks[0].conv
+        c = feats[0].shape[1]
+        c_out = conv.weight.shape[0]
+        taps = []
+        for i, feat in enumerate(feats):
+            w = conv.weight[:, i * c : (i + 1) * c]  # (C_out, C, 3, 3)
+            w = w.permute(2, 3, 0, 1).reshape(9 * c_out, c, 1, 1)  # tap-major: (ky, kx, C_out)
+            taps.append(F.conv2d(feat, w.to(feat.dtype)))  # (B, 9 C_out, h, w)
+        return ProjectedFeatures(taps)
+
+    def _first_conv_projected(self, feats: ProjectedFeatures, index: torch.Tensor, axis: int) -> torch.Tensor:
+        b, k = index.shape
+        f = self.feature_res
+        conv = self.decoder.blocks[0].conv
+        c_out = conv.weight.shape[0]
+        total = None
+        for view, tap in zip(VIEWS, feats.taps):
+            grid = self._buffer(view, axis)[index].to(tap.dtype).reshape(b, k * f, f, 2)
+            sampled = F.grid_sample(
+                tap, grid, mode="bilinear", padding_mode="zeros", align_corners=self.align_corners
+            )
+            total = sampled if total is None else total + sampled  # (B, 9 C_out, K F, F)
+        taps = total.reshape(b, 9, c_out, k, f, f).permute(0, 3, 1, 2, 4, 5).reshape(b * k, 9, c_out, f, f)
+        taps = F.pad(taps, (1, 1, 1, 1))
+        n_img = conv.weight.shape[1] - self.pos_enc.out_channels
+        pe = self._positional(index, axis).reshape(b * k, -1, f, f).to(taps.dtype)
+        out = F.conv2d(pe, conv.weight[:, n_img:].to(taps.dtype), conv.bias, padding=1)
+        for t in range(9):  # output(i, j) += tap (ky, kx) read at neighbour (i + ky - 1, j + kx - 1)
+            ky, kx = divmod(t, 3)
+            out = out + taps[:, t, :, ky : ky + f, kx : kx + f]
+        return out
 
     def reconstruct(
-        self, x: torch.Tensor, chunk_size: int | None = None, axis: int | None = None
+        self,
+        x: torch.Tensor,
+        chunk_size: int | None = None,
+        axis: int | None = None,
+        fused: bool | None = None,
     ) -> torch.Tensor:
-        """Whole volume (B, 1, N, N, N) decoded ``chunk_size`` slices per decoder call (1 = slice by slice)."""
+        """Whole volume (B, 1, N, N, N) decoded ``chunk_size`` slices per decoder call (1 = slice by slice).
+
+        The volume is canonical RAS for both cameras (the released camera's (D0, D1, D2) are reordered);
+        ``axis`` and :meth:`decode_slices` address the camera's own array axes. ``fused`` (default: when
+        not training) applies the decoder's first convolution before sampling (:meth:`project_features`).
+        ``chunk_size`` 0 (or the network's ``chunk_size`` 0) picks it for the machine (:func:`auto_chunk_size`).
+        """
         axis = self.decode_axis if axis is None else int(axis)
-        chunk = self.chunk_size if chunk_size is None else max(1, int(chunk_size))
+        chunk = self.chunk_size if chunk_size is None else int(chunk_size)
+        if chunk <= 0:
+            chunk = auto_chunk_size(self, x.device)
         feats = self.encode(x)
+        if (not self.training) if fused is None else fused:
+            feats = self.project_features(feats)
         b, n = x.shape[0], self.volume_size
         chunks = []
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(n, start + chunk), device=x.device).unsqueeze(0).expand(b, -1)
             chunks.append(self.decode_slices(feats, idx, axis))
-        vol = torch.cat(chunks, dim=1)  # (B, N_slices, d1, d2): the remaining axes keep their order
-        return vol.movedim(1, 1 + axis).unsqueeze(1)
+        vol = torch.cat(chunks, dim=1).movedim(1, 1 + axis)  # the remaining axes keep their order
+        if self.camera == "perx2ct":
+            vol = perx2ct_to_ras(vol)
+        return vol.unsqueeze(1)
 
     def forward(
         self, x: torch.Tensor, slice_index: torch.Tensor | None = None, axis: int | None = None
     ) -> torch.Tensor:
-        """Whole volume (B, 1, N, N, N) by default; with ``slice_index`` (B,) or (B, K): slices (B, K, N, N)."""
+        """Whole volume (B, 1, N, N, N) by default; with ``slice_index`` (B,) or (B, K): slices (B, K, N, N).
+
+        Inputs are radiographs as displayed (PA: row 0 superior, column 0 patient right; lateral: column 0
+        anterior), for both cameras.
+        """
         if slice_index is None:
             return self.reconstruct(x, axis=axis)
         axis = self.decode_axis if axis is None else int(axis)
