@@ -111,7 +111,7 @@ def test_resume_rebuilds_only_unfinished_cases_and_removes_leftovers(six, tmp_pa
     stamp = os.stat(out / "case0" / "ct.nii.gz").st_mtime_ns
     # a case killed mid-write: files without case.json, and the hidden temporary of an atomic write
     (out / "case3" / CASE_META_FILE).unlink()
-    leftover = out / "case3" / ".ct.nii.gz.x1y2.part.nii.gz"
+    leftover = out / "case3" / ".ct.nii.gz.x1y2z3w4.part.nii.gz"
     leftover.write_bytes(b"half a file")
     again = build_pairs(str(six), str(out), **KW)
     assert again["written"] == ["case3"] and len(again["skipped_existing"]) == 5
@@ -121,10 +121,10 @@ def test_resume_rebuilds_only_unfinished_cases_and_removes_leftovers(six, tmp_pa
 
 def test_hidden_leftovers_are_not_inputs(six, tmp_path):
     folder = _write_phantoms(tmp_path / "in", ["a"])
-    (folder / ".a.nii.gz.k3j4.part.nii.gz").write_bytes((folder / "a.nii.gz").read_bytes()[:100])
+    (folder / ".a.nii.gz.k3j4m5n6.part.nii.gz").write_bytes((folder / "a.nii.gz").read_bytes()[:100])
     (folder / ".hidden.nii.gz").write_bytes(b"x")
     assert [c for c, _ in find_inputs(folder)] == ["a"]
-    assert find_inputs([str(folder / ".a.nii.gz.k3j4.part.nii.gz"), str(folder / "a.nii.gz")]) == [
+    assert find_inputs([str(folder / ".a.nii.gz.k3j4m5n6.part.nii.gz"), str(folder / "a.nii.gz")]) == [
         ("a", str(folder / "a.nii.gz"))
     ]
 
