@@ -116,3 +116,20 @@ def test_benchmark_reports_copies_and_overhead(vqgan_sw):
     assert rows["monai_gaussian"]["peak_copies"] > 0
     assert result["n_windows"] == len(vqgan_sw.monai_windows((48, 40, 36), (32, 32, 16), 0.25))
     assert "monai_gaussian" in vqgan_sw.format_tables(result)
+
+
+def test_buffered_blending_matches_the_bundles_path(vqgan_sw):
+    """MONAI's buffer_steps variant timed by the suite computes the same volume as codec.reconstruct_volume."""
+    from bundles.vqgan_3d_patch.scripts.codec import reconstruct_volume
+
+    torch.set_num_threads(1)
+    net = vqgan_sw.build_network("tiny")
+    volume = torch.rand(1, 1, 50, 40, 36, generator=torch.Generator().manual_seed(0))
+    fn = vqgan_sw.reconstruction_fn(net)
+    with torch.no_grad():
+        reference = reconstruct_volume(
+            net, volume, (32, 32, 16), 0.25, "gaussian", sw_device="cpu", device="cpu"
+        )
+        buffered = vqgan_sw.monai_buffered(fn, volume, (32, 32, 16), 0.25, "cpu", "cpu")
+    torch.testing.assert_close(buffered.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
