@@ -98,15 +98,17 @@ class ItemContext:
     """What an item gets: device, sizes, its deadline, and ``record`` to save partial results as it goes."""
 
     def __init__(
-        self, name: str, device: str, dry_run: bool, params: dict, budget_s: float, result_path: str
-    ):
+        self, name: str, device: str, dry_run: bool, params: dict, budget_s: float, result_path: str,
+        started: float | None = None,
+    ):  # fmt: skip
+        """``started``: ``time.time()`` when the item's process was launched (the budget counts its start-up)."""
         import torch
 
         self.name = name
         self.device = torch.device(device)
         self.dry_run = dry_run
         self.params = params
-        self.deadline = time.monotonic() + budget_s
+        self.deadline = (time.time() if started is None else started) + budget_s
         self.result_path = result_path
         self.result: dict = {"params": params, "summary": [], "skipped": []}
 
@@ -115,7 +117,7 @@ class ItemContext:
         return self.device.type == "cuda"
 
     def time_left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - time.time()
 
     def fits(self, what: str, predicted_s: float | None, margin: float = 1.3) -> bool:
         """False (and the skip recorded) when ``predicted_s`` would overrun the item's budget."""
@@ -467,16 +469,17 @@ ITEM_FUNCTIONS: dict[str, Callable[[ItemContext], None]] = {
 }
 
 
-def run_item_here(name: str, device: str, dry_run: bool, budget_s: float, result_path: str) -> None:
+def run_item_here(
+    name: str, device: str, dry_run: bool, budget_s: float, result_path: str, started: float | None = None
+) -> None:
     """The item process: run one item, leaving its (possibly partial) result in ``result_path``."""
     import torch
 
     torch.manual_seed(0)
     if not torch.device(device).type == "cuda":
         torch.set_num_threads(max(1, int(os.environ.get("XRAY2CT_SUITE_THREADS", "1"))))
-    ctx = ItemContext(
-        name, device, dry_run, PARAMS[name]["dry_run" if dry_run else "full"], budget_s, result_path
-    )
+    params = PARAMS[name]["dry_run" if dry_run else "full"]
+    ctx = ItemContext(name, device, dry_run, params, budget_s, result_path, started)
     ctx.save()
     try:
         ITEM_FUNCTIONS[name](ctx)
@@ -588,8 +591,9 @@ def run_item_process(name: str, device: str, dry_run: bool, budget_s: float, log
     log = log_dir / f"{name}.log"
     with tempfile.TemporaryDirectory(prefix=f"xray2ct-{name}-") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_item", name, "--_result", result_path,
-               "--device", device, "--_budget", str(budget_s)] + (["--dry_run"] if dry_run else [])  # fmt: skip
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_item", name, "--_result", result_path]
+        cmd += ["--device", device, "--_budget", str(budget_s), "--_started", repr(time.time())]
+        cmd += ["--dry_run"] if dry_run else []
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         t0 = time.monotonic()
@@ -723,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_item", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
     parser.add_argument("--_budget", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--_started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fetch_assets:
         fetch_assets(args.fetch_assets)
@@ -732,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if args._item:
-        run_item_here(args._item, device, args.dry_run, args._budget, args._result)
+        run_item_here(args._item, device, args.dry_run, args._budget, args._result, args._started)
         return 0
     items = [i.strip() for i in args.items.split(",") if i.strip()]
     unknown = sorted(set(items) - set(ITEMS))
