@@ -103,6 +103,7 @@ def test_allocation_profile_finds_monai_output_and_count_map(vqgan_sw):
     assert prof["live_peak_volume_copies"] >= 2.0
 
 
+@pytest.mark.slow
 def test_benchmark_reports_copies_and_overhead(vqgan_sw):
     result = vqgan_sw.run(
         volume=(48, 40, 36), roi=(32, 32, 16), network="tiny", methods=["network_only", "monai_gaussian"],
