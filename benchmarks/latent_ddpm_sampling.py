@@ -1,27 +1,32 @@
-"""Sampling cost of the latent DDPM: DDPM-1000 (the naive way) vs DDIM-50/20/10, one run, same network.
+"""Sampling cost of the latent DDPM: DDPM-1000 (the naive way) against DDIM-50/20/10, one run, same network.
 
-CPU default: the cpu_tiny network on a (8, 4, 4, 4) latent. ``--gpu``: the full-size network at the seed's
-latent size (4 x 32 x 32 x 64) with AMP, reported as volumes/hour (sampling only, decoding excluded).
-``python benchmarks/latent_ddpm_sampling.py [--gpu] [--out outputs/benchmarks/latent_ddpm.json]``
+The network is the bundle's ``network_def`` (``configs/train.json``; on CPU with the ``cpu_tiny.json`` overlay)
+and the schedule the bundle's full one (1000 training steps). CPU default: a (8, 4, 4, 4) latent from 32^2
+X-rays. ``--gpu``: the full network at the seed's latent size (4 x 32 x 32 x 64, 256^2 X-rays), float32 as the
+bundle samples (``--amp bfloat16`` for autocast). Sampling only (decoding excluded), guidance scale 1 (one
+network evaluation per step, counted).
+
+    python benchmarks/latent_ddpm_sampling.py [--gpu] [--amp bfloat16] [--out outputs/benchmarks/latent_ddpm.json]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
-import fire
-import torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from bundles.latent_ddpm.scripts.networks import XrayConditionedUNet
-from bundles.latent_ddpm.scripts.sampling import make_scheduler, sample_latents
-from common.atomic import atomic_write_text
+import torch  # noqa: E402
 
-TINY = dict(
-    channels=(16, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8,
-    cross_attention_dim=16, xray_init_features=8, xray_growth_rate=8, xray_block_config=(2, 2), xray_token_grid=None,
-)  # fmt: skip
+CPU_SIZE = dict(latent_shape=(8, 4, 4, 4), xray_size=32)
+GPU_SIZE = dict(latent_shape=(4, 32, 32, 64), xray_size=256)  # the seed's (X-ray2CTPA) latent
+TRAIN_STEPS = 1000  # configs/train.json num_train_timesteps
 
 
 class CountingNet(torch.nn.Module):
@@ -36,52 +41,88 @@ class CountingNet(torch.nn.Module):
         return self.net(x, timesteps, context=context)
 
 
-def main(gpu: bool = False, out: str = "outputs/benchmarks/latent_ddpm.json", threads: int = 1) -> dict:
+def build_network(tiny: bool, device, latent_shape: Sequence[int], xray_size: int):
+    """(network in eval mode, the config's num_train_timesteps) from the bundle's ``train.json`` (+ cpu_tiny)."""
+    from monai.bundle import ConfigParser
+
+    configs = REPO / "bundles" / "latent_ddpm" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json")] + ([str(configs / "cpu_tiny.json")] if tiny else []))
+    parser["latent_shape"] = [int(s) for s in latent_shape]  # normally read from the latent cache
+    parser["xray_size"] = int(xray_size)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def").to(device).eval()
+    return net, int(parser.get_parsed_content("num_train_timesteps"))
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, amp))
+
+
+def warm_up(net, xray: torch.Tensor, latent_shape: Sequence[int], amp: str | None = None) -> None:
+    with torch.no_grad(), _autocast(xray.device, amp):
+        net(torch.randn(1, *latent_shape, device=xray.device), torch.tensor([0], device=xray.device), xray)
+
+
+def time_sampler(net, xray: torch.Tensor, latent_shape, kind: str, steps: int, train_steps: int,
+                 amp: str | None = None) -> dict:  # fmt: skip
+    """Seconds to sample one latent with ``kind`` ("ddpm"/"ddim") in ``steps`` steps, network evaluations counted."""
+    from bundles.latent_ddpm.scripts.sampling import make_scheduler, sample_latents
+
+    counting = CountingNet(net)
+    scheduler = make_scheduler(kind, train_steps, steps)
+    cuda = xray.device.type == "cuda"
+    with _autocast(xray.device, amp):
+        if cuda:
+            torch.cuda.synchronize(xray.device)
+        start = time.perf_counter()
+        sample_latents(
+            counting, xray, latent_shape, scheduler, 1.0, generator=torch.Generator().manual_seed(0)
+        )
+        if cuda:
+            torch.cuda.synchronize(xray.device)
+    seconds = time.perf_counter() - start
+    return {"sampler": kind, "steps": int(steps), "amp": amp, "seconds": seconds, "network_evals": counting.calls,
+            "seconds_per_step": seconds / steps, "volumes_per_hour": 3600.0 / seconds}  # fmt: skip
+
+
+def main(gpu: bool = False, amp: str | None = None, out: str = "outputs/benchmarks/latent_ddpm.json",
+         threads: int = 1) -> dict:  # fmt: skip
     torch.set_num_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")
-    if gpu:
-        net = XrayConditionedUNet(
-            4, channels=(64, 128, 256, 512), num_head_channels=32, cross_attention_dim=256
-        )
-        latent, xray_size, configs = (4, 32, 32, 64), 256, [("ddim", 50), ("ddim", 20), ("ddpm", 1000)]
-    else:
-        net = XrayConditionedUNet(8, **TINY)
-        latent, xray_size, configs = (
-            (8, 4, 4, 4),
-            32,
-            [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10)],
-        )
-    counting = CountingNet(net.to(device).eval())
-    xray = torch.rand(1, 1, xray_size, xray_size, device=device)
-    rows = []
-    for kind, steps in configs:
-        scheduler = make_scheduler(kind, 1000, steps)
-        counting.calls = 0
-        with torch.autocast(device.type, enabled=gpu):
-            if gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            sample_latents(counting, xray, latent, scheduler, 1.0, generator=torch.Generator().manual_seed(0))
-            if gpu:
-                torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        rows.append(dict(sampler=f"{kind}-{steps}", seconds=seconds, network_evals=counting.calls,
-                         volumes_per_hour=3600.0 / seconds))  # fmt: skip
-    base = rows[0]["seconds"] if not gpu else next(r["seconds"] for r in rows if r["sampler"] == "ddpm-1000")
+    size = GPU_SIZE if gpu else CPU_SIZE
+    net, _ = build_network(not gpu, device, size["latent_shape"], size["xray_size"])
+    xray = torch.rand(1, 1, size["xray_size"], size["xray_size"], generator=torch.Generator().manual_seed(0))
+    xray = xray.to(device)
+    warm_up(net, xray, size["latent_shape"], amp)
+    plan = [("ddpm", TRAIN_STEPS), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
+    rows = [
+        time_sampler(net, xray, size["latent_shape"], kind, steps, TRAIN_STEPS, amp) for kind, steps in plan
+    ]
+    base = rows[0]["seconds"]
     print(f"{'sampler':<12}{'seconds':>10}{'net evals':>11}{'vol/hour':>12}{'speed-up':>10}")
     for r in rows:
         r["speedup_vs_ddpm1000"] = base / r["seconds"]
-        print(f"{r['sampler']:<12}{r['seconds']:>10.2f}{r['network_evals']:>11}{r['volumes_per_hour']:>12.0f}"
-              f"{r['speedup_vs_ddpm1000']:>10.1f}")  # fmt: skip
-    result = dict(device=str(device), latent_shape=list(latent), amp=gpu, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        print(f"{r['sampler']}-{r['steps']:<7}{r['seconds']:>10.2f}{r['network_evals']:>11}"
+              f"{r['volumes_per_hour']:>12.0f}{r['speedup_vs_ddpm1000']:>10.1f}")  # fmt: skip
+    result = dict(device=str(device), network="train.json" + ("" if gpu else " + cpu_tiny.json"),
+                  latent_shape=list(size["latent_shape"]), xray_size=size["xray_size"], amp=amp,
+                  torch=torch.__version__, rows=rows)  # fmt: skip
+    from common.atomic import atomic_write_text
+
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return result
 
 
-def cli(gpu: bool = False, out: str = "outputs/benchmarks/latent_ddpm.json", threads: int = 1) -> None:
-    main(gpu, out, threads)
+def cli(gpu: bool = False, amp: str | None = None, out: str = "outputs/benchmarks/latent_ddpm.json",
+        threads: int = 1) -> None:  # fmt: skip
+    main(gpu, amp, out, threads)
 
 
 if __name__ == "__main__":
+    import fire
+
     fire.Fire(cli)
