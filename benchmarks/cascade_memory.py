@@ -24,8 +24,8 @@ import fire
 def _child(size: int, checkpointing: bool, steps: int, device: str, threads: int) -> dict:
     import torch
 
-    from bundles.progressive_cascade.scripts.loss import CascadeStageLoss
-    from bundles.progressive_cascade.scripts.network import ProgressiveCascade
+    from bundles.progressive_cascade.scripts.losses import CascadeStageLoss
+    from bundles.progressive_cascade.scripts.networks import ProgressiveCascade
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

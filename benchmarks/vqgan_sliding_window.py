@@ -73,7 +73,7 @@ def _n_windows(size, roi, overlap) -> int:
 
 def _measure(kind: str, cfg: dict, size, roi, overlap: float, device: str, queue) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if device == "cpu" else 1)
-    from bundles.vqgan_3d_patch.scripts.codec import reconstruct_volume
+    from common.codec import reconstruct_volume
 
     net = _net(cfg, device)
     volume = torch.rand(1, 1, *size)
@@ -113,7 +113,7 @@ def training_throughput(cfg: dict, patch, steps: int, device: str) -> float:
     from monai.networks.nets import VQVAE, PatchDiscriminator
 
     from bundles.vqgan_3d_patch.scripts.data import PrepareCTBatch
-    from bundles.vqgan_3d_patch.scripts.trainer import VQGANTrainer
+    from bundles.vqgan_3d_patch.scripts.engines import VQGANTrainer
 
     net = VQVAE(spatial_dims=3, in_channels=1, out_channels=1, num_res_channels=cfg["channels"], **cfg).to(
         device

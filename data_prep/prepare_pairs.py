@@ -1,6 +1,6 @@
 """Pair average CTs with their phase-0 CTs and lay them out as trainA/ trainB/ + a MONAI datalist.
 
-    python -m bundles.pix2pix_phase.scripts.prepare_pairs AVERAGES_DIR PHASES_DIR OUTPUT_DIR \
+    python -m data_prep.prepare_pairs AVERAGES_DIR PHASES_DIR OUTPUT_DIR \
         [--phase_glob "*Gated 0.0A*.nii*"] [--mode copy|symlink|hardlink]
 
 ``AVERAGES_DIR/<patient>/*.nii*`` (one average CT) is matched to ``PHASES_DIR/<patient>/<phase_glob>`` by

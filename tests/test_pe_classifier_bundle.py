@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.bundle import run as bundle_run
 
 from bundles.pe_classifier.scripts import data, networks
-from bundles.pe_classifier.scripts.compare import compare
+from bundles.pe_classifier.scripts.compare_reports import compare
 from common.classification_metrics import roc_auc
 from common.errors import InputError
 from common.io import load_volume, save_volume

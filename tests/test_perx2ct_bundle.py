@@ -89,7 +89,7 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
     root, out = trained["root"], trained["out"]
     models = sorted(p.name for p in (root / "models").iterdir())
     assert "model.pt" in models and "model_final.pt" in models
-    from bundles.perx2ct.scripts.api import read_checkpoint
+    from bundles.perx2ct.scripts.inference import read_checkpoint
 
     state = read_checkpoint(str(root / "models" / "model.pt"))  # MONAI saves a one-key save_dict bare
     assert state["spacing_mm"].tolist() == [12.0, 12.0, 12.0]
@@ -138,7 +138,7 @@ def test_export_and_verify(trained, dataset, tmp_path, repo_root):
         "--input_shape", "[1, 2, 32, 32]", cwd=repo_root,
     )  # fmt: skip
     scripted = torch.jit.load(str(ts))
-    from bundles.perx2ct.scripts.api import PerX2CTInference
+    from bundles.perx2ct.scripts.inference import PerX2CTInference
 
     api = PerX2CTInference.from_bundle(
         str(BUNDLE), str(root / "models" / "model.pt"), [str(CONFIGS / "inference.json"), TINY]
@@ -160,7 +160,7 @@ def test_export_and_verify(trained, dataset, tmp_path, repo_root):
 
 @pytest.mark.slow
 def test_api_on_real_radiographs(trained, shared_data, tmp_path):
-    from bundles.perx2ct.scripts.api import PerX2CTInference, save_previews
+    from bundles.perx2ct.scripts.inference import PerX2CTInference, save_previews
 
     root = trained["root"]
     api = PerX2CTInference.from_bundle(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bundles.perx2ct.scripts.data import select_slices
 from bundles.perx2ct.scripts.geometry import pixel_to_grid, projection_grids, vox_to_mm
-from bundles.perx2ct.scripts.network import PerX2CTNet
+from bundles.perx2ct.scripts.networks import PerX2CTNet
 from common.drr import drr_to_image, get_geometry, render_drr
 from common.intensity import XRAY2CT, hu_to_mu
 from common.metrics import psnr

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.pix2pix_phase.scripts.dataset import VolumeSliceDataset, volume_transforms
+from bundles.pix2pix_phase.scripts.data import VolumeSliceDataset, volume_transforms
+from bundles.pix2pix_phase.scripts.engines import ConditionalGanTrainer, PairBatch
 from bundles.pix2pix_phase.scripts.networks import (
     PhaseGenerator,
     conditional_patch_discriminator,
     count_downsamplings,
     unet_channels,
 )
-from bundles.pix2pix_phase.scripts.trainer import ConditionalGanTrainer, PairBatch
 from common.errors import InputError
 from common.intensity import XRAY2CT
 from common.io import save_volume

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundles.pix2pix_phase.scripts import prepare_pairs as pp
 from common.io import save_volume
 from common.volume import Volume
+from data_prep import prepare_pairs as pp
 
 PHASE0 = "CT 1.2 Gated 0.0A.nii.gz"
 
@@ -122,7 +122,7 @@ def test_cli_entry_point(tree):
     import sys
 
     avg, ph, out = tree
-    cmd = [sys.executable, "-m", "bundles.pix2pix_phase.scripts.prepare_pairs", str(avg), str(ph), str(out)]
+    cmd = [sys.executable, "-m", "data_prep.prepare_pairs", str(avg), str(ph), str(out)]
     done = subprocess.run(
         cmd + ["--phase_glob", "*Gated 50.0A*", "--val_fraction", "0"], capture_output=True, text=True
     )

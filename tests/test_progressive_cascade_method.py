@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bundles.progressive_cascade.scripts.data import CascadeBatch, pair_transforms, read_dataset_info
-from bundles.progressive_cascade.scripts.loss import CascadeStageLoss, TriPlanarPerceptualLoss, gradient_l1
-from bundles.progressive_cascade.scripts.network import ProgressiveCascade, backprojection_grid
+from bundles.progressive_cascade.scripts.losses import CascadeStageLoss, TriPlanarPerceptualLoss, gradient_l1
+from bundles.progressive_cascade.scripts.networks import ProgressiveCascade, backprojection_grid
 from common.drr import get_geometry
 
 TINY = dict(

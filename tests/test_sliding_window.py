@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundles.vqgan_3d_patch.scripts.codec import decode_latents, encode_volume, reconstruct_volume
 from bundles.vqgan_3d_patch.scripts.networks import ReconstructionVQVAE, downsampling_factor
+from common.codec import decode_latents, encode_volume, reconstruct_volume
 from common.errors import InputError
 from common.sliding_window import (
     aligned_stride,

@@ -15,8 +15,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 
-from bundles.vqgan_3d_patch.scripts.codec import load_vqgan
 from bundles.vqgan_3d_patch.scripts.networks import count_parameters
+from common.codec import load_vqgan
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "vqgan_3d_patch"
 CONFIGS = BUNDLE / "configs"

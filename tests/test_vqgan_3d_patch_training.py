@@ -13,9 +13,9 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import VQVAE, PatchDiscriminator
 
 from bundles.vqgan_3d_patch.scripts.codebook import CodebookMetric, codebook_stats, restart_dead_codes
-from bundles.vqgan_3d_patch.scripts.codec import reconstruct_volume
 from bundles.vqgan_3d_patch.scripts.data import PrepareCTBatch
-from bundles.vqgan_3d_patch.scripts.trainer import VQGANTrainer
+from bundles.vqgan_3d_patch.scripts.engines import VQGANTrainer
+from common.codec import reconstruct_volume
 from common.intensity import XRAY2CT
 
 

@@ -21,7 +21,7 @@ from common.io import load_volume  # noqa: E402
 from common.volume import Volume  # noqa: E402
 from webapp.app import create_app  # noqa: E402
 from webapp.demo_checkpoint import make_random_checkpoint  # noqa: E402
-from webapp.models import LoadedModel, load_models  # noqa: E402
+from webapp.loaders import LoadedModel, load_models  # noqa: E402
 
 PAIR = "pneumocystis-pneumonia-2"
 

@@ -39,7 +39,7 @@ def serve(
     import uvicorn
 
     from webapp.app import create_app
-    from webapp.models import load_models
+    from webapp.loaders import load_models
 
     torch.set_num_threads(int(threads))
     try:

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from common.errors import InputError
 from webapp.jobs import Job, JobQueue, QueueFull
-from webapp.models import LoadedModel
+from webapp.loaders import LoadedModel
 from webapp.render import WINDOW_PRESETS, slice_count, slice_png, xray_png
 from webapp.uploads import MAX_UPLOAD_BYTES, store_upload
 

@@ -1,7 +1,7 @@
 """Trained bundle checkpoints behind one small interface the web app drives (preprocess, reconstruct).
 
 Each supported bundle has a loader here; the app never imports a bundle directly. Only PerX2CT ships a
-Python inference API today (``bundles/perx2ct/scripts/api.py``); other bundles plug in by adding a loader.
+Python inference API today (``bundles/perx2ct/scripts/inference.py``); other bundles plug in by adding a loader.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def config_paths(bundle: str, configs: Sequence[str] = ()) -> list[str]:
 
 
 def load_perx2ct(checkpoint: str, configs: Sequence[str] = (), device: str = "cpu") -> LoadedModel:
-    from bundles.perx2ct.scripts.api import PerX2CTInference
+    from bundles.perx2ct.scripts.inference import PerX2CTInference
 
     bundle_root = os.path.join(REPO_ROOT, "bundles", "perx2ct")
     try:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bundles.vqgan_3d_patch.scripts.codec import load_vqgan
 from bundles.vqgan_3d_patch.scripts.networks import downsampling_factor
+from common.codec import load_vqgan
 from common.errors import require_file
 
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from bundles.latent_ddpm.scripts.autoencoder import latent_factor, load_frozen_vqgan
 from bundles.latent_ddpm.scripts.data import LATENT_DATALIST, as_list
-from bundles.vqgan_3d_patch.scripts.codec import encode_volume
 from common.atomic import atomic_path, atomic_write_text
+from common.codec import encode_volume
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import load_volume

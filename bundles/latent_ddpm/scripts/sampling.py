@@ -1,7 +1,7 @@
 """X-ray -> latent sample -> decoded CT in HU, with MONAI's DiffusionInferer and DDPM/DDIM schedulers.
 
 MONAI's ``LatentDiffusionInferer`` decodes the whole latent in one pass of the autoencoder; large CTs need
-the VQ-GAN's sliding-window decoder (bundles.vqgan_3d_patch.scripts.codec.decode_latents), so sampling uses
+the VQ-GAN's sliding-window decoder (common.codec.decode_latents), so sampling uses
 ``DiffusionInferer.sample`` on latents and decodes separately.
 """
 
@@ -14,7 +14,7 @@ import torch
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from bundles.vqgan_3d_patch.scripts.codec import decode_latents
+from common.codec import decode_latents
 from common.intensity import get_window
 from common.volume import Volume
 

@@ -1,6 +1,6 @@
 """Print PE results from several ``metrics_report.json`` side by side, like X-ray2CTPA's table.
 
-    python -m bundles.pe_classifier.scripts.compare --real_ct eval/real --generated_ct eval/gen --xray eval/xray
+    python -m bundles.pe_classifier.scripts.compare_reports --real_ct eval/real --generated_ct eval/gen --xray eval/xray
 
 Each argument is a report file or the folder holding it. The paper column repeats X-ray2CTPA's published
 AUCs (real CTPA 0.83, X-ray 0.69, generated CTPA 0.80) for reference only; they were measured on their data.

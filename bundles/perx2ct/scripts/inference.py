@@ -1,6 +1,6 @@
 """Python API: a trained PerX2CT bundle as an object that turns a PA + lateral pair into a CT ``Volume``.
 
-    from bundles.perx2ct.scripts.api import PerX2CTInference
+    from bundles.perx2ct.scripts.inference import PerX2CTInference
     model = PerX2CTInference.from_bundle("bundles/perx2ct", device="cuda")
     volume = model.predict("patient-PA.png", "patient-L.png")     # common.volume.Volume in HU
     common.io.save_volume(volume, "ct.nii.gz")
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bundles.perx2ct.scripts.xray_input import load_view
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import load_volume, save_volume
 from common.volume import Volume
+from common.xray import load_view
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "h5": ".h5", "npy": ".npy"}

@@ -147,7 +147,7 @@ def main(
     """Load the bundle once and serve requests until shutdown."""
     import torch
 
-    from bundles.perx2ct.scripts.api import BUNDLE_ROOT, PerX2CTInference
+    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
 
     logging.basicConfig(level=logging.INFO)
     if isinstance(config_files, str):

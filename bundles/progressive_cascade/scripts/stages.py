@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from bundles.progressive_cascade.scripts.network import ProgressiveCascade
+from bundles.progressive_cascade.scripts.networks import ProgressiveCascade
 from common.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from monai.utils import CommonKeys as Keys
 
 from bundles.vqgan_3d_patch.scripts.adversarial import discriminator_loss, generator_adversarial_loss
 from bundles.vqgan_3d_patch.scripts.codebook import restart_dead_codes
-from bundles.vqgan_3d_patch.scripts.codec import unwrap
+from common.codec import unwrap
 
 SCALAR_KEYS = (
     "loss",

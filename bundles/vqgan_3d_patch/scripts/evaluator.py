@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from monai.engines import SupervisedEvaluator
 
-from bundles.vqgan_3d_patch.scripts.codec import VQGANSlidingWindowInferer
+from common.codec import VQGANSlidingWindowInferer
 
 
 class VQGANEvaluator(SupervisedEvaluator):
