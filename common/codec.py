@@ -1,14 +1,17 @@
-"""Whole-volume API of the VQ-GAN: reconstruct, encode to latents, decode latents (used by latent diffusion).
+"""The VQ-GAN as a whole-volume codec: load, encode to latents, decode latents, latent factor.
 
-Every path runs the network on overlapping windows (MONAI ``SlidingWindowInferer``, default 256x256x128
-with 25% overlap, gaussian or constant blending; ``sw_device`` runs the windows, e.g. on the GPU, while
-``device`` holds the whole-volume accumulators, e.g. in host memory for 512x512x600 volumes).
+Used by vqgan_3d_patch (evaluation, inference) and latent_ddpm (latent cache, sampling), so neither bundle
+imports the other. The network is MONAI's ``VQVAE`` (or a subclass with the same parameters); the windows
+are one :class:`common.sliding_window.LatentSlidingWindowInferer` (default 256x256x128, 25 % overlap,
+gaussian blending; ``sw_device`` runs the windows, e.g. on the GPU, ``device`` holds the whole-volume
+accumulators, e.g. in host memory for 512x512x600 volumes).
 
-Latent-space windows (see :mod:`common.sliding_window`): encoding pads the volume (replicate, far end) to
-a multiple of the downsampling factor ``f`` (8 for three levels), snaps the stride to a multiple of ``f``
-and blends the *continuous* encoder outputs of the windows on the latent grid; the blended latent is then
-quantised once, so every latent voxel has exactly one code. Decoding uses the same windows seen from the
-latent grid (window ``roi / f``, stride ``stride / f``) and blends the decoded image windows.
+Encoding pads the volume to a multiple of the latent factor ``f`` (8 for three stride-2 levels), snaps the
+stride to a multiple of ``f`` and blends the *continuous* encoder outputs on the latent grid; the blended
+latent is quantised once, so every latent voxel has exactly one code. Decoding uses the same windows seen
+from the latent grid. :func:`reconstruct_volume` is that path (blend -> quantise -> windowed decode): what a
+latent model decodes, and what the VQ-GAN is evaluated on. :func:`reconstruct_per_window` (each window
+encoded, quantised and decoded on its own, then blended) is only a comparison.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
-from monai.inferers import Inferer
+from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import VQVAE
 from monai.utils import convert_to_tensor
 
-from bundles.vqgan_3d_patch.scripts.networks import ReconstructionVQVAE, downsampling_factor
+from common.checkpoint import build_from_checkpoint, file_sha256, unwrap
 from common.errors import InputError, require_file
-from common.sliding_window import sliding_window_decode, sliding_window_encode, sliding_window_same_size
+from common.sliding_window import LatentSlidingWindowInferer
 
 DEFAULT_ROI = (256, 256, 128)
+VQGAN_BUNDLE = "vqgan_3d_patch"
 
 
 @dataclasses.dataclass
@@ -40,38 +44,41 @@ class Latents:
     image_size: tuple[int, ...]
 
 
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The network inside DistributedDataParallel / DataParallel wrappers."""
-    return getattr(net, "module", net)
+def latent_factor(network: torch.nn.Module) -> int:
+    """Image voxels per latent voxel along each axis (the product of the encoder's strides)."""
+    factor = 1
+    for block in unwrap(network).encoder.blocks:
+        conv = getattr(block, "conv", None)
+        stride = getattr(conv, "stride", None) if conv is not None else None
+        if stride is not None:
+            factor *= int(stride[0] if isinstance(stride, tuple) else stride)
+    return factor
 
 
 def load_vqgan(
     checkpoint: str | os.PathLike,
-    network_def: torch.nn.Module | Mapping | str | os.PathLike,
+    network_def: Mapping | torch.nn.Module | None = None,
     device: str | torch.device = "cpu",
+    expected_bundle: str | None = VQGAN_BUNDLE,
 ) -> VQVAE:
-    """Build the network and load a ``{"model": state_dict}`` (or bare state dict) checkpoint; eval mode.
+    """The trained VQ-GAN, eval mode, gradients off (a codec is never trained by its users).
 
-    ``network_def``: a module, VQVAE keyword arguments, or a bundle config file with a ``network_def``.
+    Built from the checkpoint's record (:mod:`common.checkpoint`); ``network_def`` (VQVAE arguments with a
+    ``_target_``, or a built network) is the fallback for checkpoints without a record and must agree with
+    a record when both exist.
     """
-    if isinstance(network_def, torch.nn.Module):
-        net = network_def
-    elif isinstance(network_def, Mapping):
-        net = ReconstructionVQVAE(**{k: v for k, v in network_def.items() if k != "_target_"})
-    else:
-        from monai.bundle import ConfigParser
+    network, _ = build_from_checkpoint(checkpoint, expected_bundle, network_def, device)
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return network
 
-        parser = ConfigParser()
-        parser.read_config(require_file(network_def))
-        net = parser.get_parsed_content("network_def")
-    state = torch.load(require_file(checkpoint), map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "model" in state:
-        state = state["model"]
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise InputError(checkpoint, f"checkpoint does not match the network definition ({e})") from e
-    return net.to(device).eval()
+
+def codec_fingerprint(checkpoint: str | os.PathLike) -> dict:
+    """What identifies a VQ-GAN checkpoint in a latent cache: its absolute path, sha256 and record."""
+    from common.checkpoint import read_record
+
+    path = os.path.abspath(require_file(checkpoint))
+    return {"checkpoint": path, "sha256": file_sha256(path), "record": read_record(path)}
 
 
 def _check_volume(volume: torch.Tensor) -> None:
@@ -81,53 +88,27 @@ def _check_volume(volume: torch.Tensor) -> None:
         raise InputError(None, "volume contains NaN or infinite values")
 
 
-def _reconstruction_fn(net: torch.nn.Module):
+def _reconstruction(network: torch.nn.Module):
     def fn(x: torch.Tensor) -> torch.Tensor:
-        out = net(x)
+        out = network(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     return fn
 
 
-@torch.no_grad()
-def reconstruct_volume(
-    net: torch.nn.Module,
-    volume: torch.Tensor,
-    roi: Sequence[int] = DEFAULT_ROI,
-    overlap: float = 0.25,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Encode, quantise and decode each window, blend the windows: (B, 1, X, Y, Z) -> same shape."""
-    _check_volume(volume)
-    return sliding_window_same_size(
-        _reconstruction_fn(net), volume, roi, overlap, mode, sw_batch_size, sw_device, device, progress
-    )
+def _inferer(inferer: LatentSlidingWindowInferer | None) -> LatentSlidingWindowInferer:
+    return inferer if inferer is not None else LatentSlidingWindowInferer(DEFAULT_ROI)
 
 
 @torch.no_grad()
 def encode_volume(
-    net: torch.nn.Module,
-    volume: torch.Tensor,
-    roi: Sequence[int] = DEFAULT_ROI,
-    overlap: float = 0.25,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
+    network: torch.nn.Module, volume: torch.Tensor, inferer: LatentSlidingWindowInferer | None = None
 ) -> Latents:
     """Volume (B, 1, X, Y, Z) in the network's intensity scale -> :class:`Latents` of ``ceil(size / f)``."""
     _check_volume(volume)
-    vq = unwrap(net)
-    factor = downsampling_factor(vq)
-    z = sliding_window_encode(
-        vq.encode, volume, roi, factor, overlap, mode, sw_batch_size, sw_device, device, progress
-    )
-    z = convert_to_tensor(z, track_meta=False)
+    vq = unwrap(network)
+    factor = latent_factor(vq)
+    z = convert_to_tensor(_inferer(inferer).encode(volume, vq.encode, factor), track_meta=False)
     # EMAQuantizer.quantize is the side-effect-free nearest-code lookup (its forward updates the EMA in training)
     indices = vq.quantizer.quantizer.quantize(z.to(next(vq.parameters()).device))[2]
     quantized = vq.quantizer.embed(indices)
@@ -136,25 +117,19 @@ def encode_volume(
 
 @torch.no_grad()
 def decode_latents(
-    net: torch.nn.Module,
+    network: torch.nn.Module,
     latents: Latents | torch.Tensor,
-    roi: Sequence[int] = DEFAULT_ROI,
-    overlap: float = 0.25,
-    mode: str = "gaussian",
+    inferer: LatentSlidingWindowInferer | None = None,
     out_size: Sequence[int] | None = None,
     requantize: bool = False,
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
 ) -> torch.Tensor:
-    """Latents -> volume (B, 1, X, Y, Z). ``roi`` is in image voxels, as for :func:`encode_volume`.
+    """Latents -> volume (B, 1, X, Y, Z) with the windows of ``inferer`` (in image voxels, as for encoding).
 
     ``latents``: a :class:`Latents`, integer code indices (B, X', Y', Z'), or float latents (B, D, X', Y', Z')
     (e.g. sampled by a diffusion model; ``requantize`` snaps them to the nearest codes first).
     """
-    vq = unwrap(net)
-    factor = downsampling_factor(vq)
+    vq = unwrap(network)
+    factor = latent_factor(vq)
     if isinstance(latents, Latents):
         out_size = latents.image_size if out_size is None else out_size
         z = latents.quantized
@@ -168,58 +143,50 @@ def decode_latents(
         raise InputError(
             None, f"expected latents (B, {vq.embedding_dim}, X, Y, Z), got shape {tuple(z.shape)}"
         )
-    return sliding_window_decode(
-        vq.decode, z, roi, factor, overlap, mode, out_size, sw_batch_size, sw_device, device, progress
-    )
+    return _inferer(inferer).decode(z, vq.decode, out_size, factor)
 
 
-class VQGANSlidingWindowInferer(Inferer):
-    """MONAI ``Inferer`` for engines: whole-volume reconstruction by windows, clipped to ``clip`` (or not)."""
+@torch.no_grad()
+def reconstruct_volume(
+    network: torch.nn.Module, volume: torch.Tensor, inferer: LatentSlidingWindowInferer | None = None
+) -> torch.Tensor:
+    """The latent path: blended encoding, one quantisation, windowed decoding; (B, 1, X, Y, Z) -> same shape."""
+    inferer = _inferer(inferer)
+    return decode_latents(network, encode_volume(network, volume, inferer), inferer)
 
-    def __init__(
-        self,
-        roi_size: Sequence[int] = DEFAULT_ROI,
-        overlap: float = 0.25,
-        mode: str = "gaussian",
-        sw_batch_size: int = 1,
-        sw_device: torch.device | str | None = None,
-        device: torch.device | str | None = None,
-        clip: tuple[float, float] | None = (0.0, 1.0),
-        progress: bool = False,
-    ):
-        super().__init__()
-        self.roi_size = tuple(int(r) for r in roi_size)
-        self.overlap = overlap
-        self.mode = mode
-        self.sw_batch_size = sw_batch_size
-        self.sw_device = sw_device
-        self.device = device
-        self.clip = clip
-        self.progress = progress
 
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        out = reconstruct_volume(
-            network,
-            inputs,
-            self.roi_size,
-            self.overlap,
-            self.mode,
-            self.sw_batch_size,
-            self.sw_device,
-            self.device,
-            self.progress,
-        )
+@torch.no_grad()
+def reconstruct_per_window(
+    network: torch.nn.Module, volume: torch.Tensor, inferer: LatentSlidingWindowInferer | None = None
+) -> torch.Tensor:
+    """Each window encoded, quantised and decoded on its own, the reconstructions blended (comparison only)."""
+    _check_volume(volume)
+    return SlidingWindowInferer.__call__(_inferer(inferer), volume, _reconstruction(network))
+
+
+class CodecInferer(LatentSlidingWindowInferer):
+    """MONAI ``Inferer`` for engines: ``inferer(volume, network)`` = :func:`reconstruct_volume`, clipped.
+
+    Same arguments as :class:`LatentSlidingWindowInferer` (the factor is read from the network) plus
+    ``clip`` (default (0, 1), the network's intensity range; None keeps the raw decoder output).
+    """
+
+    def __init__(self, roi_size: Sequence[int] | int = DEFAULT_ROI, clip: Sequence[float] | None = (0.0, 1.0), **kwargs):
+        super().__init__(roi_size, **kwargs)
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        self.last_latents: Latents | None = None  # of the latest call (its indices give codebook statistics)
+
+    def _clip(self, out: torch.Tensor) -> torch.Tensor:
         return out.clamp(*self.clip) if self.clip is not None else out
 
-    def encode(self, inputs: torch.Tensor, network) -> Latents:
-        """The volume's latents with the same windows (used for codebook statistics)."""
-        return encode_volume(
-            network,
-            inputs,
-            self.roi_size,
-            self.overlap,
-            self.mode,
-            self.sw_batch_size,
-            self.sw_device,
-            self.device,
-        )
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        self.last_latents = encode_volume(network, inputs, self)
+        return self._clip(decode_latents(network, self.last_latents, self))
+
+    def latents(self, inputs: torch.Tensor, network) -> Latents:
+        """The volume's latents with the same windows (its code indices give the codebook statistics)."""
+        return encode_volume(network, inputs, self)
+
+    def per_window(self, inputs: torch.Tensor, network) -> torch.Tensor:
+        """:func:`reconstruct_per_window` with these windows, clipped."""
+        return self._clip(reconstruct_per_window(network, inputs, self))
