@@ -73,7 +73,11 @@ def _n_windows(size, roi, overlap) -> int:
 
 def _measure(kind: str, cfg: dict, size, roi, overlap: float, device: str, queue) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if device == "cpu" else 1)
-    from common.codec import reconstruct_volume
+    from common.codec import reconstruct_per_window
+    from common.sliding_window import LatentSlidingWindowInferer
+
+    def windows(mode: str) -> LatentSlidingWindowInferer:
+        return LatentSlidingWindowInferer(roi, overlap=overlap, mode=mode, sw_device=device, device="cpu")
 
     net = _net(cfg, device)
     volume = torch.rand(1, 1, *size)
@@ -86,9 +90,9 @@ def _measure(kind: str, cfg: dict, size, roi, overlap: float, device: str, queue
             for _ in range(_n_windows(size, roi, overlap)):
                 net(window.to(device)).cpu()
     elif kind == "sliding_window_gaussian":
-        reconstruct_volume(net, volume, roi, overlap, "gaussian", sw_device=device, device="cpu")
+        reconstruct_per_window(net, volume, windows("gaussian"))
     elif kind == "sliding_window_constant":
-        reconstruct_volume(net, volume, roi, overlap, "constant", sw_device=device, device="cpu")
+        reconstruct_per_window(net, volume, windows("constant"))
     else:
         naive_linear_blend(net, volume, roi, overlap, device)
     if device.startswith("cuda"):

@@ -16,7 +16,7 @@ import torch
 from monai.bundle import ConfigParser, run
 
 from bundles.vqgan_3d_patch.scripts.networks import count_parameters
-from common.codec import load_vqgan
+from common.checkpoint import build_from_checkpoint, read_record
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "vqgan_3d_patch"
 CONFIGS = BUNDLE / "configs"
@@ -39,12 +39,12 @@ def parser_for(*files: str, **overrides) -> ConfigParser:
 def test_every_config_parses_with_full_size_defaults():
     train = parser_for(TRAIN)
     assert train["patch_size"] == [256, 256, 128] and train["val_overlap"] == 0.25
-    assert train["blend_mode"] == "gaussian" and train["run"] and train["training"] == "@run"
+    assert train["blend_mode"] == "gaussian" and train["training"] and train["run"] == "@training"
     net = train.get_parsed_content("network_def")
     assert net.num_embeddings == 512 and net.embedding_dim == 64
     assert 35e6 < count_parameters(net) < 37e6  # the seed's baseline: ~36M parameters
     evaluate = parser_for(TRAIN, EVALUATE)
-    assert evaluate["eval_key"] == "test" and "evaluating" in evaluate.config
+    assert evaluate["eval_split"] == "test" and evaluate["run"] == "@evaluating"
     inference = parser_for(INFERENCE)
     assert inference["roi_size"] == "@patch_size" and "network_def" in inference.config
     multi = parser_for(TRAIN, MULTI_GPU)
@@ -52,16 +52,6 @@ def test_every_config_parses_with_full_size_defaults():
     assert multi["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     tiny = parser_for(TRAIN, TINY)
     assert tiny["patch_size"] == [32, 32, 32]
-    metadata = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in (
-        "version",
-        "changelog",
-        "monai_version",
-        "pytorch_version",
-        "network_data_format",
-        "hu_window",
-    ):
-        assert key in metadata
 
 
 def _scalar_tags(run_dir: Path) -> set[str]:
@@ -83,8 +73,12 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
     run("training", config_file=[TRAIN, TINY], **common)
     models = bundle_root / "models"
     assert (models / "model.pt").exists() and (models / "checkpoint_final.pt").exists()
-    # ignite saves a one-entry save_dict {"model": net} as the bare state dict (MONAI model-zoo layout)
-    assert "quantizer.quantizer.embedding.weight" in torch.load(models / "model.pt", weights_only=True)
+    best = torch.load(models / "model.pt", weights_only=True)
+    assert set(best) == {"model", "record"} and "quantizer.quantizer.embedding.weight" in best["model"]
+    record = read_record(models / "model.pt")
+    assert record["bundle"] == "vqgan_3d_patch" and record["network_def"]["embedding_dim"] == 8
+    assert record["inputs"]["latent_factor"] == 8 and record["progress"]["key_metric"]["name"] == "val_psnr"
+    assert (models / "checkpoint_record.json").is_file() and (models / "network_args.json").is_file()
     tags = _scalar_tags(out / "runs")
     for tag in (
         "recon_loss",
@@ -116,7 +110,12 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
     for key in ("psnr_xray2ct", "ssim_xray2ct", "mae_hu", "psnr_x2ctgan", "codebook_usage", "perplexity"):
         assert key in report["metrics"]
     assert 0 < report["metrics"]["codebook_usage"] <= 1 and report["metrics"]["perplexity"] >= 1
-    assert report["n_volumes"] == 2 and "xray2ct" in report["conventions"]
+    test_ids = [Path(i["id"]).name for i in json.loads(Path(phantom_pairs["datalist"]).read_text())["test"]]
+    assert report["split"] == "test" and sorted(report["case_ids"]) == sorted(test_ids) and report["n_cases"] == 2
+    assert report["baseline"]["name"] == "box_down_up" and not report["smoke_test"]
+    assert "psnr_xray2ct" in report["baseline"]["metrics"] and "psnr_xray2ct" in report["difference"]
+    assert report["latent_factor"] == 8
+    assert "xray2ct" in report["conventions"] and "codebook_usage" in report["conventions"]
     assert len(glob.glob(str(out / "reconstructions" / "*_recon.nii.gz"))) == 2
 
     infer_out = tmp_path / "infer"
@@ -151,7 +150,7 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
               str(CONFIGS / "metadata.json"), "--config_file", f"['{INFERENCE}','{TINY}']"]  # fmt: skip
     subprocess.run(verify, check=True, capture_output=True, cwd=tmp_path)
     scripted = torch.jit.load(str(ts))
-    eager = load_vqgan(models / "model.pt", parser_for(INFERENCE, TINY).get_parsed_content("network_def"))
+    eager, _ = build_from_checkpoint(models / "model.pt", "vqgan_3d_patch", parser_for(INFERENCE, TINY).get_parsed_content("network_def"))
     x = torch.rand(1, 1, 40, 32, 24)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
@@ -166,6 +165,6 @@ def test_ddp_training_with_gloo_on_two_processes(phantom_pairs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)["model"]
     assert ckpt and not any(k.startswith("module.") for k in ckpt)  # saved unwrapped from DDP
     assert "d_loss" in proc.stdout + proc.stderr  # the adversarial step ran under DDP

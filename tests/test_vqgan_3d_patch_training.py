@@ -12,11 +12,12 @@ from ignite.engine import Events
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import VQVAE, PatchDiscriminator
 
-from bundles.vqgan_3d_patch.scripts.codebook import CodebookMetric, codebook_stats, restart_dead_codes
 from bundles.vqgan_3d_patch.scripts.data import PrepareCTBatch
-from bundles.vqgan_3d_patch.scripts.engines import VQGANTrainer
+from bundles.vqgan_3d_patch.scripts.engines import VQGANTrainer, restart_dead_codes
+from bundles.vqgan_3d_patch.scripts.evaluation import CodebookMetric, codebook_stats
 from common.codec import reconstruct_volume
 from common.intensity import XRAY2CT
+from common.sliding_window import LatentSlidingWindowInferer
 
 
 def test_codebook_stats_by_hand():
@@ -99,7 +100,7 @@ def test_adversarial_terms_start_after_the_configured_step():
 
 def _psnr(net, x) -> float:
     net.eval()
-    recon = reconstruct_volume(net, x, roi=x.shape[2:]).clamp(0, 1)
+    recon = reconstruct_volume(net, x, LatentSlidingWindowInferer(tuple(x.shape[2:]))).clamp(0, 1)
     return float(10 * torch.log10(1.0 / ((recon - x) ** 2).mean()))
 
 

@@ -1,4 +1,6 @@
-"""One VQ-GAN training step as a MONAI ``Trainer`` (ignite engine), so every MONAI handler works on it.
+"""The VQ-GAN's engines: one training step as a MONAI ``Trainer``, whole-volume evaluation, dead-code restarts.
+
+The trainer is an ignite engine, so every MONAI handler works on it.
 
 Why not MONAI's GanTrainer / AdversarialTrainer: GanTrainer feeds the generator random latent codes, and
 AdversarialTrainer expects the generator to return one tensor and has no place for the VQ commitment loss,
@@ -16,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from monai.engines import Trainer
+from monai.engines import SupervisedEvaluator, Trainer
 from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys as Keys
 
-from bundles.vqgan_3d_patch.scripts.adversarial import discriminator_loss, generator_adversarial_loss
-from bundles.vqgan_3d_patch.scripts.codebook import restart_dead_codes
-from common.codec import unwrap
+from bundles.vqgan_3d_patch.scripts.losses import discriminator_loss, generator_adversarial_loss
+from common.checkpoint import unwrap
+from common.codec import CodecInferer
 
 SCALAR_KEYS = (
     "loss",
@@ -163,3 +165,67 @@ class VQGANTrainer(Trainer):
             indices=engine._indices,
         )
         return out
+
+
+@torch.no_grad()
+def restart_dead_codes(
+    quantizer: torch.nn.Module, latents: torch.Tensor, min_cluster_size: float = 1.0
+) -> int:
+    """Move codes whose EMA cluster size fell below ``min_cluster_size`` onto random encoder outputs.
+
+    MONAI's EMAQuantizer starts from N(0, 1) codes that are far from the encoder's outputs, so few codes
+    ever win and the rest never move (codebook collapse). Restarting dead codes on current latents (as in
+    Jukebox / SoundStream) keeps the codebook in use; own code, MONAI has none. ``quantizer`` is the
+    ``EMAQuantizer`` (``vqvae.quantizer.quantizer``), ``latents`` the encoder output (B, D, ...).
+    Returns the number of codes restarted (identical on every DDP rank: rank 0's choice is broadcast).
+    """
+    dead = quantizer.ema_cluster_size < min_cluster_size
+    n = int(dead.sum())
+    if n:
+        flat = latents.detach().movedim(1, -1).reshape(-1, latents.shape[1]).float()
+        picks = flat[torch.randint(flat.shape[0], (n,), device=flat.device)]
+        picks = picks.to(quantizer.embedding.weight.device)
+        quantizer.embedding.weight.data[dead] = picks
+        # restarted with exactly the threshold mass: a code used fewer than ``min_cluster_size`` times per step
+        # (EMA) since its restart falls below it again and is restarted at the next call
+        mass = max(float(min_cluster_size), 1e-3)
+        quantizer.ema_w.data[dead] = picks * mass
+        quantizer.ema_cluster_size.data[dead] = mass
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in (
+            quantizer.embedding.weight.data,
+            quantizer.ema_w.data,
+            quantizer.ema_cluster_size.data,
+        ):
+            torch.distributed.broadcast(tensor, src=0)
+    return n
+
+
+class VQGANEvaluator(SupervisedEvaluator):
+    """SupervisedEvaluator of whole volumes by the latent path, whose output also holds the code indices.
+
+    The reconstruction comes from the :class:`common.codec.CodecInferer` (blend -> quantise -> decode); the
+    ``indices`` (B, X', Y', Z') of the codebook metrics are those of the same blended latent, so each latent
+    voxel counts once. With ``compare_per_window`` the per-window reconstruction is computed too and added
+    as ``pred_per_window`` only when it differs from the latent path (max difference above ``tolerance``).
+    """
+
+    def __init__(self, *args, compare_per_window: bool = False, tolerance: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.inferer, CodecInferer):
+            raise TypeError("VQGANEvaluator needs a common.codec.CodecInferer (its windows define the latent)")
+        self.compare_per_window = bool(compare_per_window)
+        self.tolerance = float(tolerance)
+
+    def _iteration(self, engine: VQGANEvaluator, batchdata: dict) -> dict:
+        output = super()._iteration(engine, batchdata)
+        with torch.no_grad():
+            image = output[Keys.IMAGE]
+            latents = engine.inferer.last_latents  # the latents the reconstruction was decoded from
+            output["indices"] = (latents or engine.inferer.latents(image, engine.network)).indices
+            if engine.compare_per_window:
+                other = engine.inferer.per_window(image, engine.network)
+                pred = torch.as_tensor(output[Keys.PRED]).as_subclass(torch.Tensor)
+                if float((other.as_subclass(torch.Tensor) - pred.to(other.device)).abs().max()) > engine.tolerance:
+                    output["pred_per_window"] = other
+        return output
