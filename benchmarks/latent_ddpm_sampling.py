@@ -14,8 +14,8 @@ import time
 import fire
 import torch
 
+from bundles.latent_ddpm.scripts.inference import make_scheduler, sample_latents
 from bundles.latent_ddpm.scripts.networks import XrayConditionedUNet
-from bundles.latent_ddpm.scripts.sampling import make_scheduler, sample_latents
 from common.atomic import atomic_write_text
 
 TINY = dict(
