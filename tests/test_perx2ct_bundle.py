@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from common.checkpoint import read_record
 from common.io import load_volume
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "perx2ct"
@@ -81,7 +82,6 @@ def test_configs_parse(files, ids, dataset):
                 assert net.geometry.sad == 700.0  # read from the dataset's geometry
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] == [128, 128, 128]
-    assert meta["hu_window"]["hu_min"] == -1024.0
 
 
 @pytest.mark.slow
@@ -91,8 +91,11 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
     assert "model.pt" in models and "model_final.pt" in models
     from bundles.perx2ct.scripts.inference import read_checkpoint
 
-    state = read_checkpoint(str(root / "models" / "model.pt"))  # MONAI saves a one-key save_dict bare
+    state = read_checkpoint(str(root / "models" / "model.pt"))
     assert state["spacing_mm"].tolist() == [12.0, 12.0, 12.0]
+    record = read_record(root / "models" / "model.pt")
+    assert record["bundle"] == "perx2ct" and record["inputs"]["spacing"] == [12.0, 12.0, 12.0]
+    assert record["network_def"]["volume_size"] == 32 and record["inputs"]["geometry"]["sad"] == 700.0
     assert any((out / "runs").iterdir())  # TensorBoard events
 
     bundle(
@@ -113,7 +116,11 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
         "psnr_coronal_x2ctgan",
     ):
         assert np.isfinite(report["metrics"][key]), key
-    assert report["n_cases"] == len(json.loads((dataset / "dataset.json").read_text())["test"])
+    test_items = json.loads((dataset / "dataset.json").read_text())["test"]
+    assert report["n_cases"] == len(test_items) and report["split"] == "test"
+    assert sorted(report["case_ids"]) == sorted(i["id"] for i in test_items) and not report["smoke_test"]
+    assert report["baseline"]["name"] == "mean_training_ct" and "psnr_xray2ct" in report["difference"]
+    assert {"drr_l1", "drr_psnr_pa", "drr_psnr_lateral"} <= set(report["metrics"])
     assert "x2ctgan" in report["conventions"] and report["metrics"]["mae_hu"] > 0
 
     inf_out = root / "inference"
@@ -134,7 +141,7 @@ def test_export_and_verify(trained, dataset, tmp_path, repo_root):
     bundle(
         "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
         "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", cfg("inference.json"),
-        "--bundle_root", str(root), "--dataset_dir", str(dataset), "--use_trace", "True",
+        "--bundle_root", str(root), "--dataset_dir", str(dataset), "--use_trace", "True", "--key_in_ckpt", "model",
         "--input_shape", "[1, 2, 32, 32]", cwd=repo_root,
     )  # fmt: skip
     scripted = torch.jit.load(str(ts))

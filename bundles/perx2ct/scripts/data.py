@@ -1,66 +1,23 @@
-"""Data for PerX2CT: MONAI pipelines over data_prep's datalist, and the per-iteration slice sampling.
+"""Data for PerX2CT: batch preparation over data_prep's datalist, and the per-iteration slice sampling.
 
 Each datalist item has ``ct`` (HU volume, canonical RAS), ``pa`` and ``lateral`` (DRRs in [0, 1]). The
-pipeline stacks the two views into ``image`` (2, H, W) and scales the CT to [0, 1] with the XRAY2CT window.
-PerX2CT trains on single CT slices of random axis and position (sagittal, coronal, axial): ``SliceSampler``
-is the trainer's ``prepare_batch`` that draws them and passes ``slice_index``/``axis`` to the network.
+configs' transform chain (``preprocessing``) stacks the two views into ``image`` (2, H, W) and scales the CT
+to [0, 1] with the XRAY2CT window. PerX2CT trains on single CT slices of random axis and position (sagittal,
+coronal, axial): :class:`SliceSampler` is the trainer's ``prepare_batch`` that draws them and passes
+``slice_index``/``axis`` to the network.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    ConcatItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Resized,
-)
 
 from common.errors import InputError, require_file
-from common.transforms import hu_window_transform
 
 VIEW_KEYS = ("pa", "lateral")
-
-
-def pair_transforms(image_size: int, window: str = "xray2ct", load: bool = True) -> Compose:
-    """Load CT + both DRRs, window the CT to [0, 1], stack the views into ``image`` (2, H, W)."""
-    keys = ["ct", *VIEW_KEYS]
-    xforms = []
-    if load:
-        xforms += [LoadImaged(keys=keys, reader="NibabelReader", image_only=True)]
-    xforms += [
-        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
-        hu_window_transform(keys="ct", window=window),
-        Resized(keys=list(VIEW_KEYS), spatial_size=(image_size, image_size), mode="bilinear"),
-        ConcatItemsd(keys=list(VIEW_KEYS), name="image", dim=0),
-    ]
-    return Compose(xforms)
-
-
-def dataset_spacing(datalist_file: str, default: Sequence[float] = (2.5, 2.5, 2.5)) -> list[float]:
-    """The dataset's voxel spacing (``"spacing"`` in data_prep's dataset.json), else ``default``."""
-    if not os.path.exists(datalist_file):
-        return [float(s) for s in default]
-    with open(datalist_file) as f:
-        meta = json.load(f)
-    return [float(s) for s in meta.get("spacing", default)]
-
-
-def dataset_geometry(datalist_file: str, default: str | dict = "perx2ct") -> str | dict:
-    """The DRR geometry recorded in data_prep's dataset.json (dict or preset name), else ``default``."""
-    if not os.path.exists(datalist_file):
-        return default
-    with open(datalist_file) as f:
-        return json.load(f).get("geometry", default) or default
 
 
 def _check_volume(ct: torch.Tensor, volume_size: int) -> None:
@@ -118,15 +75,3 @@ def load_drr(path: str) -> np.ndarray:
     if array.ndim != 2:
         raise InputError(path, f"expected a 2D DRR, got shape {array.shape}")
     return array
-
-
-def load_split(datalist_file: str, base_dir: str, keys: Sequence[str] = ("test", "validation")) -> list[dict]:
-    """The first non-empty split among ``keys`` of a MONAI datalist (paths resolved against ``base_dir``)."""
-    from monai.data import load_decathlon_datalist
-
-    with open(require_file(datalist_file)) as f:
-        meta = json.load(f)
-    for key in keys:
-        if meta.get(key):
-            return load_decathlon_datalist(datalist_file, data_list_key=key, base_dir=base_dir)
-    raise InputError(datalist_file, f"no non-empty split among {list(keys)}")

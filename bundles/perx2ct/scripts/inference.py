@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.checkpoint import network_state, unwrap
+from common.checkpoint import read_checkpoint as common_read_checkpoint
+from common.datalist import case_id
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import load_volume, save_volume
@@ -30,23 +33,9 @@ BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "h5": ".h5", "npy": ".npy"}
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") else network
-
-
 def read_checkpoint(path: str) -> dict:
-    """The network state dict of a bundle checkpoint (``{"model": state_dict}`` or a bare state dict)."""
-    path = require_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(path, f"cannot read checkpoint ({type(e).__name__}: {e})") from e
-    return ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-
-
-def case_name(item: dict, index: int = 0) -> str:
-    """A file-name-safe case id (MONAI's datalist loader turns ids that are folder names into absolute paths)."""
-    return os.path.basename(os.path.normpath(str(item.get("id", f"case_{index:04d}"))))
+    """The network state dict of a bundle checkpoint (:func:`common.checkpoint.read_checkpoint`)."""
+    return network_state(common_read_checkpoint(path), path)
 
 
 class PerX2CTInference:
@@ -64,7 +53,7 @@ class PerX2CTInference:
         """``reference_drr`` (a training DRR, path or array): real radiographs are histogram-matched to it."""
         self.reference = None
         if reference_drr is not None:
-            self.reference = load_view(reference_drr, int(_unwrap(network).image_size), "reference_drr")
+            self.reference = load_view(reference_drr, int(unwrap(network).image_size), "reference_drr")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.network = network.to(self.device).eval()
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -118,13 +107,13 @@ class PerX2CTInference:
         return cls(network, device=device, amp=amp, window=window, reference_drr=reference_drr)
 
     def load_checkpoint(self, path: str) -> PerX2CTInference:
-        _unwrap(self.network).load_state_dict(read_checkpoint(path))
+        unwrap(self.network).load_state_dict(read_checkpoint(path))
         return self
 
     # -- properties -----------------------------------------------------------------------------
     @property
     def net(self) -> torch.nn.Module:
-        return _unwrap(self.network)
+        return unwrap(self.network)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -183,7 +172,7 @@ class PerX2CTInference:
             raise InputError(None, f"unknown output format {fmt!r}; choose from {sorted(FORMATS)}")
         written = []
         for i, item in enumerate(tqdm(items, desc="perx2ct inference", unit="case")):
-            case = case_name(item, i)
+            case = case_id(item, i)
             x = self.preprocess(item["pa"], item["lateral"])
             volume = self.to_volume(self.predict_tensor(x)[0, 0].numpy())
             path = save_volume(volume, os.path.join(output_dir, f"{case}_ct{suffix}"))
