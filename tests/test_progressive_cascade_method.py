@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from bundles.progressive_cascade.scripts.data import CascadeBatch, pair_transforms, read_dataset_info
+from bundles.progressive_cascade.scripts.data import CascadeBatch, read_dataset_info
 from bundles.progressive_cascade.scripts.losses import CascadeStageLoss, TriPlanarPerceptualLoss, gradient_l1
 from bundles.progressive_cascade.scripts.networks import ProgressiveCascade, backprojection_grid
 from common.drr import get_geometry
@@ -43,7 +43,15 @@ def batch(dataset):
         k: os.path.join(root, case[k]) if not os.path.isabs(case[k]) else case[k]
         for k in ("ct", "pa", "lateral")
     }
-    data = pair_transforms(32, 32)(files)
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "progressive_cascade" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json")])
+    parser.update({"volume_sizes": [8, 16, 32], "xray_size": 32})
+    data = parser.get_parsed_content("preprocessing")(files)  # the bundle's own transform chain
     return CascadeBatch("dict")({k: v[None] for k, v in data.items()})
 
 

@@ -1,4 +1,5 @@
-"""The progressive cascade: a shared multi-scale X-ray encoder and one 3D refiner per resolution stage.
+"""The progressive cascade: a shared multi-scale X-ray encoder and one 3D refiner per resolution stage,
+and the stage switching of training (load the previous stage's best checkpoint, freeze earlier stages).
 
 Stage k reconstructs the CT at ``volume_sizes[k]`` from the PA + lateral feature maps at
 ``feature_sizes[k]``; stages after the first refine the upsampled output of the previous stage
@@ -17,6 +18,8 @@ because gradient checkpointing needs each block to be a separate call.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -25,9 +28,12 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from torch.utils.checkpoint import checkpoint
 
+from common.checkpoint import load_weights
 from common.drr import DRRGeometry, get_geometry
+from common.errors import InputError
 
 VIEWS = ("pa", "lateral")
+logger = logging.getLogger(__name__)
 
 
 def voxel_centres_mm(size: int, fov_mm: Sequence[float]) -> torch.Tensor:
@@ -249,3 +255,44 @@ class ProgressiveCascade(nn.Module):
 
     def forward(self, xrays: torch.Tensor) -> torch.Tensor:
         return self.forward_all(xrays, upto=self.stage)[-1]
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def best_checkpoint(ckpt_dir: str, stage: int) -> str:
+    """``<ckpt_dir>/stage<k>_model.pt`` (best by the validation key metric)."""
+    return os.path.join(ckpt_dir, f"stage{stage}_model.pt")
+
+
+def final_checkpoint(ckpt_dir: str, stage: int) -> str:
+    return os.path.join(ckpt_dir, f"stage{stage}_final.pt")
+
+
+def find_stage_checkpoint(ckpt_dir: str, stage: int) -> str:
+    """Best checkpoint of ``stage``, else its final one; :class:`InputError` when neither exists."""
+    for path in (best_checkpoint(ckpt_dir, stage), final_checkpoint(ckpt_dir, stage)):
+        if os.path.isfile(path):
+            return path
+    raise InputError(
+        best_checkpoint(ckpt_dir, stage), f"no checkpoint of stage {stage}: train stage {stage} first"
+    )
+
+
+def prepare_stage(
+    network: ProgressiveCascade, stage: int, ckpt_dir: str, previous_checkpoint: str | None = None
+) -> ProgressiveCascade:
+    """Activate ``stage``: for stage > 1 load the previous stage's checkpoint, then freeze earlier stages.
+
+    The network definition has no stage (it is training state), so a stage's checkpoint records the same
+    ``network_def`` as the others and :func:`common.checkpoint.load_weights` checks it.
+    """
+    stage = int(stage)
+    if stage > 1:
+        path = previous_checkpoint or find_stage_checkpoint(ckpt_dir, stage - 1)
+        load_weights(network, path, expected_bundle="progressive_cascade")
+        logger.info("stage %d: loaded stage %d weights from %s", stage, stage - 1, path)
+    return network.set_stage(stage)
+
+
+def trainable_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters of the active stage (the optimizer must not see frozen ones)."""
+    return [p for p in network.parameters() if p.requires_grad]
