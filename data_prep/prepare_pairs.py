@@ -1,7 +1,10 @@
 """Pair average CTs with their phase-0 CTs and lay them out as trainA/ trainB/ + a MONAI datalist.
 
     python -m data_prep.prepare_pairs AVERAGES_DIR PHASES_DIR OUTPUT_DIR \
-        [--phase_glob "*Gated 0.0A*.nii*"] [--mode copy|symlink|hardlink]
+        [--phase_glob "*Gated 0.0A*.nii*"] [--mode copy|symlink|hardlink] [--val_fraction 0.2 --test_fraction 0.2]
+
+(console script ``xray2ct-prepare-pairs``). The datalist has ``training``, ``validation`` (model selection) and
+``test`` (evaluation on patients the model never saw) splits, by patient folder.
 
 ``AVERAGES_DIR/<patient>/*.nii*`` (one average CT) is matched to ``PHASES_DIR/<patient>/<phase_glob>`` by
 subfolder name. Each pair must agree in shape, spacing and orientation. Cases that cannot be paired,
@@ -84,11 +87,13 @@ def place_file(src: str, dst: str, mode: str = "copy") -> None:
 def split_cases(case_ids: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
     """Deterministic split: order by an MD5 of the case id (not by listing order), then cut.
 
-    With two or more cases at least one goes to validation; training always keeps at least one."""
+    With two or more cases at least one goes to validation, with three or more at least one to test (when the
+    fractions are positive); training always keeps at least one."""
     order = sorted(case_ids, key=lambda c: hashlib.md5(c.encode()).hexdigest())
     n = len(order)
     n_val = max(1, round(val_fraction * n)) if n >= 2 and val_fraction > 0 else 0
-    n_test = min(round(test_fraction * n), max(0, n - n_val - 1))
+    wanted = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    n_test = min(wanted, max(0, n - n_val - 1))
     return {
         "validation": sorted(order[:n_val]),
         "test": sorted(order[n_val : n_val + n_test]),
@@ -142,7 +147,7 @@ def prepare_pairs(
     mode: str = "copy",
     prefix: str = "patient",
     val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
+    test_fraction: float = 0.2,
 ) -> dict:
     """Pair, check, copy/link into ``trainA``/``trainB``, write ``dataset.json`` and ``pairing_report.json``."""
     pairs, unpaired, ignored = find_pairs(averages_dir, phases_dir, phase_glob, avg_glob)
@@ -205,5 +210,9 @@ def prepare_pairs(
     return report
 
 
-if __name__ == "__main__":
+def main() -> None:
     fire.Fire(prepare_pairs)
+
+
+if __name__ == "__main__":
+    main()

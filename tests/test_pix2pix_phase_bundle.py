@@ -13,11 +13,16 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, run, verify_net_in_out
 
-from bundles.pix2pix_phase.scripts.record import load_training_record
+from common.checkpoint import read_record
 from common.io import load_volume, save_volume
+from common.metrics import compute_ct_metrics
 from common.volume import Volume
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "bundles", "pix2pix_phase", "configs")
+
+
+def m_psnr(report: dict) -> float:
+    return report["metrics"]["psnr_xray2ct"]
 
 
 def cfg(*names: str) -> list[str]:
@@ -51,7 +56,7 @@ def trained(phantom_4dct, tmp_path_factory):
     [
         ("train.json",),
         ("train.json", TINY),
-        ("evaluate.json",),
+        ("train.json", "evaluate.json"),
         ("inference.json", TINY),
         ("train.json", "multi_gpu_train.json"),
     ],
@@ -65,7 +70,9 @@ def test_configs_parse(files, tmp_path):
     parser["bundle_root"] = str(tmp_path)
     net = parser.get_parsed_content("network_def")
     assert net.n_down == (4 if TINY in files else 7)
-    if "train.json" in files:
+    if "evaluate.json" in files:
+        assert "evaluating" in parser and parser["run"] == "@evaluating"
+    elif "train.json" in files:
         assert "training" in parser and parser["run"] == "@training"
     if "multi_gpu_train.json" in files:
         assert parser["train#dataloader#sampler"].replace("::", "#") == "@train#sampler"
@@ -75,12 +82,11 @@ def test_configs_parse(files, tmp_path):
 
 def test_training_writes_checkpoints_with_reproducible_record(trained):
     models = trained["bundle_root"] / "models"
-    assert {"model.pt", "model_final.pt", "training_record.json", "training_args.json"} <= set(
-        os.listdir(models)
-    )
-    record = load_training_record(models / "model.pt")
-    assert record["overrides"]["image_size"] == 32 and record["overrides"]["lambda_l1"] == 100.0
-    ct = record["ct"]
+    assert {"model.pt", "model_final.pt", "checkpoint_record.json", "network_args.json"} <= set(os.listdir(models))
+    record = read_record(models / "model.pt")
+    assert record["bundle"] == "pix2pix_phase" and record["network_def"]["image_size"] == 32
+    assert record["training"]["lambda_l1"] == 100.0 and record["progress"]["key_metric"]["name"] == "psnr_xray2ct"
+    ct = record["inputs"]["ct"]
     assert ct["hu_window"] == {"name": "xray2ct", "hu_min": -1024.0, "hu_max": 2048.0}
     np.testing.assert_allclose(ct["voxel_spacing"], trained["data"]["spacing"])
     assert ct["slice_thickness"] == pytest.approx(trained["data"]["spacing"][2])
@@ -88,7 +94,7 @@ def test_training_writes_checkpoints_with_reproducible_record(trained):
     # the overrides rebuild the same generator from the default (GPU-size) config
     parser = ConfigParser()
     parser.read_config(cfg("train.json"))
-    parser.update(json.loads((models / "training_args.json").read_text()))
+    parser.update(json.loads((models / "network_args.json").read_text()))
     net = parser.get_parsed_content("network_def")
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)["model"]
     net.load_state_dict(state, strict=True)
@@ -128,7 +134,7 @@ def test_resume_continues_from_the_saved_epoch(trained, tmp_path):
 def test_evaluate_writes_metrics_report(trained, tmp_path):
     run(
         "evaluating",
-        config_file=cfg("evaluate.json", TINY),
+        config_file=cfg("train.json", "evaluate.json", TINY),
         meta_file=META,
         logging_file=LOGGING,
         dataset_dir=str(trained["data"]["root"]),
@@ -137,7 +143,14 @@ def test_evaluate_writes_metrics_report(trained, tmp_path):
     )
     report = json.loads((tmp_path / "metrics_report.json").read_text())
     assert set(report["conventions"]) >= {"xray2ct", "x2ctgan", "mae_hu"}
-    assert report["n_volumes"] == 1 and len(report["per_volume"]) == 1
+    test_ids = [i["id"] for i in json.loads(trained["data"]["datalist"].read_text())["test"]]
+    assert report["split"] == "test" and report["case_ids"] == test_ids and len(report["cases"]) == 1
+    assert report["baseline"]["name"] == "copy_input" and not report["smoke_test"]
+    # the baseline is the input average CT scored against the phase-0 CT, by hand
+    item = next(c for c in trained["data"]["cases"] if c["id"] == test_ids[0])
+    by_hand = compute_ct_metrics(load_volume(item["avg"]).array, load_volume(item["phase0"]).array)
+    assert report["baseline"]["metrics"]["psnr_xray2ct"] == pytest.approx(by_hand["psnr_xray2ct"], abs=1e-3)
+    assert report["difference"]["psnr_xray2ct"] == pytest.approx(m_psnr(report) - by_hand["psnr_xray2ct"], abs=1e-3)
     m = report["metrics"]
     assert 0 < m["psnr_xray2ct"] < 60 and 0 <= m["mae_hu"] <= 3072
     # per-volume and ignite (engine) values agree: same volumes, same conventions

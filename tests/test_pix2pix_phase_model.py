@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.pix2pix_phase.scripts.data import VolumeSliceDataset, volume_transforms
-from bundles.pix2pix_phase.scripts.engines import ConditionalGanTrainer, PairBatch
+from bundles.pix2pix_phase.scripts.data import PairBatch, VolumeSliceDataset
+from bundles.pix2pix_phase.scripts.engines import ConditionalGanTrainer
 from bundles.pix2pix_phase.scripts.networks import (
     PhaseGenerator,
     conditional_patch_discriminator,
@@ -62,6 +62,18 @@ def test_pair_batch_picks_keys():
     assert PairBatch(target_key=None)({"avg": torch.zeros(1)})[1] is None
 
 
+def volume_transforms(resize_to=None):
+    """The bundle's own transform chain (configs/train.json ``preprocessing``)."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "pix2pix_phase" / "configs" / "train.json"))
+    parser["resize_to"] = resize_to
+    return parser.get_parsed_content("preprocessing")
+
+
 def _write_pair(folder, avg: Volume, phase0: Volume) -> dict:
     return {
         "id": "c",
@@ -74,7 +86,7 @@ def test_slice_dataset_counts_windows_and_reorients(tmp_path):
     hu = np.linspace(-2000, 3000, 8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5)
     lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # L, P, S: the dataset must flip x and y back to R, A
     item = _write_pair(tmp_path, Volume(hu, lps), Volume(hu + 100, lps))
-    ds = VolumeSliceDataset([item, dict(item, id="d")])
+    ds = VolumeSliceDataset([item, dict(item, id="d")], volume_transforms())
     assert len(ds) == 10  # 5 axial slices per pair
     s = ds[2]
     assert s["avg"].shape == (1, 8, 6) and s["slice"] == 2 and s["case"] == "c"
@@ -89,7 +101,7 @@ def test_slice_dataset_rejects_mismatched_pair(tmp_path):
     item = _write_pair(tmp_path, Volume.from_spacing(np.zeros((4, 4, 3), np.float32)),
                        Volume.from_spacing(np.zeros((4, 4, 2), np.float32)))  # fmt: skip
     with pytest.raises(InputError, match="pair shapes differ"):
-        VolumeSliceDataset([item])
+        VolumeSliceDataset([item], volume_transforms())
 
 
 def test_tiny_generator_overfits_a_phantom_phase_pair():

@@ -69,7 +69,7 @@ def test_datalist_split_is_deterministic_and_loadable(tree):
     pp.prepare_pairs(str(avg), str(ph), str(out), mode="symlink")
     assert (out / "dataset.json").read_text() == first
     data = json.loads(first)
-    assert len(data["training"]) == 1 and len(data["validation"]) == 1
+    assert len(data["training"]) == 1 and len(data["validation"]) == 1 and data["test"] == []  # 2 patients
     items = load_decathlon_datalist(str(out / "dataset.json"), False, "training")
     assert os.path.isabs(items[0]["avg"]) and os.path.exists(items[0]["phase0"])
     assert os.path.islink(out / "trainA" / "patient_1.nii.gz")
@@ -81,6 +81,10 @@ def test_split_cases_rules():
     assert [len(split[k]) for k in ("training", "validation", "test")] == [7, 2, 1]
     assert split == pp.split_cases(list(reversed(ids)), 0.2, 0.1)  # listing order does not matter
     assert pp.split_cases(["only"], 0.2, 0.0) == {"validation": [], "test": [], "training": ["only"]}
+    # three patients: one each (the test split is never empty when a test fraction is asked for)
+    three = pp.split_cases(["a", "b", "c"], 0.2, 0.2)
+    assert [len(three[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
+    assert pp.split_cases(["a", "b"], 0.2, 0.2)["test"] == []  # training and validation keep one each
 
 
 def test_permission_error_is_reported_and_leaves_no_partial_file(tree, monkeypatch):
@@ -124,7 +128,9 @@ def test_cli_entry_point(tree):
     avg, ph, out = tree
     cmd = [sys.executable, "-m", "data_prep.prepare_pairs", str(avg), str(ph), str(out)]
     done = subprocess.run(
-        cmd + ["--phase_glob", "*Gated 50.0A*", "--val_fraction", "0"], capture_output=True, text=True
+        cmd + ["--phase_glob", "*Gated 50.0A*", "--val_fraction", "0", "--test_fraction", "0"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "paired 4" in done.stdout  # every case with one average has a 50 % phase of its shape

@@ -17,19 +17,7 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-
-class PairBatch:
-    """``prepare_batch`` for MONAI engines: (input, target) tensors from two dict keys, on ``device``."""
-
-    def __init__(self, input_key: str = "avg", target_key: str | None = "phase0") -> None:
-        self.input_key, self.target_key = input_key, target_key
-
-    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        x = torch.as_tensor(batchdata[self.input_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        if self.target_key is None or self.target_key not in batchdata:
-            return x, None
-        y = torch.as_tensor(batchdata[self.target_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        return x, y
+from bundles.pix2pix_phase.scripts.data import PairBatch
 
 
 class ConditionalGanTrainer(Trainer):
