@@ -15,6 +15,7 @@ from monai.bundle import run as bundle_run
 
 from bundles.pe_classifier.scripts import data, networks
 from bundles.pe_classifier.scripts.compare_reports import compare
+from common.checkpoint import read_record
 from common.classification_metrics import roc_auc
 from common.errors import InputError
 from common.io import load_volume, save_volume
@@ -54,7 +55,6 @@ def test_every_config_parses():
     assert parser["train#dataloader#shuffle"] is False
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [128, 128, 128]
-    assert meta["hu_window"]["hu_min"] == -1024.0
 
 
 @pytest.mark.parametrize("modality", ["ct", "xray", "fusion"])
@@ -112,9 +112,11 @@ def test_training_writes_checkpoints_and_logs(trained):
     assert {"model.pt", "model_final.pt"} <= set(models)
     # ignite's Checkpoint stores a one-entry save_dict ({"model": net}) as the bare state dict
     best = torch.load(trained["root"] / "models" / "model.pt", weights_only=True)
-    assert "head.1.weight" in best and best["head.1.weight"].shape == (1, 64)
+    assert best["model"]["head.1.weight"].shape == (1, 64) and set(best) == {"model", "record"}
     final = torch.load(trained["root"] / "models" / "model_final.pt", weights_only=True)
-    assert set(final) == {"model", "optimizer"}
+    assert set(final) == {"model", "optimizer", "trainer", "record"}
+    record = read_record(trained["root"] / "models" / "model_final.pt")
+    assert record["inputs"]["modality"] == "ct" and record["progress"]["iteration"] > 0
     assert any(n.startswith("events.out") for n in os.listdir(trained["root"] / "out" / "runs"))
 
 
@@ -131,6 +133,12 @@ def test_evaluate_real_and_generated_then_compare(trained, tmp_path, capsys):
     assert report["auc"]["estimate"] == pytest.approx(roc_auc(y, p))
     assert report["auc"]["n_resamples"] == 200 and report["threshold"]["method"] == "youden_j_on_validation"
     assert report["source"] == "real CTPA" and (real / "roc_curve.png").stat().st_size > 1000
+    assert report["split"] == "test" and sorted(report["case_ids"]) == sorted(test_ids) and not report["smoke_test"]
+    train_labels = [i["label"] for i in data.load_split(str(trained["dataset"]), "training")]
+    base = report["baseline"]
+    assert base["name"] == "prevalence" and base["metrics"]["auc"] == 0.5
+    assert all(c["baseline"]["probability"] == pytest.approx(np.mean(train_labels)) for c in report["cases"])
+    assert report["difference"]["auc"] == pytest.approx(report["metrics"]["auc"] - 0.5)
 
     # "generated" CTPA: the real test CTs rewritten as HDF5 / NPY under {id}_fake names -> same probabilities
     gen_dir = tmp_path / "generated"
@@ -176,13 +184,13 @@ def test_export_and_verify_net_in_out(trained, tmp_path):
     ts = tmp_path / "model.ts"
     ckpt_export(
         net_id="network_def", filepath=str(ts), ckpt_file=str(trained["root"] / "models" / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"), config_file=cfg("inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"), config_file=cfg("inference.json"), key_in_ckpt="model",
     )  # fmt: skip
     loaded = torch.jit.load(str(ts))
     net = ConfigParser.load_config_files(cfg("inference.json"))
     parser = ConfigParser(net)
     eager = parser.get_parsed_content("network_def").eval()
-    eager.load_state_dict(torch.load(trained["root"] / "models" / "model.pt", weights_only=True))
+    eager.load_state_dict(torch.load(trained["root"] / "models" / "model.pt", weights_only=True)["model"])
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), eager(x))
@@ -209,3 +217,11 @@ def test_xray_and_fusion_train_and_evaluate(phantom_pairs, tmp_path, modality):
     report = json.loads((tmp_path / "ev" / "metrics_report.json").read_text())
     assert report["modality"] == modality and report["n_cases"] == 2
     assert report["source"] == {"xray": "X-ray", "fusion": "X-ray + CTPA"}[modality]
+    if modality == "xray":  # the X-ray-only model's report is the comparison of a CT model on the same cases
+        out = tmp_path / "ct_vs_xray"
+        run("training", cfg("train.json"), output_dir=str(tmp_path / "ct_out"), max_epochs=1,
+            **{**common, "modality": "ct", "bundle_root": str(tmp_path / "ct")})  # fmt: skip
+        run("evaluating", cfg("train.json", "evaluate.json"), output_dir=str(out), xray_report=str(tmp_path / "ev"),
+            **{**common, "modality": "ct", "bundle_root": str(tmp_path / "ct")})  # fmt: skip
+        xray_only = json.loads((out / "metrics_report.json").read_text())["comparisons"]["xray_only"]
+        assert xray_only["metrics"]["auc"] == report["metrics"]["auc"] and "auc" in xray_only["difference"]

@@ -2,6 +2,8 @@
 
     python -m bundles.pe_classifier.scripts.compare_reports --real_ct eval/real --generated_ct eval/gen --xray eval/xray
 
+(console script ``xray2ct-pe-compare``).
+
 Each argument is a report file or the folder holding it. The paper column repeats X-ray2CTPA's published
 AUCs (real CTPA 0.83, X-ray 0.69, generated CTPA 0.80) for reference only; they were measured on their data.
 """
@@ -78,7 +80,11 @@ def compare(
     return table
 
 
-if __name__ == "__main__":
+def main() -> None:
     import fire
 
     fire.Fire(compare)
+
+
+if __name__ == "__main__":
+    main()
