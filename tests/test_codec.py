@@ -75,9 +75,9 @@ def test_codec_rejects_bad_input(tiny_vqgan):
         decode_latents(tiny_vqgan, torch.rand(1, 3, 2, 2, 2), windows())
 
 
-def test_latent_path_differs_from_per_window_on_overlapping_windows(tiny_vqgan):
+def test_codec_inferer_runs_the_latent_path(tiny_vqgan):
     """With overlapping windows the latent path (one quantisation of the blended latent) is what a latent model
-    decodes; the per-window path (each window quantised alone) is another reconstruction."""
+    decodes and what the inferer returns; the per-window path (each window quantised alone) is a comparison."""
     torch.manual_seed(3)
     volume = torch.rand(1, 1, 40, 24, 24)
     inferer = CodecInferer((16, 16, 16), overlap=0.5, clip=None)
@@ -86,6 +86,7 @@ def test_latent_path_differs_from_per_window_on_overlapping_windows(tiny_vqgan):
     torch.testing.assert_close(latent_path, expected)
     assert latent_path.shape == inferer.per_window(volume, tiny_vqgan).shape == volume.shape
     assert inferer.latents(volume, tiny_vqgan).indices.shape == (1, 5, 3, 3)
+    torch.testing.assert_close(inferer.last_latents.indices, inferer.latents(volume, tiny_vqgan).indices)
 
 
 def test_load_vqgan_from_its_record(tiny_vqgan, tmp_path):

@@ -4,23 +4,24 @@ Why not ``monai.engines.AdversarialTrainer``: its discriminator sees ``inputs`` 
 (``AdversarialKeys.REALS = inputs``) and only ever the generator output as fake, without the
 conditioning image. pix2pix needs the *target* as the real sample and the discriminator to judge
 (input, output) pairs: D(cat(avg, phase0)) real vs D(cat(avg, G(avg))) fake. Everything else (device,
-prepare_batch, handlers, metrics, checkpoint state) comes from MONAI's ``Workflow``.
+prepare_batch, handlers, metrics, checkpoint state) comes from MONAI's ``Workflow`` (via
+:class:`common.engines.StepTrainer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
-from monai.engines import Trainer
 from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from bundles.pix2pix_phase.scripts.data import PairBatch
+from common.engines import StepTrainer
 
 
-class ConditionalGanTrainer(Trainer):
+class ConditionalGanTrainer(StepTrainer):
     """One iteration = one discriminator step then one generator step (pix2pix order).
 
     Generator loss = adversarial(D(x, G(x)) -> real) + ``lambda_recon`` * recon(G(x), y);
@@ -41,25 +42,11 @@ class ConditionalGanTrainer(Trainer):
         adversarial_loss: Callable | None = None,
         recon_loss: Callable | None = None,
         lambda_recon: float = 100.0,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
         prepare_batch: Callable | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
-        train_handlers: Sequence | None = None,
+        **trainer_args,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch or PairBatch(),
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            handlers=train_handlers,
-            decollate=False,
-        )
+        """``trainer_args``: the other :class:`common.engines.StepTrainer` arguments (handlers, metrics...)."""
+        super().__init__(device, max_epochs, train_data_loader, prepare_batch=prepare_batch or PairBatch(), **trainer_args)
         self.g_network, self.g_optimizer = g_network, g_optimizer
         self.d_network, self.d_optimizer = d_network, d_optimizer
         # pix2pix's "vanilla" GAN loss: BCE on logits (MONAI applies the sigmoid inside for criterion "bce")

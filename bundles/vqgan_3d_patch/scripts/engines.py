@@ -15,16 +15,16 @@ Discriminator loss (same step, after ``adversarial_start``) = (adv(D(x), real) +
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
-from monai.engines import SupervisedEvaluator, Trainer
-from monai.engines.utils import default_prepare_batch
+from monai.engines import SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
 from bundles.vqgan_3d_patch.scripts.losses import discriminator_loss, generator_adversarial_loss
 from common.checkpoint import unwrap
 from common.codec import CodecInferer
+from common.engines import StepTrainer
 
 SCALAR_KEYS = (
     "loss",
@@ -43,7 +43,7 @@ def scalar_terms(output: dict) -> dict[str, float]:
     return {k: float(output[k]) for k in SCALAR_KEYS if k in output}
 
 
-class VQGANTrainer(Trainer):
+class VQGANTrainer(StepTrainer):
     """Trainer for a VQVAE generator with an optional patch discriminator."""
 
     def __init__(
@@ -61,27 +61,13 @@ class VQGANTrainer(Trainer):
         adversarial_start: int = 10000,
         perceptual_loss_function: Callable | None = None,
         perceptual_weight: float = 0.0,
-        epoch_length: int | None = None,
-        prepare_batch: Callable = default_prepare_batch,
-        train_handlers: Sequence | None = None,
-        key_train_metric: dict | None = None,
-        additional_metrics: dict | None = None,
         code_restart_interval: int = 0,
         code_restart_min_size: float = 1.0,
-        non_blocking: bool = False,
+        **trainer_args,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            handlers=train_handlers,
-            decollate=False,
-        )
+        """``trainer_args``: the other :class:`common.engines.StepTrainer` arguments (epoch_length, prepare_batch,
+        train_handlers, key_train_metric, additional_metrics, non_blocking)."""
+        super().__init__(device, max_epochs, train_data_loader, **trainer_args)
         if discriminator is not None and (d_optimizer is None or adversarial_loss_function is None):
             raise ValueError("a discriminator needs d_optimizer and adversarial_loss_function")
         self.generator = generator
