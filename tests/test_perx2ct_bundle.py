@@ -135,6 +135,23 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
 
 
 @pytest.mark.slow
+def test_resume_continues_from_the_final_checkpoint(trained, dataset, tmp_path, repo_root):
+    """perx2ct could not resume before: --resume_from restores model, optimizer and trainer state."""
+    import shutil
+
+    from common.checkpoint import read_record
+
+    root = tmp_path / "bundle"
+    shutil.copytree(trained["root"] / "models", root / "models")
+    before = read_record(root / "models" / "model_final.pt")["progress"]["iteration"]
+    args = ["--dataset_dir", str(dataset), "--bundle_root", str(root), "--output_dir", str(tmp_path / "out")]
+    bundle("run", "training", "--config_file", cfg("train.json"), *args, "--max_epochs", "3",
+           "--resume_from", str(root / "models" / "model_final.pt"), cwd=repo_root)  # fmt: skip
+    after = read_record(root / "models" / "model_final.pt")["progress"]
+    assert after["epoch"] == 3 and after["iteration"] == before * 3 // 2  # 2 epochs restored + 1 run
+
+
+@pytest.mark.slow
 def test_export_and_verify(trained, dataset, tmp_path, repo_root):
     root = trained["root"]
     ts = tmp_path / "model.ts"
