@@ -482,7 +482,7 @@ def run_item_here(
     try:
         ITEM_FUNCTIONS[name](ctx)
         ctx.result["completed"] = True
-    finally:  # what an item imported beyond the standard library: shows nothing pulls in itk, pydicom, ignite
+    finally:  # what an item imported beyond the standard library: shows nothing pulls in itk or pydicom
         top = {m.split(".")[0] for m in sys.modules if not m.startswith("_")}
         ctx.result["third_party_modules"] = sorted(
             top - set(sys.stdlib_module_names) - {"benchmarks", "cython_runtime"}

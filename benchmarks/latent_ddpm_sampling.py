@@ -69,7 +69,7 @@ def warm_up(net, xray: torch.Tensor, latent_shape: Sequence[int], amp: str | Non
 def time_sampler(net, xray: torch.Tensor, latent_shape, kind: str, steps: int, train_steps: int,
                  amp: str | None = None) -> dict:  # fmt: skip
     """Seconds to sample one latent with ``kind`` ("ddpm"/"ddim") in ``steps`` steps, network evaluations counted."""
-    from bundles.latent_ddpm.scripts.sampling import make_scheduler, sample_latents
+    from bundles.latent_ddpm.scripts.inference import make_scheduler, sample_latents
 
     counting = CountingNet(net)
     scheduler = make_scheduler(kind, train_steps, steps)

@@ -40,8 +40,8 @@ import fire
 import numpy as np
 import torch
 
-from bundles.perx2ct.scripts.api import PerX2CTInference
-from bundles.perx2ct.scripts.network import PerX2CTNet, auto_chunk_size
+from bundles.perx2ct.scripts.inference import PerX2CTInference
+from bundles.perx2ct.scripts.networks import PerX2CTNet, auto_chunk_size
 from bundles.perx2ct.scripts.server import PerX2CTClient, serve
 from common.atomic import atomic_write_text
 

@@ -133,7 +133,8 @@ def run_method(
     amp: bool = False,
 ) -> float:
     """Seconds for one whole-volume pass of ``method`` (device work synchronised)."""
-    from bundles.vqgan_3d_patch.scripts.codec import reconstruct_volume
+    from common.codec import reconstruct_per_window
+    from common.sliding_window import LatentSlidingWindowInferer
 
     sw_device = torch.device(sw_device)
     fn = reconstruction_fn(net)
@@ -144,9 +145,12 @@ def run_method(
             for sl in monai_windows(volume.shape[2:], roi, overlap):
                 fn(volume[(slice(None), slice(None), *sl)].to(sw_device))
         elif method in ("monai_gaussian", "monai_constant"):
-            reconstruct_volume(
-                net, volume, roi, overlap, method.split("_")[1], sw_device=sw_device, device=accumulate_device
+            # per-window quantise + decode, blended: the same windows as network_only, so the ratio is the
+            # blending overhead (the latent path, common.codec.reconstruct_volume, decodes other windows)
+            inferer = LatentSlidingWindowInferer(
+                roi, overlap=overlap, mode=method.split("_")[1], sw_device=sw_device, device=accumulate_device
             )
+            reconstruct_per_window(net, volume, inferer)
         elif method == "monai_gaussian_buffered":
             monai_buffered(fn, volume, roi, overlap, sw_device, accumulate_device)
         elif method == "naive_linear_loop":
@@ -264,7 +268,7 @@ def training_throughput(cfg: dict, patch, steps: int, device: str) -> float:
     from monai.networks.nets import VQVAE, PatchDiscriminator
 
     from bundles.vqgan_3d_patch.scripts.data import PrepareCTBatch
-    from bundles.vqgan_3d_patch.scripts.trainer import VQGANTrainer
+    from bundles.vqgan_3d_patch.scripts.engines import VQGANTrainer
 
     net = VQVAE(spatial_dims=3, in_channels=1, out_channels=1, num_res_channels=cfg["channels"], **cfg).to(
         device

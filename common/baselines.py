@@ -12,6 +12,10 @@ A quality figure only means something beside the figure of a predictor that does
     The input (average CT) itself as the prediction of the phase CT.
 The PE classifier's baselines (prevalence, X-ray only) are classification baselines and live in its
 report. :func:`compare` gives the difference block every ``metrics_report.json`` carries.
+
+:class:`MeanTrainingCT`, :class:`BoxDownUp` and :class:`CopyInput` are the same predictors as objects that
+:class:`common.handlers.MetricsReport` calls per case, ``baseline(label, output, item)``: a prediction shaped
+like ``label``, in the network's intensities, so model and baseline go through the same conversion to HU.
 """
 
 from __future__ import annotations
@@ -130,3 +134,91 @@ def compare(model: Mapping[str, float], baseline: Mapping[str, float]) -> dict:
         difference[key] = m - b
         better[key] = bool(m < b) if lower_is_better(key) else bool(m > b)
     return {"difference": difference, "model_better": better}
+
+
+# ----------------------------------------------------------------------------------------------- report objects
+def _like(reference: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    t = torch.as_tensor(reference)
+    return t.device, t.dtype if torch.is_floating_point(t) else torch.float32
+
+
+class MeanTrainingCT:
+    """The mean training CT as a per-case prediction (the X-ray -> CT baseline).
+
+    ``datalist`` (items with a ``key`` path, the *training* split) or ``paths``; the mean (HU) is computed on
+    first use, converted to the network's intensities (``window``, ``symmetric``) and resized to each
+    label's spatial shape (``mode``: ``area`` when shrinking, as the cascade's targets are; ``trilinear``
+    when growing), so every cascade stage is scored against the mean at its own size.
+    """
+
+    name = MEAN_TRAINING_CT
+    description = DESCRIPTIONS[MEAN_TRAINING_CT]
+
+    def __init__(
+        self,
+        datalist: Sequence[Mapping] | None = None,
+        key: str = "ct",
+        paths: Sequence[str] | None = None,
+        window: str = "xray2ct",
+        symmetric: bool = False,
+    ):
+        if paths is None:
+            paths = [item[key] for item in (datalist or [])]
+        self.paths = [os.fspath(p) for p in paths]
+        self.window, self.symmetric = window, symmetric
+        self._mean: np.ndarray | None = None
+
+    @property
+    def volume_hu(self) -> np.ndarray:
+        """The mean training CT (X, Y, Z), HU."""
+        if self._mean is None:
+            if not self.paths:
+                raise InputError(None, "no training CTs to average for the mean-CT baseline (empty training split)")
+            self._mean = mean_training_ct(self.paths)
+        return self._mean
+
+    def __call__(self, label: torch.Tensor, output=None, item=None) -> torch.Tensor:
+        from common.intensity import get_window
+
+        window = get_window(self.window)
+        hu = torch.from_numpy(self.volume_hu)
+        network = window.to_symmetric(hu) if self.symmetric else window.to_unit(hu)
+        size = tuple(int(s) for s in torch.as_tensor(label).shape[-3:])
+        volume = network[None, None].float()
+        if tuple(volume.shape[2:]) != size:
+            shrink = all(s <= v for s, v in zip(size, volume.shape[2:]))
+            mode = "area" if shrink else "trilinear"
+            kwargs = {} if mode == "area" else {"align_corners": False}
+            volume = F.interpolate(volume, size=size, mode=mode, **kwargs)
+        device, dtype = _like(label)
+        return volume[0].expand(torch.as_tensor(label).shape[0], *size).to(device, dtype)
+
+
+class BoxDownUp:
+    """:func:`box_down_up` of the label (the autoencoder's target is its input) at the latent ``factor``."""
+
+    name = BOX_DOWN_UP
+    description = DESCRIPTIONS[BOX_DOWN_UP]
+
+    def __init__(self, factor: int):
+        self.factor = int(factor)
+
+    def __call__(self, label: torch.Tensor, output=None, item=None) -> torch.Tensor:
+        t = torch.as_tensor(label).as_subclass(torch.Tensor)
+        return box_down_up(t.reshape(1, -1, *t.shape[-3:]).float(), self.factor).reshape(t.shape).to(t.dtype)
+
+
+class CopyInput:
+    """The network input (``output[key]``, e.g. the average CT) as the prediction (the pix2pix baseline)."""
+
+    name = COPY_INPUT
+    description = DESCRIPTIONS[COPY_INPUT]
+
+    def __init__(self, key: str = "image"):
+        self.key = key
+
+    def __call__(self, label: torch.Tensor, output: Mapping, item=None) -> torch.Tensor:
+        image = torch.as_tensor(output[self.key]).as_subclass(torch.Tensor)
+        if tuple(image.shape) != tuple(torch.as_tensor(label).shape):
+            raise InputError(None, f"input {tuple(image.shape)} and target {tuple(label.shape)} differ in shape")
+        return image

@@ -74,3 +74,51 @@ def drr_consistency(
         out[f"drr_l1_{view}"] = torch.mean(torch.abs(drr - target)).item()
         out[f"drr_psnr_{view}"] = float("inf") if mse == 0 else float(-10.0 * torch.log10(torch.tensor(mse)))
     return out
+
+
+DRR_CONVENTIONS = {
+    "drr_consistency": {
+        "definition": "DRRs of the predicted CT (HU, common.drr.render_drr with the dataset's geometry at the input "
+        "pixel count) against the input X-rays in [0, 1]: mean L1 and PSNR (data range 1) per view "
+        "(drr_l1_<view>, drr_psnr_<view>) and their mean over the views (drr_l1, drr_psnr)",
+        "keys": ["drr_l1", "drr_psnr", "drr_l1_<view>", "drr_psnr_<view>"],
+    }
+}
+
+
+class DRRConsistency:
+    """Per-case metric object for :class:`common.handlers.MetricsReport`: how well a CT's DRRs match its X-rays.
+
+    Called ``metric(pred_hu (C, X, Y, Z), target_hu, context)``; ``context["image"]`` is the network input,
+    (V, H, W) X-rays in [0, 1] whose channels are ``views`` in order. The voxel spacing is ``spacing`` or,
+    for outputs whose size varies (cascade stages), ``fov_mm / shape``.
+    """
+
+    def __init__(
+        self,
+        geometry: str | dict | DRRGeometry,
+        views: Sequence[str] = ("pa", "lateral"),
+        spacing: Sequence[float] | None = None,
+        fov_mm: Sequence[float] | None = None,
+    ):
+        if (spacing is None) == (fov_mm is None):
+            raise ValueError("give exactly one of spacing and fov_mm")
+        self.geometry = get_geometry(geometry)
+        self.views = tuple(views)
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.fov_mm = None if fov_mm is None else tuple(float(f) for f in fov_mm)
+        self.conventions = DRR_CONVENTIONS
+
+    def __call__(self, pred_hu: torch.Tensor, target_hu: torch.Tensor | None, context: Mapping) -> dict[str, float]:
+        image = torch.as_tensor(context["image"]).as_subclass(torch.Tensor).detach().float().cpu()
+        image = image.reshape(-1, *image.shape[-2:])
+        if image.shape[0] != len(self.views):
+            raise ValueError(f"expected {len(self.views)} X-ray channel(s) {self.views}, got {image.shape[0]}")
+        volume = torch.as_tensor(pred_hu).as_subclass(torch.Tensor).detach().float().cpu()
+        volume = volume.reshape(1, 1, *volume.shape[-3:])
+        spacing = self.spacing or tuple(f / n for f, n in zip(self.fov_mm, volume.shape[2:]))
+        xrays = {view: image[i][None, None] for i, view in enumerate(self.views)}
+        values = drr_consistency(volume, xrays, spacing, self.geometry)
+        for kind in ("l1", "psnr"):
+            values[f"drr_{kind}"] = float(sum(values[f"drr_{kind}_{v}"] for v in self.views) / len(self.views))
+        return values

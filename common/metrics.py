@@ -25,25 +25,22 @@ are not comparable with the other:
     * MAE: mean absolute difference of the integer [0, 2500] values (their "MAE"), i.e. HU.
 
 ``mae_hu`` is the mean absolute error in HU after clipping both volumes to the XRAY2CT window, so
-it equals 3072 x the MAE of the network's [0, 1] outputs and can be computed from de-windowed
-predictions inside an engine (:func:`ct_metric_handlers`).
+it equals 3072 x the MAE of the network's [0, 1] outputs.
+
+This module is the maths only. Engines use it through :class:`common.handlers.CTPair` (ignite metrics) and
+:class:`CTMetrics` (per-case values of :class:`common.handlers.MetricsReport`, which writes the report).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.handlers import IgniteMetricHandler, MeanAbsoluteError, PeakSignalToNoiseRatio, from_engine
 from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 from monai.metrics.regression import RegressionMetric
 
-from common.atomic import atomic_write_text
 from common.errors import InputError
 from common.intensity import X2CTGAN, XRAY2CT, HUWindow, get_window
 
@@ -246,7 +243,7 @@ def compute_ct_metrics(pred_hu, target_hu, win_size: int = DEFAULT_SSIM_WIN) -> 
     return out
 
 
-# ----------------------------------------------------------------------------------------------- engines
+# ----------------------------------------------------------------------------------------------- metric objects
 class X2CTGANPSNRMetric(RegressionMetric):
     """Per-volume X2CT-GAN PSNR (peak 4095 on integer [0, 2500] levels) for MONAI/ignite; inputs in HU."""
 
@@ -265,13 +262,6 @@ class X2CTGANSSIMMetric(RegressionMetric):
         return torch.tensor(values, dtype=torch.float64).reshape(-1, 1)
 
 
-def _map_items(fn: Callable, x):
-    """Apply ``fn`` to a batch tensor or to each item of a decollated list."""
-    if isinstance(x, (list, tuple)):
-        return [fn(item) for item in x]
-    return fn(x)
-
-
 def network_to_hu(window: str | HUWindow = "xray2ct", symmetric: bool = False) -> Callable:
     """The function mapping network intensities ([0, 1], or [-1, 1] if ``symmetric``) to clipped HU."""
     w = get_window(window)
@@ -283,90 +273,15 @@ def network_to_hu(window: str | HUWindow = "xray2ct", symmetric: bool = False) -
     return to_hu
 
 
-def ct_metric_handlers(
-    output_transform: Callable = from_engine(["pred", "label"]),
-    window: str | HUWindow = "xray2ct",
-    symmetric: bool = False,
-    include_x2ctgan: bool = True,
-    win_size: int = DEFAULT_SSIM_WIN,
-) -> dict[str, object]:
-    """Ignite metrics (name -> Metric) for ``SupervisedEvaluator(key_val_metric=..., additional_metrics=...)``.
+class CTMetrics:
+    """Per-case metric object for :class:`common.handlers.MetricsReport`: every metric of :data:`CONVENTIONS`.
 
-    ``output_transform`` must return ``(pred, label)`` in network intensities of ``window``
-    (``[0, 1]``, or ``[-1, 1]`` when ``symmetric``), as a batch or a decollated list. Both are
-    de-windowed to HU (clipped), so MAE is in HU and every metric follows :data:`CONVENTIONS`
-    whatever window the network was trained in.
+    ``metric(pred_hu, target_hu, context)`` with (1, X, Y, Z) or (X, Y, Z) HU tensors -> :func:`compute_ct_metrics`.
     """
-    to_hu = network_to_hu(window, symmetric)
 
-    def hu_pair(output):
-        pred, label = output_transform(output)
-        return _map_items(to_hu, pred), _map_items(to_hu, label)
+    def __init__(self, win_size: int = DEFAULT_SSIM_WIN):
+        self.win_size = int(win_size)
+        self.conventions = CONVENTIONS
 
-    def unit_pair(output):
-        pred, label = hu_pair(output)
-        return _map_items(XRAY2CT.to_unit, pred), _map_items(XRAY2CT.to_unit, label)
-
-    def clipped_hu_pair(output):
-        pred, label = hu_pair(output)
-        clip = lambda x: x.clamp(XRAY2CT.lo, XRAY2CT.hi)  # noqa: E731
-        return _map_items(clip, pred), _map_items(clip, label)
-
-    handlers: dict[str, object] = {
-        "psnr_xray2ct": PeakSignalToNoiseRatio(max_val=1.0, output_transform=unit_pair, save_details=False),
-        "ssim_xray2ct": IgniteMetricHandler(
-            metric_fn=SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win_size),
-            output_transform=unit_pair,
-            save_details=False,
-        ),
-        "mae_hu": MeanAbsoluteError(output_transform=clipped_hu_pair, save_details=False),
-    }
-    if include_x2ctgan:
-        handlers["psnr_x2ctgan"] = IgniteMetricHandler(
-            metric_fn=X2CTGANPSNRMetric(), output_transform=hu_pair, save_details=False
-        )
-        handlers["ssim_x2ctgan"] = IgniteMetricHandler(
-            metric_fn=X2CTGANSSIMMetric(), output_transform=hu_pair, save_details=False
-        )
-    return handlers
-
-
-# ----------------------------------------------------------------------------------------------- reports
-def _jsonable(value):
-    """Numbers, tensors and arrays -> plain JSON values; inf/nan become the strings "inf"/"-inf"/"nan"."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist()) if value.ndim else _jsonable(value.item())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (os.PathLike,)):
-        return os.fspath(value)
-    return value
-
-
-def write_metrics_report(
-    path: str | os.PathLike,
-    metrics: dict,
-    conventions: dict | None = None,
-    extra: dict | None = None,
-) -> str:
-    """Write ``{"metrics", "conventions", **extra}`` as JSON atomically; returns the path.
-
-    ``conventions`` defaults to :data:`CONVENTIONS`; ``extra`` (checkpoint, dataset, case ids...)
-    is merged at the top level and may not reuse the two reserved keys.
-    """
-    extra = dict(extra or {})
-    clash = {"metrics", "conventions"} & set(extra)
-    if clash:
-        raise ValueError(f"extra may not contain the reserved keys {sorted(clash)}")
-    report = {"metrics": metrics, "conventions": CONVENTIONS if conventions is None else conventions, **extra}
-    text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-    atomic_write_text(path, text)
-    return os.fspath(path)
+    def __call__(self, pred_hu, target_hu, context: dict | None = None) -> dict[str, float]:
+        return compute_ct_metrics(pred_hu, target_hu, win_size=self.win_size)

@@ -11,6 +11,7 @@ outputs whose size differs from the window by a zoom factor; this module only ma
 - MONAI then places the last window at ``size - roi``, also a multiple of ``factor``;
 - the result is cropped back (``size`` voxels, or ``size / factor`` latent voxels).
 The same holds in the latent grid when decoding (window ``roi / factor``, stride ``stride / factor``).
+:class:`LatentSlidingWindowInferer` is the one object that does all three (same-size, encode, decode).
 """
 
 from __future__ import annotations
@@ -69,103 +70,102 @@ def pad_to_windows(
     return volume, size
 
 
-def make_inferer(
-    roi: Sequence[int],
-    overlap: float | Sequence[float],
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> SlidingWindowInferer:
-    """MONAI's SlidingWindowInferer with our defaults (replicate padding, sigma 0.125 gaussian)."""
-    return SlidingWindowInferer(
-        roi_size=tuple(roi),
-        sw_batch_size=sw_batch_size,
-        overlap=overlap,
-        mode=mode,
-        padding_mode="replicate",
-        sw_device=sw_device,
-        device=device,
-        progress=progress,
-    )
+class LatentSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's ``SlidingWindowInferer`` that also knows an autoencoder's latent grid (``factor``).
 
+    One object carries the window settings (``roi_size``, ``overlap``, ``mode``, ``sw_batch_size``,
+    ``sw_device`` for the windows, ``device`` for the whole-volume accumulators, ``progress``), as MONAI's
+    ``SliceInferer(SlidingWindowInferer)`` does, instead of threading them through every call:
 
-def sliding_window_same_size(
-    fn: Fn,
-    volume: torch.Tensor,
-    roi: Sequence[int],
-    overlap: float = 0.25,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Apply a same-resolution network (image -> image) to a whole volume by blended windows.
+    * ``inferer(volume, network)``: image -> same-size image (MONAI's blending; replicate padding);
+    * ``inferer.encode(volume, encode_fn)``: image -> latent of ``ceil(size / factor)`` (module docstring);
+    * ``inferer.decode(latent, decode_fn, out_size)``: latent -> image, the same windows seen from the latent.
 
-    The network must accept windows of size ``roi`` (MONAI pads volumes smaller than a window).
+    ``factor`` may be None here and given per call (the codec reads it from the network).
     """
-    roi = _as_tuple(roi, volume.ndim - 2)
-    inferer = make_inferer(roi, overlap, mode, sw_batch_size, sw_device, device, progress)
-    return inferer(volume, fn)
 
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        factor: int | None = None,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        sw_batch_size: int = 1,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        padding_mode: str = "replicate",
+        sigma_scale: float = 0.125,
+    ):
+        super().__init__(
+            roi_size=roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            padding_mode=padding_mode,
+            sw_device=sw_device,
+            device=device,
+            progress=progress,
+        )
+        self.factor = None if factor is None else int(factor)
 
-def sliding_window_encode(
-    fn: Fn,
-    volume: torch.Tensor,
-    roi: Sequence[int],
-    factor: int,
-    overlap: float = 0.25,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Encode a whole volume with a network that downsamples by ``factor``; windows align to the latent grid.
+    def _factor(self, factor: int | None) -> int:
+        factor = self.factor if factor is None else int(factor)
+        if factor is None or factor < 1:
+            raise ValueError("the latent factor is unknown: give it to the inferer or to encode/decode")
+        if self.factor is not None and factor != self.factor:
+            raise ValueError(f"the network's latent factor {factor} differs from the inferer's {self.factor}")
+        return factor
 
-    Returns the blended latent of size ``ceil(size / factor)`` per axis.
-    """
-    roi = _as_tuple(roi, volume.ndim - 2)
-    padded, size = pad_to_windows(volume, roi, factor)
-    inferer = make_inferer(
-        roi, aligned_overlap(roi, overlap, factor), mode, sw_batch_size, sw_device, device, progress
-    )
-    latent = inferer(padded, fn)
-    crop = tuple(slice(0, -(-s // factor)) for s in size)
-    return latent[(slice(None), slice(None), *crop)]
+    def _roi(self, ndim: int) -> tuple[int, ...]:
+        return _as_tuple(self.roi_size if not isinstance(self.roi_size, int) else self.roi_size, ndim)
 
+    def _windows(self, roi: Sequence[int], overlap: float | Sequence[float]) -> SlidingWindowInferer:
+        return SlidingWindowInferer(
+            roi_size=tuple(roi),
+            sw_batch_size=self.sw_batch_size,
+            overlap=overlap,
+            mode=self.mode,
+            sigma_scale=self.sigma_scale,
+            padding_mode=self.padding_mode,
+            sw_device=self.sw_device,
+            device=self.device,
+            progress=self.progress,
+        )
 
-def sliding_window_decode(
-    fn: Fn,
-    latent: torch.Tensor,
-    roi: Sequence[int],
-    factor: int,
-    overlap: float = 0.25,
-    mode: str = "gaussian",
-    out_size: Sequence[int] | None = None,
-    sw_batch_size: int = 1,
-    sw_device: torch.device | str | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Decode a whole latent with a network that upsamples by ``factor``.
+    def encode(self, volume: torch.Tensor, fn: Fn, factor: int | None = None) -> torch.Tensor:
+        """Encode (B, C, *spatial) with a network that downsamples by ``factor``; returns the blended latent."""
+        factor = self._factor(factor)
+        roi = aligned_roi(self._roi(volume.ndim - 2), factor)
+        padded, size = pad_to_windows(volume, roi, factor)
+        latent = self._windows(roi, aligned_overlap(roi, float(self.overlap), factor))(padded, fn)
+        crop = tuple(slice(0, -(-s // factor)) for s in size)
+        return latent[(slice(None), slice(None), *crop)]
 
-    ``roi`` is the window in *image* voxels (the latent window is ``roi / factor``), so encode and decode
-    use the same windows. ``out_size`` crops the result to the original volume size.
-    """
-    roi = _as_tuple(roi, latent.ndim - 2)
-    latent_roi = tuple(r // factor for r in aligned_roi(roi, factor))
-    padded, size = pad_to_windows(latent, latent_roi, 1)
-    latent_overlap = tuple(
-        monai_overlap_for_stride(lr, aligned_stride(r, overlap, factor) // factor)
-        for lr, r in zip(latent_roi, roi)
-    )
-    inferer = make_inferer(latent_roi, latent_overlap, mode, sw_batch_size, sw_device, device, progress)
-    image = inferer(padded, fn)
-    out = tuple(s * factor for s in size) if out_size is None else tuple(int(s) for s in out_size)
-    return image[(slice(None), slice(None), *(slice(0, s) for s in out))]
+    def decode(
+        self,
+        latent: torch.Tensor,
+        fn: Fn,
+        out_size: Sequence[int] | None = None,
+        factor: int | None = None,
+    ) -> torch.Tensor:
+        """Decode a latent with a network that upsamples by ``factor``; ``out_size`` crops to the volume's size.
+
+        The window is ``roi / factor`` latent voxels with stride ``stride / factor``: the windows of
+        :meth:`encode` seen from the latent grid.
+        """
+        factor = self._factor(factor)
+        roi = aligned_roi(self._roi(latent.ndim - 2), factor)
+        latent_roi = tuple(r // factor for r in roi)
+        padded, size = pad_to_windows(latent, latent_roi, 1)
+        overlap = float(self.overlap)
+        latent_overlap = tuple(
+            monai_overlap_for_stride(lr, aligned_stride(r, overlap, factor) // factor) for lr, r in zip(latent_roi, roi)
+        )
+        image = self._windows(latent_roi, latent_overlap)(padded, fn)
+        out = tuple(s * factor for s in size) if out_size is None else tuple(int(s) for s in out_size)
+        return image[(slice(None), slice(None), *(slice(0, s) for s in out))]
 
 
 def aligned_roi(roi: Sequence[int], factor: int) -> tuple[int, ...]:

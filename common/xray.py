@@ -294,3 +294,43 @@ def preprocess_xray(
     if reference is not None:
         out = np.clip(match_histogram(out, reference), 0.0, 1.0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- model domain
+def check_image_array(array: np.ndarray, name: str) -> np.ndarray:
+    """A (H, W) or (1, H, W) real, finite array as (H, W); :class:`InputError` naming ``name`` otherwise."""
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2 or min(array.shape) < 2:
+        raise InputError(name, f"expected a 2D image, got an array of shape {tuple(array.shape)}")
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise InputError(name, f"expected a real-valued image, got dtype {array.dtype}")
+    if np.iscomplexobj(array):
+        raise InputError(name, "expected a real-valued image, got complex values")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise InputError(name, "image contains NaN or infinite values")
+    return array
+
+
+def load_view(
+    source, image_size: int, name: str = "x-ray", reference: np.ndarray | None = None
+) -> np.ndarray:
+    """A path (PNG, JPEG, DICOM, DRR NIfTI) or a 2D array -> (image_size, image_size) float32 in [0, 1].
+
+    * Real radiographs (PNG, JPEG, TIFF, DICOM files) get :func:`preprocess_xray`: robust percentile
+      normalisation, centred square crop, resize, optional histogram matching to ``reference`` (a DRR).
+    * DRRs (data_prep's NIfTI files) and arrays are taken as already in the model domain: loaded with
+      :func:`load_xray` (integers scaled by their dtype, floats outside [0, 1] min-max scaled), padded
+      to a square and resized.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise InputError(path, "file not found")
+        if not path.lower().endswith(NIFTI_SUFFIXES):
+            return preprocess_xray(path, image_size, reference=reference)
+        image, _ = load_xray(path)
+    else:
+        array = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)
+        image, _ = load_xray(check_image_array(array, name))
+    return preprocess_xray(image, image_size, square_mode="pad", percentiles=None)

@@ -79,9 +79,9 @@ def phantom_pairs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def phantom_4dct(tmp_path_factory) -> dict:
-    """2 breathing phantoms, 32x32x16 at (10, 10, 16) mm, 4 phases: ``avg`` and ``phase0`` (end-inhale) paths.
+    """3 breathing phantoms, 32x32x16 at (10, 10, 16) mm, 4 phases: ``avg`` and ``phase0`` (end-inhale) paths.
 
-    Returns root, datalist (1 training + 1 validation case; items also carry ct (= phase0), pa, lateral,
+    Returns root, datalist (1 training, 1 validation, 1 test case; items also carry ct (= phase0), pa, lateral,
     avg, phase0, phase, n_phases), size, n_phases, cases (the datalist items, paths absolute), and the
     lists ``avg`` / ``phase0`` of absolute NIfTI paths.
     """
@@ -93,14 +93,14 @@ def phantom_4dct(tmp_path_factory) -> dict:
     datalist = Path(
         make_phantom_dataset(
             root,
-            n_cases=2,
+            n_cases=3,
             size=(32, 32, 16),
             spacing=(10.0, 10.0, 16.0),
             drr_pixels=32,
             emboli_fraction=0.0,
             n_phases=4,
-            val_fraction=0.5,
-            test_fraction=0.0,
+            val_fraction=0.34,
+            test_fraction=0.34,
             seed=1,
         )  # fmt: skip
     )
@@ -108,7 +108,7 @@ def phantom_4dct(tmp_path_factory) -> dict:
     keys = ("ct", "pa", "lateral", "avg", "phase0")
     cases = [
         {k: (str(root / v) if k in keys else v) for k, v in item.items()}
-        for item in meta["training"] + meta["validation"]
+        for item in meta["training"] + meta["validation"] + meta["test"]
     ]
     return dict(
         root=root,

@@ -120,17 +120,17 @@ def test_benchmark_reports_copies_and_overhead(vqgan_sw):
 
 
 def test_buffered_blending_matches_the_bundles_path(vqgan_sw):
-    """MONAI's buffer_steps variant timed by the suite computes the same volume as codec.reconstruct_volume."""
-    from bundles.vqgan_3d_patch.scripts.codec import reconstruct_volume
+    """MONAI's buffer_steps variant timed by the suite computes the same volume as the per-window codec path."""
+    from common.codec import reconstruct_per_window
+    from common.sliding_window import LatentSlidingWindowInferer
 
     torch.set_num_threads(1)
     net = vqgan_sw.build_network("tiny")
     volume = torch.rand(1, 1, 50, 40, 36, generator=torch.Generator().manual_seed(0))
     fn = vqgan_sw.reconstruction_fn(net)
     with torch.no_grad():
-        reference = reconstruct_volume(
-            net, volume, (32, 32, 16), 0.25, "gaussian", sw_device="cpu", device="cpu"
-        )
+        inferer = LatentSlidingWindowInferer((32, 32, 16), overlap=0.25, mode="gaussian", sw_device="cpu", device="cpu")
+        reference = reconstruct_per_window(net, volume, inferer)
         buffered = vqgan_sw.monai_buffered(fn, volume, (32, 32, 16), 0.25, "cpu", "cpu")
     torch.testing.assert_close(buffered.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor),
                                rtol=1e-5, atol=1e-6)  # fmt: skip

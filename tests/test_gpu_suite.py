@@ -1,7 +1,7 @@
 """The GPU suite (benchmarks/gpu_suite.py, bin/gpu_suite.sh): dry run of every item on CPU, fail-soft runner.
 
 The dry run runs under an import blocker for the packages the lent GPU machine lacks and that the suite does not
-carry as wheels (itk, pydicom, pytorch-ignite, the web stack), so an import of one of them anywhere on the
+carry as wheels (itk, pydicom, the web stack), so an import of one of them anywhere on the
 suite's path fails here as it would there.
 """
 
@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
 # Not on the GPU machine's image and not carried by bin/gpu_suite.sh (monai, nibabel, fire, termcolor are).
-ABSENT_THERE = ("itk", "pydicom", "ignite", "fastapi", "uvicorn", "multipart", "python_multipart")
+ABSENT_THERE = ("itk", "pydicom", "fastapi", "uvicorn", "multipart", "python_multipart")
 
 
 def _load_suite():

@@ -8,18 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.latent_ddpm.scripts.autoencoder import latent_factor, vqgan_network_def
-from bundles.latent_ddpm.scripts.data import load_latent, load_xray_tensor, read_latent_datalist
+from bundles.latent_ddpm.scripts.data import load_latent, read_latent_datalist
+from bundles.latent_ddpm.scripts.demo import random_vqgan
 from bundles.latent_ddpm.scripts.extract_latents import extract_latents
-from bundles.latent_ddpm.scripts.networks import XrayConditionedUNet
-from bundles.latent_ddpm.scripts.sampling import (
+from bundles.latent_ddpm.scripts.inference import (
     latents_to_unit_ct,
     make_scheduler,
     sample_latents,
     unit_to_volume,
 )
+from bundles.latent_ddpm.scripts.networks import XrayConditionedUNet
+from common.codec import latent_factor, load_vqgan
+from common.sliding_window import LatentSlidingWindowInferer
+from common.xray import load_view
 
-VQGAN_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "vqgan_3d_patch" / "configs"
 TINY = dict(
     channels=(16, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8,
     cross_attention_dim=16, xray_init_features=8, xray_growth_rate=8, xray_block_config=(2, 2), xray_token_grid=None,
@@ -28,17 +30,12 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def tiny_latents(phantom_pairs, tmp_path_factory):
-    """A randomly initialised tiny VQ-GAN (vqgan_3d_patch network_def + cpu_tiny) and the cached latents."""
+    """A randomly initialised tiny VQ-GAN (this bundle's vqgan_def + cpu_tiny, with its record) and the latents."""
     root = tmp_path_factory.mktemp("latent_ddpm_model")
-    configs = [str(VQGAN_CONFIGS / "train.json"), str(VQGAN_CONFIGS / "cpu_tiny.json")]
-    torch.manual_seed(0)
-    vqgan = vqgan_network_def(configs).eval()
-    ckpt = root / "vqgan.pt"
-    torch.save({"model": vqgan.state_dict()}, ckpt)
-    manifest = extract_latents(str(phantom_pairs["root"]), str(ckpt), str(root / "latents"), configs, roi=32)
-    return dict(
-        vqgan=vqgan, meta=read_latent_datalist(manifest), manifest=manifest, ckpt=ckpt, configs=configs
-    )
+    ckpt = random_vqgan(str(root / "vqgan.pt"))
+    vqgan = load_vqgan(ckpt)
+    manifest = extract_latents(str(phantom_pairs["root"]), str(ckpt), str(root / "latents"), roi=32)
+    return dict(vqgan=vqgan, meta=read_latent_datalist(manifest), manifest=manifest, ckpt=ckpt)
 
 
 def test_latent_cache_geometry_and_resume(tiny_latents):
@@ -54,7 +51,7 @@ def test_latent_cache_geometry_and_resume(tiny_latents):
     again = read_latent_datalist(
         extract_latents(
             str(Path(meta["training"][0]["ct"]).parents[1]), str(tiny_latents["ckpt"]),
-            str(Path(tiny_latents["manifest"]).parent), tiny_latents["configs"], roi=32,
+            str(Path(tiny_latents["manifest"]).parent), roi=32,
         )
     )  # fmt: skip
     assert again["scale_factor"] == pytest.approx(meta["scale_factor"])
@@ -64,7 +61,7 @@ def test_latent_cache_geometry_and_resume(tiny_latents):
 def _fixed_batch(meta):
     items = meta["training"][:2]
     z = torch.stack([torch.from_numpy(load_latent(i["latent"])) for i in items]) * meta["scale_factor"]
-    x = torch.stack([torch.from_numpy(load_xray_tensor(i["pa"], 32))[None] for i in items])
+    x = torch.stack([torch.from_numpy(load_view(i["pa"], 32))[None] for i in items])
     return z, x
 
 
@@ -134,12 +131,12 @@ def test_ddim_two_steps_shape_and_guidance_scale_one(tiny_latents):
 
 def test_xray_to_ct_chain(tiny_latents):
     meta = tiny_latents["meta"]
-    xray = load_xray_tensor(meta["test"][0]["pa"], 32)
+    xray = load_view(meta["test"][0]["pa"], 32)
     net = _trained_net(meta["latent_shape"][0])
     latents = sample_latents(
         net, torch.from_numpy(xray)[None, None], meta["latent_shape"], make_scheduler("ddim", 100, 2)
     )
-    unit = latents_to_unit_ct(tiny_latents["vqgan"], latents, meta["scale_factor"], roi=(32, 32, 32))
+    unit = latents_to_unit_ct(tiny_latents["vqgan"], latents, meta["scale_factor"], LatentSlidingWindowInferer((32, 32, 32)))
     assert unit.shape == (1, 1, 32, 32, 32)
     vol = unit_to_volume(unit[0], meta["spacing"])
     assert vol.shape == (32, 32, 32) and vol.spacing == pytest.approx((10.0, 10.0, 10.0))

@@ -1,8 +1,7 @@
-"""common.metrics: hand-computed PSNR/SSIM/MAE in both conventions, engine handlers, reports."""
+"""common.metrics: hand-computed PSNR/SSIM/MAE in both conventions (engine metrics and reports: test_handlers)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -14,12 +13,10 @@ from common.intensity import XRAY2CT
 from common.metrics import (
     CONVENTIONS,
     compute_ct_metrics,
-    ct_metric_handlers,
     mae_hu,
     psnr,
     ssim2d_skimage,
     ssim3d,
-    write_metrics_report,
     x2ctgan_psnr,
 )
 
@@ -149,56 +146,3 @@ def test_functions_accept_numpy_torch_and_batches():
 def test_bad_input_raises(pred, target, problem):
     with pytest.raises(InputError, match=problem):
         compute_ct_metrics(pred, target)
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_handlers_in_supervised_evaluator(symmetric):
-    from monai.data import DataLoader
-    from monai.engines import SupervisedEvaluator
-
-    # label 512 HU, prediction 1280 HU: both exact in float32 on the [0, 1] scale (0.5, 0.75).
-    label_unit, pred_unit = 0.5, 0.75
-    scale = (lambda v: 2 * v - 1) if symmetric else (lambda v: v)
-    data = [
-        {
-            "image": torch.full((1, 8, 8, 8), scale(pred_unit)),
-            "label": torch.full((1, 8, 8, 8), scale(label_unit)),
-        }
-        for _ in range(3)
-    ]
-    handlers = ct_metric_handlers(symmetric=symmetric)
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"),
-        val_data_loader=DataLoader(data, batch_size=2),
-        network=torch.nn.Identity(),
-        key_val_metric={"mae_hu": handlers.pop("mae_hu")},
-        additional_metrics=handlers,
-    )
-    evaluator.run()
-    got = evaluator.state.metrics
-    assert got["mae_hu"] == pytest.approx(768.0, abs=1e-3)
-    assert got["psnr_xray2ct"] == pytest.approx(20 * math.log10(1 / 0.25), abs=1e-4)
-    assert got["psnr_x2ctgan"] == pytest.approx(20 * math.log10(4095 / 768), abs=1e-4)
-    # MONAI's float32 SSIM leaves ~1e-3 of variance noise on flat volumes
-    assert got["ssim_xray2ct"] == pytest.approx(_luminance_ssim(0.75, 0.5), abs=2e-3)
-    assert got["ssim_x2ctgan"] == pytest.approx(_luminance_ssim(2304 / 2500, 1536 / 2500), abs=1e-6)
-
-
-def test_write_metrics_report(tmp_path):
-    path = tmp_path / "reports" / "metrics.json"
-    target = _integer_volume(shape=(8, 8, 8), seed=5)
-    metrics = compute_ct_metrics(target, target)
-    write_metrics_report(path, metrics, extra={"checkpoint": "model.pt", "n_cases": np.int64(1)})
-    report = json.loads(path.read_text())
-    assert report["metrics"]["psnr_xray2ct"] == "inf"  # strict JSON has no Infinity
-    assert report["metrics"]["psnr_x2ctgan"] == 100.0
-    assert report["conventions"]["x2ctgan"]["psnr_peak"] == 4095.0
-    assert report["conventions"]["xray2ct"]["window"] == {
-        "name": "xray2ct",
-        "hu_min": -1024.0,
-        "hu_max": 2048.0,
-    }
-    assert report["n_cases"] == 1 and report["checkpoint"] == "model.pt"
-    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
-    with pytest.raises(ValueError, match="reserved"):
-        write_metrics_report(path, metrics, extra={"metrics": 1})

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from common.checkpoint import read_record
 from common.io import load_volume
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "perx2ct"
@@ -81,7 +82,6 @@ def test_configs_parse(files, ids, dataset):
                 assert net.geometry.sad == 700.0  # read from the dataset's geometry
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] == [128, 128, 128]
-    assert meta["hu_window"]["hu_min"] == -1024.0
 
 
 @pytest.mark.slow
@@ -89,10 +89,13 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
     root, out = trained["root"], trained["out"]
     models = sorted(p.name for p in (root / "models").iterdir())
     assert "model.pt" in models and "model_final.pt" in models
-    from bundles.perx2ct.scripts.api import read_checkpoint
+    from bundles.perx2ct.scripts.inference import read_checkpoint
 
-    state = read_checkpoint(str(root / "models" / "model.pt"))  # MONAI saves a one-key save_dict bare
+    state = read_checkpoint(str(root / "models" / "model.pt"))
     assert state["spacing_mm"].tolist() == [12.0, 12.0, 12.0]
+    record = read_record(root / "models" / "model.pt")
+    assert record["bundle"] == "perx2ct" and record["inputs"]["spacing"] == [12.0, 12.0, 12.0]
+    assert record["network_def"]["volume_size"] == 32 and record["inputs"]["geometry"]["sad"] == 700.0
     assert any((out / "runs").iterdir())  # TensorBoard events
 
     bundle(
@@ -113,7 +116,11 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
         "psnr_coronal_x2ctgan",
     ):
         assert np.isfinite(report["metrics"][key]), key
-    assert report["n_cases"] == len(json.loads((dataset / "dataset.json").read_text())["test"])
+    test_items = json.loads((dataset / "dataset.json").read_text())["test"]
+    assert report["n_cases"] == len(test_items) and report["split"] == "test"
+    assert sorted(report["case_ids"]) == sorted(i["id"] for i in test_items) and not report["smoke_test"]
+    assert report["baseline"]["name"] == "mean_training_ct" and "psnr_xray2ct" in report["difference"]
+    assert {"drr_l1", "drr_psnr_pa", "drr_psnr_lateral"} <= set(report["metrics"])
     assert "x2ctgan" in report["conventions"] and report["metrics"]["mae_hu"] > 0
 
     inf_out = root / "inference"
@@ -128,17 +135,34 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
 
 
 @pytest.mark.slow
+def test_resume_continues_from_the_final_checkpoint(trained, dataset, tmp_path, repo_root):
+    """perx2ct could not resume before: --resume_from restores model, optimizer and trainer state."""
+    import shutil
+
+    from common.checkpoint import read_record
+
+    root = tmp_path / "bundle"
+    shutil.copytree(trained["root"] / "models", root / "models")
+    before = read_record(root / "models" / "model_final.pt")["progress"]["iteration"]
+    args = ["--dataset_dir", str(dataset), "--bundle_root", str(root), "--output_dir", str(tmp_path / "out")]
+    bundle("run", "training", "--config_file", cfg("train.json"), *args, "--max_epochs", "3",
+           "--resume_from", str(root / "models" / "model_final.pt"), cwd=repo_root)  # fmt: skip
+    after = read_record(root / "models" / "model_final.pt")["progress"]
+    assert after["epoch"] == 3 and after["iteration"] == before * 3 // 2  # 2 epochs restored + 1 run
+
+
+@pytest.mark.slow
 def test_export_and_verify(trained, dataset, tmp_path, repo_root):
     root = trained["root"]
     ts = tmp_path / "model.ts"
     bundle(
         "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
         "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", cfg("inference.json"),
-        "--bundle_root", str(root), "--dataset_dir", str(dataset), "--use_trace", "True",
+        "--bundle_root", str(root), "--dataset_dir", str(dataset), "--use_trace", "True", "--key_in_ckpt", "model",
         "--input_shape", "[1, 2, 32, 32]", cwd=repo_root,
     )  # fmt: skip
     scripted = torch.jit.load(str(ts))
-    from bundles.perx2ct.scripts.api import PerX2CTInference
+    from bundles.perx2ct.scripts.inference import PerX2CTInference
 
     api = PerX2CTInference.from_bundle(
         str(BUNDLE), str(root / "models" / "model.pt"), [str(CONFIGS / "inference.json"), TINY]
@@ -160,7 +184,7 @@ def test_export_and_verify(trained, dataset, tmp_path, repo_root):
 
 @pytest.mark.slow
 def test_api_on_real_radiographs(trained, shared_data, tmp_path):
-    from bundles.perx2ct.scripts.api import PerX2CTInference, save_previews
+    from bundles.perx2ct.scripts.inference import PerX2CTInference, save_previews
 
     root = trained["root"]
     api = PerX2CTInference.from_bundle(

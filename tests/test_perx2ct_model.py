@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bundles.perx2ct.scripts.data import select_slices
 from bundles.perx2ct.scripts.geometry import pixel_to_grid, projection_grids, vox_to_mm
-from bundles.perx2ct.scripts.network import PerX2CTNet
+from bundles.perx2ct.scripts.networks import PerX2CTNet
 from common.drr import drr_to_image, get_geometry, render_drr
 from common.intensity import XRAY2CT, hu_to_mu
 from common.metrics import psnr
@@ -182,7 +182,7 @@ def test_fused_first_convolution_equals_the_direct_decoder(camera):
 
 
 def test_auto_chunk_size_follows_the_cache():
-    from bundles.perx2ct.scripts.network import auto_chunk_size, cache_bytes
+    from bundles.perx2ct.scripts.networks import auto_chunk_size, cache_bytes
 
     net = tiny_net()
     per_slice = 32 * 32 * 32 * 4  # N^2 x widest of the two finest decoder levels x float32
@@ -192,7 +192,7 @@ def test_auto_chunk_size_follows_the_cache():
 
 def test_released_view_intensities():
     """load_view_perx2ct: our DRR -> line integral -> PerX2CT's 8-bit min-max PNG values / 255."""
-    from bundles.perx2ct.scripts.xray_input import load_view_perx2ct, perx2ct_png_intensity
+    from bundles.perx2ct.scripts.data import load_view_perx2ct, perx2ct_png_intensity
 
     line = torch.linspace(0.0, 6.0, 64 * 64).reshape(64, 64)
     drr = drr_to_image(line).numpy()

@@ -251,7 +251,7 @@ def test_official_overlay_builds_the_converted_architecture():
     import json
     import os
 
-    from bundles.perx2ct.scripts.network import PerX2CTNet
+    from bundles.perx2ct.scripts.networks import PerX2CTNet
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overlay = json.load(open(os.path.join(here, "bundles/perx2ct/configs/perx2ct_official.json")))

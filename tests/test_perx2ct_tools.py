@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.perx2ct.scripts.api import PerX2CTInference
-from bundles.perx2ct.scripts.network import PerX2CTNet
+from bundles.perx2ct.scripts.inference import PerX2CTInference
+from bundles.perx2ct.scripts.networks import PerX2CTNet
 from bundles.perx2ct.scripts.server import PerX2CTClient, serve
 from bundles.perx2ct.scripts.synthesize import select_part, synthesize
 from common.errors import InputError

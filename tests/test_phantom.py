@@ -179,9 +179,9 @@ def test_phantom_pairs_drrs_show_the_phantom(phantom_pairs):
 
 
 def test_phantom_4dct_fixture(phantom_4dct):
-    assert len(phantom_4dct["avg"]) == len(phantom_4dct["phase0"]) == 2
+    assert len(phantom_4dct["avg"]) == len(phantom_4dct["phase0"]) == 3
     datalist = json.loads(phantom_4dct["datalist"].read_text())
-    assert len(datalist["training"]) == 1 and len(datalist["validation"]) == 1
+    assert len(datalist["training"]) == len(datalist["validation"]) == len(datalist["test"]) == 1
     for avg_path, phase0_path, case in zip(
         phantom_4dct["avg"], phantom_4dct["phase0"], phantom_4dct["cases"]
     ):

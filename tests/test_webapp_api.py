@@ -23,7 +23,7 @@ from common.volume import Volume  # noqa: E402
 from webapp.app import create_app  # noqa: E402
 from webapp.demo_checkpoint import make_random_checkpoint  # noqa: E402
 from webapp.jobs import Job  # noqa: E402
-from webapp.models import LoadedModel, load_models  # noqa: E402
+from webapp.loaders import LoadedModel, load_models  # noqa: E402
 
 PAIR = "pneumocystis-pneumonia-2"
 LOCAL = "http://localhost"  # the app serves loopback host names only (DNS rebinding guard)

@@ -107,7 +107,7 @@ def server(tmp_path_factory):
 
     from webapp.app import create_app
     from webapp.demo_checkpoint import make_random_checkpoint
-    from webapp.models import load_models
+    from webapp.loaders import load_models
 
     root = tmp_path_factory.mktemp("webapp_e2e")
     checkpoint = make_random_checkpoint(str(root / "tiny.pt"))

@@ -44,7 +44,7 @@ def serve(
     import uvicorn
 
     from webapp.app import create_app
-    from webapp.models import load_models
+    from webapp.loaders import load_models
     from webapp.security import WILDCARDS, allowed_hosts_for
 
     torch.set_num_threads(int(threads))

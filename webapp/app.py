@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import InputError
 from common.xray import MAX_PIXELS
 from webapp.jobs import Job, JobQueue, QueueFull
-from webapp.models import LoadedModel
+from webapp.loaders import LoadedModel
 from webapp.render import WINDOW_PRESETS, slice_count, slice_png, xray_png
 from webapp.security import RequestGuard, allowed_hosts_for
 from webapp.uploads import MAX_UPLOAD_BYTES, UploadTooLarge, save_upload

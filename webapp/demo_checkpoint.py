@@ -4,7 +4,7 @@
                                                                   #   /tmp/perx2ct_random.pt --config cpu_tiny
 
 The network is built from the bundle's ``inference.json`` plus an overlay (default ``cpu_tiny``), so
-:func:`webapp.models.load_models` with the same overlay rebuilds exactly this architecture. Its output is
+:func:`webapp.loaders.load_models` with the same overlay rebuilds exactly this architecture. Its output is
 noise: this only exercises the plumbing.
 """
 
@@ -17,7 +17,7 @@ import fire
 import torch
 
 from common.atomic import atomic_path
-from webapp.models import config_paths
+from webapp.loaders import config_paths
 
 
 def make_random_checkpoint(

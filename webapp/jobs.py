@@ -22,7 +22,7 @@ import numpy as np
 from common.errors import InputError
 from common.io import save_volume
 from common.volume import Volume
-from webapp.models import LoadedModel
+from webapp.loaders import LoadedModel
 from webapp.render import render_drrs
 
 logger = logging.getLogger(__name__)

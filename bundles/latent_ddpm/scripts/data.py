@@ -1,4 +1,9 @@
-"""Data pieces specific to latent diffusion: X-ray loading as a MONAI transform, the latent datalist."""
+"""Data pieces specific to latent diffusion: X-ray loading as a MONAI transform, the latent cache's datalist.
+
+The latent cache (``extract_latents.py``) writes ``latents.json``: the dataset's splits with a ``latent`` path
+per case, the ``scale_factor`` (1 / std of the training latents), the latent and image shapes, spacing, HU
+window, DRR geometry and the VQ-GAN that encoded them (path, sha256 and record).
+"""
 
 from __future__ import annotations
 
@@ -8,43 +13,36 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform, Resize
+from monai.transforms import MapTransform
 
+from common.checkpoint import read_record
+from common.datalist import load_split, require_cases
 from common.errors import InputError, require_file
-from common.xray import load_xray, preprocess_xray
+from common.xray import RASTER_SUFFIXES, load_view
 
 LATENT_DATALIST = "latents.json"
+SPLITS = ("training", "validation", "test")
+XRAY_SUFFIXES = (*RASTER_SUFFIXES, ".dcm", ".dicom", ".nii", ".nii.gz")
 
 
 class LoadXrayd(MapTransform):
-    """Path -> (1, size, size) float32 [0, 1] with :func:`common.xray.load_xray` (the loader inference uses too).
+    """Path -> (1, size, size) float32 [0, 1] with :func:`common.xray.load_view` (the loader inference uses too).
 
-    ``preprocess`` runs :func:`common.xray.preprocess_xray` (percentile normalisation, square crop) for real
-    radiographs; training DRRs are already in [0, 1] and square, so they are only resized. MONAI's
-    LoadImaged would read the 2D NIfTI DRRs too, but possibly with another row/column order than
-    ``load_xray``; one loader for training and inference rules that mismatch out.
+    Real radiographs (PNG, JPEG, DICOM) are preprocessed (percentile normalisation, square crop); training
+    DRRs (NIfTI) are only padded to a square and resized. MONAI's ``LoadImaged`` would read the 2D NIfTI DRRs
+    too, but possibly with another row/column order than :func:`common.xray.load_xray`; one loader for training
+    and inference rules that mismatch out.
     """
 
-    def __init__(self, keys, size: int, preprocess: bool = False, allow_missing_keys: bool = False):
+    def __init__(self, keys, size: int, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.size = int(size)
-        self.preprocess = preprocess
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = torch.from_numpy(load_xray_tensor(d[key], self.size, self.preprocess))[None]
+            d[key] = torch.from_numpy(load_view(d[key], self.size, str(key)))[None]
         return d
-
-
-def load_xray_tensor(source, size: int, preprocess: bool = False) -> np.ndarray:
-    """An X-ray path or (H, W) array -> (size, size) float32 in [0, 1]."""
-    if preprocess:
-        return preprocess_xray(source, size=size)
-    image = load_xray(source)[0] if isinstance(source, (str, os.PathLike)) else np.asarray(source, np.float32)
-    resize = Resize((size, size), mode="area" if image.shape[0] >= size else "bilinear")
-    out = np.asarray(resize(torch.from_numpy(np.ascontiguousarray(image))[None]))[0]
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def read_latent_datalist(path: str | os.PathLike) -> dict:
@@ -56,7 +54,7 @@ def read_latent_datalist(path: str | os.PathLike) -> dict:
         if key not in meta:
             raise InputError(path, f"latent datalist lacks '{key}' (not written by extract_latents?)")
     base = os.path.dirname(os.path.abspath(path))
-    for split in ("training", "validation", "test"):
+    for split in SPLITS:
         for item in meta.get(split, []):
             for k in ("latent", "ct", "pa", "lateral"):
                 if k in item and not os.path.isabs(item[k]):
@@ -65,13 +63,15 @@ def read_latent_datalist(path: str | os.PathLike) -> dict:
 
 
 def latent_items(path: str | os.PathLike, split: str) -> list[dict]:
-    """Datalist items of ``split``, each with an ``image`` key (the latent path) for MONAI's engines."""
+    """Items of ``split``, each with an ``image`` key (the latent path); ``[]`` before the cache exists."""
+    if not os.path.isfile(path):
+        return []
     return [{**item, "image": item["latent"]} for item in read_latent_datalist(path).get(split, [])]
 
 
 def load_latent(path: str | os.PathLike) -> np.ndarray:
     """A cached latent (C, X', Y', Z') float32."""
-    array = np.load(require_file(path))
+    array = np.load(require_file(path), allow_pickle=False)
     if array.ndim != 4 or not np.all(np.isfinite(array)):
         raise InputError(path, f"expected a finite (C, X, Y, Z) latent, got shape {array.shape}")
     return array.astype(np.float32)
@@ -91,18 +91,82 @@ class LoadLatentd(MapTransform):
         return d
 
 
+def evaluation_items(path: str | os.PathLike, split: str = "test") -> list[dict]:
+    """Cases of ``split`` for evaluation: ``image`` = the PA X-ray, ``label`` = the paired CT (HU file).
+
+    ``[]`` when the latent cache does not exist yet (evaluation then stops at its split check).
+    """
+    if not os.path.isfile(path):
+        return []
+    return [
+        {"id": item["id"], "image": item["pa"], "label": item["ct"]}
+        for item in read_latent_datalist(path).get(split, [])
+    ]
+
+
+LATENT_SPACE_KEYS = ("latent_shape", "scale_factor", "spacing", "image_size")
+
+
+def latent_space(checkpoint: str | os.PathLike, latent_datalist: str | os.PathLike | None = None) -> dict:
+    """``{"latent_shape", "scale_factor", "spacing", "image_size", ...}`` the diffusion model was trained in.
+
+    From the diffusion checkpoint's record (``inputs``); a checkpoint without a record falls back to the
+    latent cache's manifest ``latent_datalist``.
+    """
+    record = read_record(checkpoint)
+    inputs = (record or {}).get("inputs", {})
+    if all(k in inputs for k in LATENT_SPACE_KEYS):
+        return dict(inputs)
+    if latent_datalist is None or not os.path.isfile(latent_datalist):
+        raise InputError(
+            checkpoint, "has no record of its latent space and no latent cache (latents.json) was given"
+        )
+    meta = read_latent_datalist(latent_datalist)
+    return {k: meta[k] for k in (*LATENT_SPACE_KEYS, "vqgan", "geometry", "hu_window") if k in meta}
+
+
+def check_codec(space: Mapping, vqgan_checkpoint: str | os.PathLike) -> None:
+    """Refuse a VQ-GAN checkpoint other than the one whose latents the diffusion model learnt (``space["vqgan"]``).
+
+    ``space`` without a recorded codec (old checkpoints) passes with a warning.
+    """
+    import warnings
+
+    from common.checkpoint import file_sha256
+
+    recorded = (space.get("vqgan") or {}).get("sha256")
+    if recorded is None:
+        warnings.warn("the diffusion model's latent space records no VQ-GAN: its codec is not checked", stacklevel=2)
+        return
+    current = file_sha256(require_file(vqgan_checkpoint))
+    if current != recorded:
+        raise InputError(
+            vqgan_checkpoint,
+            f"has sha256 {current[:12]}, but the diffusion model was trained on latents of the VQ-GAN with sha256 "
+            f"{recorded[:12]} ({space['vqgan'].get('checkpoint')}): its samples would decode to noise",
+        )
+
+
+def inference_inputs(
+    input_path: str | os.PathLike | None, datalist_file: str | os.PathLike, split: str = "test", key: str = "pa"
+) -> list[str]:
+    """X-ray files to turn into CTs: ``input_path`` (a file or a folder of X-rays) or, when empty, the ``key``
+    files of the dataset's ``split``. :class:`InputError` when nothing is found."""
+    if input_path:
+        path = os.fspath(input_path)
+        if os.path.isfile(path):
+            return [path]
+        if not os.path.isdir(path):
+            raise InputError(path, "input X-ray file or folder not found")
+        files = sorted(
+            os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(XRAY_SUFFIXES) and n[0] != "."
+        )
+        if not files:
+            raise InputError(path, f"no X-ray ({', '.join(XRAY_SUFFIXES)}) in folder: nothing to infer")
+        return files
+    items = require_cases(load_split(datalist_file, split), datalist_file, split, "inference")
+    return [item[key] for item in items]
+
+
 def as_list(value: Sequence[int] | int, n: int = 3) -> list[int]:
     return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
-
-
-def evaluation_items(path: str | os.PathLike, splits: Sequence[str] = ("test",)) -> list[dict]:
-    """Held-out cases for evaluation: ``image`` = the PA X-ray, ``label`` = the paired CT (HU file)."""
-    meta = read_latent_datalist(path)
-    items = [
-        {"id": item["id"], "image": item["pa"], "label": item["ct"]}
-        for s in splits
-        for item in meta.get(s, [])
-    ]
-    if not items:
-        raise InputError(path, f"no cases in splits {list(splits)}")
-    return items

@@ -1,8 +1,9 @@
 """Demo: train the tiny latent DDPM briefly on a dataset and generate one CT from an X-ray, with previews.
 
 ``python -m bundles.latent_ddpm.scripts.demo --output_dir outputs/latent_ddpm_demo [--dataset_dir D]``
-Without ``--dataset_dir`` a phantom dataset is made. The VQ-GAN is a randomly initialised tiny one unless
-``--vqgan_checkpoint`` (a vqgan_3d_patch cpu_tiny checkpoint) is given, so decoded CTs only show the pipeline.
+Without ``--dataset_dir`` a phantom dataset is made. The VQ-GAN is a randomly initialised tiny one (this bundle's
+``vqgan_def`` at cpu_tiny size) unless ``--vqgan_checkpoint`` (a vqgan_3d_patch cpu_tiny checkpoint) is given,
+so decoded CTs only show the pipeline. Inference runs ``inference.json`` alone (it needs no training config).
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ import torch
 from monai.bundle import ConfigParser, run
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VQGAN = os.path.join(os.path.dirname(HERE), "vqgan_3d_patch", "configs")
+CONFIGS = os.path.join(HERE, "configs")
+
+
+def random_vqgan(path: str, seed: int = 0) -> str:
+    """A randomly initialised VQ-GAN of this bundle's ``vqgan_def`` (cpu_tiny), saved with its record."""
+    from common.atomic import atomic_path
+    from common.checkpoint import CheckpointRecord
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, "train.json"), os.path.join(CONFIGS, "cpu_tiny.json")])
+    torch.manual_seed(seed)
+    vqgan = parser.get_parsed_content("vqgan_def")
+    record = CheckpointRecord("vqgan_3d_patch", network=vqgan, inputs={"hu_window": "xray2ct"})
+    with atomic_path(path) as tmp:
+        torch.save({"model": vqgan.state_dict(), "record": record.state_dict()}, tmp)
+    return path
 
 
 def demo(
@@ -32,12 +48,8 @@ def demo(
                 dataset_dir, n_cases=8, size=32, spacing=10.0, geometry="x2ctgan", drr_pixels=32
             )
     if vqgan_checkpoint is None:
-        vqgan_checkpoint = os.path.join(output_dir, "vqgan_random.pt")
-        parser = ConfigParser()
-        parser.read_config([os.path.join(VQGAN, "train.json"), os.path.join(VQGAN, "cpu_tiny.json")])
-        torch.manual_seed(0)
-        torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, vqgan_checkpoint)
-    configs = os.path.join(HERE, "configs")
+        vqgan_checkpoint = random_vqgan(os.path.join(output_dir, "vqgan_random.pt"))
+    configs = CONFIGS
     common = dict(
         dataset_dir=dataset_dir, bundle_root=HERE, output_dir=output_dir, ckpt_dir=os.path.join(output_dir, "models"),
         vqgan_checkpoint=vqgan_checkpoint, logging_file=os.path.join(configs, "logging.conf"),
@@ -45,7 +57,7 @@ def demo(
     )  # fmt: skip
     cfg = [os.path.join(configs, n) for n in ("train.json", "cpu_tiny.json")]
     run("training", config_file=cfg, **common)
-    cfg = [os.path.join(configs, n) for n in ("train.json", "inference.json", "cpu_tiny.json")]
+    cfg = [os.path.join(configs, n) for n in ("inference.json", "cpu_tiny.json")]
     run("inference", config_file=cfg, **common)
     return os.path.join(output_dir, "predictions")
 

@@ -1,7 +1,8 @@
-"""Datalists, generated-CT matching, the volume reader and the per-modality MONAI transforms.
+"""Datalists, generated-CT matching, the volume reader, label conversion and batch preparation.
 
 Image keys: ``ct`` (3D CTPA, real or generated, HU), ``pa`` (2D PA radiograph/DRR in [0, 1]).
-``label`` is 0/1 (PE present); it becomes a float tensor of shape (1,) for ``BCEWithLogitsLoss``.
+``label`` is 0/1 (PE present); it becomes a float tensor of shape (1,) for ``BCEWithLogitsLoss``. The
+per-modality transform chains are ``_target_`` lists in the configs.
 """
 
 from __future__ import annotations
@@ -9,26 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from monai.data import ImageReader, load_decathlon_datalist
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Lambdad,
-    LoadImaged,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    Resized,
-)
+from monai.data import ImageReader
+from monai.engines import PrepareBatch
 from torch.utils.data import WeightedRandomSampler
 
+from common.datalist import load_split as common_load_split
 from common.errors import InputError
 from common.io import load_volume
-from common.transforms import hu_window_transform
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5", ".npy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -43,14 +35,11 @@ def image_keys(modality: str) -> list[str]:
 def load_split(dataset_dir: str, split: str, require_label: bool = True) -> list[dict]:
     """Items of one split of ``<dataset_dir>/dataset.json`` with absolute paths and an integer label.
 
-    A missing ``label`` is read from the case's ``label.json`` (``{"pe": 0|1}``).
+    A missing ``label`` is read from the case's ``label.json`` (``{"pe": 0|1}``). ``[]`` when the datalist
+    does not exist (:func:`common.datalist.load_split`); the checks before training and evaluation say so.
     """
     datalist = os.path.join(dataset_dir, "dataset.json")
-    if not os.path.isfile(datalist):
-        raise InputError(datalist, "datalist not found")
-    items = load_decathlon_datalist(
-        datalist, is_segmentation=False, data_list_key=split, base_dir=dataset_dir
-    )
+    items = common_load_split(datalist, split, dataset_dir)
     for item in items:
         if "label" not in item and "ct" in item:
             label_file = os.path.join(os.path.dirname(item["ct"]), "label.json")
@@ -158,44 +147,6 @@ def label_to_tensor(label) -> torch.Tensor:
     return torch.as_tensor(np.asarray(label, dtype=np.float32).reshape(1))
 
 
-def pe_transforms(
-    modality: str,
-    ct_size: Sequence[int],
-    xray_size: Sequence[int],
-    augment: bool = False,
-    hu_window: str = "xray2ct",
-    with_label: bool = True,
-) -> Compose:
-    """Load, channel-first, HU window (CT), resize to the network size, optional light intensity jitter.
-
-    Intensity augmentation only: flips would break the PA/CT correspondence in fusion and the side of the
-    heart, which the phantoms and real anatomy share.
-    """
-    keys = image_keys(modality)
-    xforms: list = []
-    if "ct" in keys:
-        xforms += [
-            LoadImaged("ct", reader=VolumeReader(), image_only=True),
-            EnsureChannelFirstd("ct", channel_dim="no_channel"),
-            hu_window_transform("ct", hu_window),
-            Resized("ct", spatial_size=tuple(ct_size), mode="trilinear", anti_aliasing=False),
-        ]
-    if "pa" in keys:
-        xforms += [
-            LoadImaged("pa", image_only=True),
-            EnsureChannelFirstd("pa", channel_dim="no_channel"),
-            Resized("pa", spatial_size=tuple(xray_size), mode="bilinear", anti_aliasing=False),
-        ]
-    if augment:
-        # one noise transform per key: RandGaussianNoised draws one noise array shaped like its first key
-        xforms += [RandScaleIntensityd(keys, factors=0.05, prob=0.5)]
-        xforms += [RandGaussianNoised(key, std=0.01, prob=0.5) for key in keys]
-    xforms.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
-    if with_label:
-        xforms.append(Lambdad("label", label_to_tensor))
-    return Compose(xforms)
-
-
 def positive_weight(items: list[dict], mode: str = "loss") -> torch.Tensor | None:
     """``pos_weight = n_negative / n_positive`` for ``BCEWithLogitsLoss`` when ``mode == "loss"``, else None."""
     _check_mode(mode)
@@ -224,3 +175,27 @@ def balanced_sampler(items: list[dict], mode: str = "sampler", seed: int = 0) ->
 def _check_mode(mode: str) -> None:
     if mode not in BALANCE_MODES:
         raise ValueError(f"class_balance must be one of {BALANCE_MODES}, got {mode!r}")
+
+
+class PEPrepareBatch(PrepareBatch):
+    """``ct``: network(ct); ``xray``: network(pa); ``fusion``: network(ct, pa). Label None when absent."""
+
+    def __init__(self, modality: str = "ct", label_key: str = "label"):
+        if modality not in ("ct", "xray", "fusion"):
+            raise ValueError(f"modality must be ct, xray or fusion, got {modality!r}")
+        self.modality, self.label_key = modality, label_key
+
+    def __call__(
+        self,
+        batchdata: dict,
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
+        def get(key: str) -> torch.Tensor:
+            return torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
+
+        image = get("pa" if self.modality == "xray" else "ct")
+        label = get(self.label_key) if self.label_key in batchdata else None
+        args = (get("pa"),) if self.modality == "fusion" else ()
+        return image, label, args, {}

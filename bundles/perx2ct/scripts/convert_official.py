@@ -272,7 +272,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], net: torch.nn.Module, kwa
 
 def build_official_network(kwargs: dict, image_size: int | None = None):
     """A :class:`PerX2CTNet` in the released model's configuration (architecture from ``kwargs``)."""
-    from bundles.perx2ct.scripts.network import PerX2CTNet
+    from bundles.perx2ct.scripts.networks import PerX2CTNet
 
     settings = dict(OFFICIAL_SETTINGS)
     settings["volume_size"] = kwargs["feature_res"] * 2 ** (len(kwargs["decoder_channels"]) - 1)

@@ -1,66 +1,30 @@
-"""Data for PerX2CT: MONAI pipelines over data_prep's datalist, and the per-iteration slice sampling.
+"""Data for PerX2CT: batch preparation over data_prep's datalist, and the per-iteration slice sampling.
 
 Each datalist item has ``ct`` (HU volume, canonical RAS), ``pa`` and ``lateral`` (DRRs in [0, 1]). The
-pipeline stacks the two views into ``image`` (2, H, W) and scales the CT to [0, 1] with the XRAY2CT window.
-PerX2CT trains on single CT slices of random axis and position (sagittal, coronal, axial): ``SliceSampler``
-is the trainer's ``prepare_batch`` that draws them and passes ``slice_index``/``axis`` to the network.
+configs' transform chain (``preprocessing``) stacks the two views into ``image`` (2, H, W) and scales the CT
+to [0, 1] with the XRAY2CT window. PerX2CT trains on single CT slices of random axis and position (sagittal,
+coronal, axial): :class:`SliceSampler` is the trainer's ``prepare_batch`` that draws them and passes
+``slice_index``/``axis`` to the network.
+
+The released PerX2CT model (:func:`load_view_perx2ct`) saw 8-bit PNGs of plastimatch's raw line integrals,
+min-max scaled (its ``data_preprocessing/2_xraypro.py``: ``raw / max * 255`` to uint8, then
+``matplotlib.pyplot.imsave``'s autoscaled grey map), resized to 128 with PIL's Lanczos filter, / 255.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    ConcatItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Resized,
-)
 
+from common.drr import image_to_line_integral
 from common.errors import InputError, require_file
-from common.transforms import hu_window_transform
+from common.xray import NIFTI_SUFFIXES, check_image_array, load_xray, square
 
 VIEW_KEYS = ("pa", "lateral")
-
-
-def pair_transforms(image_size: int, window: str = "xray2ct", load: bool = True) -> Compose:
-    """Load CT + both DRRs, window the CT to [0, 1], stack the views into ``image`` (2, H, W)."""
-    keys = ["ct", *VIEW_KEYS]
-    xforms = []
-    if load:
-        xforms += [LoadImaged(keys=keys, reader="NibabelReader", image_only=True)]
-    xforms += [
-        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
-        hu_window_transform(keys="ct", window=window),
-        Resized(keys=list(VIEW_KEYS), spatial_size=(image_size, image_size), mode="bilinear"),
-        ConcatItemsd(keys=list(VIEW_KEYS), name="image", dim=0),
-    ]
-    return Compose(xforms)
-
-
-def dataset_spacing(datalist_file: str, default: Sequence[float] = (2.5, 2.5, 2.5)) -> list[float]:
-    """The dataset's voxel spacing (``"spacing"`` in data_prep's dataset.json), else ``default``."""
-    if not os.path.exists(datalist_file):
-        return [float(s) for s in default]
-    with open(datalist_file) as f:
-        meta = json.load(f)
-    return [float(s) for s in meta.get("spacing", default)]
-
-
-def dataset_geometry(datalist_file: str, default: str | dict = "perx2ct") -> str | dict:
-    """The DRR geometry recorded in data_prep's dataset.json (dict or preset name), else ``default``."""
-    if not os.path.exists(datalist_file):
-        return default
-    with open(datalist_file) as f:
-        return json.load(f).get("geometry", default) or default
 
 
 def _check_volume(ct: torch.Tensor, volume_size: int) -> None:
@@ -120,13 +84,49 @@ def load_drr(path: str) -> np.ndarray:
     return array
 
 
-def load_split(datalist_file: str, base_dir: str, keys: Sequence[str] = ("test", "validation")) -> list[dict]:
-    """The first non-empty split among ``keys`` of a MONAI datalist (paths resolved against ``base_dir``)."""
-    from monai.data import load_decathlon_datalist
+def perx2ct_png_intensity(line_integral: np.ndarray) -> np.ndarray:
+    """A projection (H, W) linear in the line integral -> PerX2CT's stored 8-bit PNG values (uint8).
 
-    with open(require_file(datalist_file)) as f:
-        meta = json.load(f)
-    for key in keys:
-        if meta.get(key):
-            return load_decathlon_datalist(datalist_file, data_list_key=key, base_dir=base_dir)
-    raise InputError(datalist_file, f"no non-empty split among {list(keys)}")
+    ``raw / max * 255`` truncated to uint8, then matplotlib's autoscaled grey colormap (256 entries:
+    ``min(floor((v - min) / (max - min) * 256), 255)``), which is what ``plt.imsave`` wrote.
+    """
+    raw = np.asarray(line_integral, dtype=np.float64)
+    peak = raw.max()
+    if not np.isfinite(peak) or peak <= 0:
+        raise InputError(None, "projection has no positive values")
+    im = (np.clip(raw, 0.0, None) / peak * 255).astype(np.uint8).astype(np.float64)
+    lo, hi = im.min(), im.max()
+    if hi <= lo:
+        raise InputError(None, "projection has no contrast")
+    return np.minimum(np.floor((im - lo) / (hi - lo) * 256), 255).astype(np.uint8)
+
+
+def load_view_perx2ct(source, image_size: int = 128, name: str = "x-ray") -> np.ndarray:
+    """A radiograph as the released PerX2CT model saw it: (image_size, image_size) float32 = PNG / 255.
+
+    Our DRRs (NIfTI files or arrays in [0, 1] = ``1 - exp(-L / 4)``) are turned back into line integrals
+    first; other radiographs (PNG, JPEG, DICOM) are taken as already linear in them (unknown detector
+    processing). The orientation is ours (radiologist display); the network applies the released camera's
+    flips itself.
+    """
+    from PIL import Image
+
+    is_path = isinstance(source, (str, os.PathLike))
+    if is_path and not os.path.exists(os.fspath(source)):
+        raise InputError(os.fspath(source), "file not found")
+    if is_path:
+        image, _ = load_xray(os.fspath(source))
+        drr = os.fspath(source).lower().endswith(NIFTI_SUFFIXES)
+    else:
+        array = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source)
+        image, _ = load_xray(check_image_array(array, name))
+        drr = True
+    image = square(np.asarray(image, dtype=np.float32), "pad", fill=0.0)
+    linear = image_to_line_integral(torch.from_numpy(image)).numpy() if drr else image
+    try:
+        png = perx2ct_png_intensity(linear)
+    except InputError as e:
+        raise InputError(os.fspath(source) if is_path else name, e.problem) from None
+    if png.shape != (image_size, image_size):
+        png = np.asarray(Image.fromarray(png).resize((image_size, image_size), Image.LANCZOS))
+    return png.astype(np.float32) / 255.0

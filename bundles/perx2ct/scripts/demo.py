@@ -67,7 +67,7 @@ def demo(
     written = sorted(str(p) for p in (out / "inference").glob("*"))
     pairs = Path(shared_data) if shared_data else BUNDLE.parents[2] / "shared" / "data" / "cxr" / "pairs"
     if pairs.is_dir():
-        from bundles.perx2ct.scripts.api import PerX2CTInference, save_previews
+        from bundles.perx2ct.scripts.inference import PerX2CTInference, save_previews
         from common.io import save_volume
 
         api = PerX2CTInference.from_bundle(

@@ -656,7 +656,7 @@ def main(
         sys.exit(f"cannot start the server: {e}")
     import torch
 
-    from bundles.perx2ct.scripts.api import BUNDLE_ROOT, PerX2CTInference
+    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
 
     logging.basicConfig(level=logging.INFO)
     if host not in ("127.0.0.1", "localhost", "::1"):

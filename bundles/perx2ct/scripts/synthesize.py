@@ -111,7 +111,7 @@ def synthesize(
     predictor=None,
 ) -> dict:
     """Synthesize one CT per uid; returns a summary dict (also the CLI's printed result)."""
-    from bundles.perx2ct.scripts.api import BUNDLE_ROOT, PerX2CTInference
+    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
 
     suffix = SUFFIXES.get(str(format).lstrip("."))
     if suffix is None:

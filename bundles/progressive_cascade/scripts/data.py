@@ -1,8 +1,9 @@
-"""Datalist reading, MONAI pre-processing and batch preparation for the cascade.
+"""Dataset geometry and batch preparation for the cascade.
 
 Inputs follow docs/ARCHITECTURE.md: ``ct`` (HU, canonical RAS), ``pa`` and ``lateral`` DRRs (H, W) in
-[0, 1]. The CT is scaled with the XRAY2CT window to [0, 1] and area-resampled to the last stage's size;
-X-rays are resized (bilinear) to ``xray_size`` and stacked as 2 channels [PA, lateral].
+[0, 1]. The configs' transform chain (``preprocessing``) scales the CT with the XRAY2CT window to [0, 1] and
+area-resamples it to the last stage's size; X-rays are resized (bilinear) to ``xray_size``;
+:class:`CascadeBatch` stacks them as 2 channels [PA, lateral].
 """
 
 from __future__ import annotations
@@ -15,17 +16,30 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, Resized
 
 from common.drr import DRRGeometry, get_geometry
 from common.errors import InputError, require_file
-from common.transforms import hu_window_transform
 
 XRAY_KEYS = ("pa", "lateral")
 
 
+DEFAULT_INFO = {"geometry": "x2ctgan", "spacing": (1.5, 1.5, 1.5), "size": (256, 256, 256)}
+
+
 def read_dataset_info(datalist_file: str) -> dict:
-    """``{"geometry": DRRGeometry, "spacing": (3,), "size": (3,), "fov_mm": (3,)}`` from dataset.json."""
+    """``{"geometry": DRRGeometry, "spacing": (3,), "size": (3,), "fov_mm": (3,)}`` from dataset.json.
+
+    Without the file (a config parsed on a machine without data) the defaults of a 256^3, 1.5 mm dataset with
+    the x2ctgan geometry; a checkpoint trained otherwise is refused when loaded (its record says so).
+    """
+    if not os.path.isfile(datalist_file):
+        spacing, size = DEFAULT_INFO["spacing"], DEFAULT_INFO["size"]
+        return {
+            "geometry": get_geometry(DEFAULT_INFO["geometry"]),
+            "spacing": spacing,
+            "size": size,
+            "fov_mm": tuple(s * n for s, n in zip(spacing, size)),
+        }
     path = require_file(datalist_file)
     with open(path) as f:
         info = json.load(f)
@@ -51,35 +65,13 @@ def read_dataset_info(datalist_file: str) -> dict:
     }
 
 
-def _as_image2d(x):
+def as_image2d(x):
     """(1, H, W[, 1]) -> (1, H, W): DRR files may carry a trailing singleton axis."""
     while x.ndim > 3 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim != 3:
         raise InputError(None, f"expected a 2D X-ray, got shape {tuple(x.shape)}")
     return x
-
-
-def pair_transforms(
-    volume_size: int, xray_size: int, hu_window: str = "xray2ct", with_ct: bool = True
-) -> Compose:
-    """LoadImaged -> channel first -> HU window (CT) -> resize CT to ``volume_size``^3, X-rays to ``xray_size``^2."""
-    keys = ["ct", *XRAY_KEYS] if with_ct else list(XRAY_KEYS)
-    xforms = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
-        Lambdad(keys=list(XRAY_KEYS), func=_as_image2d),
-        Resized(
-            keys=list(XRAY_KEYS), spatial_size=(xray_size, xray_size), mode="bilinear", anti_aliasing=False
-        ),
-    ]
-    if with_ct:
-        xforms += [
-            hu_window_transform("ct", hu_window),
-            Resized(keys="ct", spatial_size=(volume_size,) * 3, mode="area"),
-        ]
-    xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
-    return Compose(xforms)
 
 
 class CascadeBatch:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bundles.progressive_cascade.scripts.data import pair_transforms
 from bundles.progressive_cascade.scripts.evaluation import save_stage_montage
+from common.checkpoint import load_weights, unwrap
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import save_volume
@@ -24,16 +24,27 @@ class CascadePredictor:
     ``<case>_stages.png`` (all stages beside the X-rays) and ``<case>_axial.gif``.
     """
 
-    def __init__(
-        self, network, xray_size: int, fov_mm: Sequence[float], device="cpu", hu_window: str = "xray2ct"
-    ):
+    def __init__(self, network, preprocessing, fov_mm: Sequence[float], device="cpu", hu_window: str = "xray2ct"):
+        """``preprocessing``: the config's X-ray transform chain (``{"pa", "lateral"}`` paths -> (1, S, S) each)."""
         self.network = network.eval()
         self.device = torch.device(device)
         self.fov_mm = tuple(float(f) for f in fov_mm)
         self.window = get_window(hu_window)
-        self.transform = pair_transforms(
-            volume_size=0, xray_size=xray_size, hu_window=hu_window, with_ct=False
-        )
+        self.transform = preprocessing
+
+    @staticmethod
+    def check_inputs(pa_file: str | None, lateral_file: str | None) -> None:
+        """:class:`InputError` unless both radiographs are given and exist (before any model is loaded)."""
+        if not pa_file or not lateral_file:
+            raise InputError(None, "inference needs --pa_file and --lateral_file (a PA and a lateral radiograph)")
+        require_file(pa_file)
+        require_file(lateral_file)
+
+    def load_checkpoint(self, path: str) -> CascadePredictor:
+        """Load a cascade checkpoint (:func:`common.checkpoint.load_weights`: the record is checked)."""
+        load_weights(self.network, path, expected_bundle="progressive_cascade")
+        self.network.eval()
+        return self
 
     @torch.no_grad()
     def predict(self, pa_file: str, lateral_file: str) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -42,14 +53,12 @@ class CascadePredictor:
         xrays = torch.cat((data["pa"], data["lateral"]), dim=0)[None].to(self.device)
         if not torch.isfinite(xrays).all():
             raise InputError(pa_file, "X-ray contains NaN or infinite values")
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        return [o.clamp(0.0, 1.0) for o in net.forward_all(xrays)], xrays
+        return [o.clamp(0.0, 1.0) for o in unwrap(self.network).forward_all(xrays)], xrays
 
     def __call__(
         self, pa_file: str, lateral_file: str, output_dir: str, case_id: str = "case"
     ) -> dict[str, str]:
-        if not pa_file or not lateral_file:
-            raise InputError(None, "inference needs --pa_file and --lateral_file")
+        self.check_inputs(pa_file, lateral_file)
         outputs, xrays = self.predict(pa_file, lateral_file)
         written: dict[str, str] = {}
         volumes = {}

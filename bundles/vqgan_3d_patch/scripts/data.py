@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import torch
 from monai.engines.utils import PrepareBatch
 from monai.utils import convert_to_tensor
+
+from common.datalist import load_split, require_cases
+from common.errors import InputError
 
 
 class PrepareCTBatch(PrepareBatch):
@@ -23,20 +29,16 @@ class PrepareCTBatch(PrepareBatch):
 
 
 def inference_items(source: str, key: str = "ct", datalist_key: str = "test") -> list[dict]:
-    """Items to reconstruct: a datalist folder (``dataset.json``, ``datalist_key``), a folder of NIfTI, or one file."""
-    import glob
-    import os
+    """Items to reconstruct: a datalist folder (``dataset.json``, ``datalist_key``), a folder of NIfTI, or one file.
 
-    from monai.data import load_decathlon_datalist
-
-    from common.errors import InputError
-
+    Raises :class:`common.errors.InputError` when it finds nothing to reconstruct.
+    """
     if os.path.isfile(source):
         return [{key: source}]
     datalist = os.path.join(source, "dataset.json")
     if os.path.isfile(datalist):
-        return load_decathlon_datalist(datalist, True, datalist_key, source)
+        return list(require_cases(load_split(datalist, datalist_key, source), datalist, datalist_key, "inference"))
     files = sorted(glob.glob(os.path.join(source, "**", "*.nii*"), recursive=True))
     if not files:
-        raise InputError(source, "no dataset.json and no NIfTI volume found")
+        raise InputError(source, "no dataset.json and no NIfTI volume found: nothing to reconstruct")
     return [{key: f} for f in files]

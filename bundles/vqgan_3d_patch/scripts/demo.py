@@ -92,6 +92,10 @@ def main(
           f"PSNR {metrics['psnr_xray2ct']:.2f} dB (xray2ct), SSIM {metrics['ssim_xray2ct']:.3f}, "
           f"MAE {metrics['mae_hu']:.1f} HU, codebook usage {metrics['codebook_usage']:.2f}, "
           f"perplexity {metrics['perplexity']:.1f}")  # fmt: skip
+    base = report["baseline"]["metrics"]
+    label = "a smoke test: the case was trained on" if report["smoke_test"] else "unseen cases"
+    print(f"[vqgan_3d_patch] baseline {report['baseline']['name']} (same cases): PSNR {base['psnr_xray2ct']:.2f} dB, "
+          f"MAE {base['mae_hu']:.1f} HU; {label}")  # fmt: skip
     print(f"[vqgan_3d_patch] outputs: {out / 'eval'}")
     return metrics
 

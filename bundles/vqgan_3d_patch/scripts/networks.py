@@ -10,24 +10,14 @@ class ReconstructionVQVAE(VQVAE):
     """VQVAE whose ``forward`` returns only the reconstruction.
 
     Same parameters (and state dict) as :class:`monai.networks.nets.VQVAE`, so checkpoints load into
-    either. Inference, sliding windows, ``verify_net_in_out`` and TorchScript export want one tensor
-    out; training wants the quantisation loss too and uses the plain VQVAE.
+    either (their records name ``VQVAE``; :mod:`common.checkpoint` accepts the subclass). Inference,
+    ``verify_net_in_out`` and TorchScript export want one tensor out; training wants the quantisation loss
+    too and uses the plain VQVAE. Whole volumes go through :mod:`common.codec`.
     """
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         quantizations, _ = self.quantize(self.encode(images))
         return self.decode(quantizations)
-
-
-def downsampling_factor(net: VQVAE) -> int:
-    """How many image voxels one latent voxel covers per axis (product of the encoder strides)."""
-    factor = 1
-    for block in net.encoder.blocks:
-        conv = getattr(block, "conv", None)
-        stride = getattr(conv, "stride", None) if conv is not None else None
-        if stride is not None:
-            factor *= int(stride[0] if isinstance(stride, tuple) else stride)
-    return factor
 
 
 def count_parameters(net: torch.nn.Module) -> int:

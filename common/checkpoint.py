@@ -1,0 +1,606 @@
+"""The one way checkpoints are written and read: self-describing records, guarded saving, one loader.
+
+A checkpoint is ``{"model": state_dict, "record": {"json": ...}, ...}`` (plus optimiser/trainer states for
+resuming). The **record** says what a loader needs to rebuild the network and its inputs without the
+training config::
+
+    {"format": "xray2ct.checkpoint_record/1", "bundle": "perx2ct", "version": "0.2.0",
+     "network_def": {"_target_": "bundles.perx2ct.scripts.networks.PerX2CTNet", "volume_size": 128, ...},
+     "inputs": {"hu_window": {...}, "spacing": [...], "geometry": {...}, ...},     # bundle-specific
+     "datalist": {"file": ".../dataset.json", "sha256": "..."}, "training": {...},
+     "progress": {"epoch": 12, "iteration": 480, "key_metric": {"name", "value", "sign"}}}
+
+``network_def`` is recorded by :func:`build_network`, the ``_target_`` every bundle config's
+``network_def`` uses (``"target"`` names the class, the other keys are its arguments, so overlays such as
+``network_def#channels`` keep working). :func:`build_from_checkpoint` rebuilds the network from the record
+alone; :func:`load_weights` and :class:`CheckpointLoader` load weights into a network built from a config
+and refuse a config that contradicts the record; checkpoints without a record load through the config with
+a warning.
+
+:class:`CheckpointSaver` is MONAI's saver with three guarantees (issue 14, training hardening): files are
+written atomically; the final checkpoint is written only when training completes (MONAI also writes it when
+an exception stops training, e.g. a failed resume, overwriting a trained file with untrained weights); and a
+comparable file (same bundle, network and datalist) is never replaced by a worse one: a best-metric file
+only by a better score, a final file only by one trained for at least as many iterations (the new final is
+then written beside it as ``<name>.iteration=<n>.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
+from monai.handlers import CheckpointSaver as MonaiCheckpointSaver
+
+from common.atomic import atomic_write_text
+from common.errors import InputError, require_file
+
+RECORD_FORMAT = "xray2ct.checkpoint_record/1"
+RECORD_KEY = "record"
+MODEL_KEY = "model"
+RECORD_FILE = "checkpoint_record.json"
+ARGS_FILE = "network_args.json"
+
+logger = logging.getLogger(__name__)
+
+# network -> its network_def ({"_target_": ..., **arguments}); kept beside the module, not on it, so
+# TorchScript export, DDP wrapping and state dicts never see it
+_DESCRIPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------- networks
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DistributedDataParallel / DataParallel wrappers (the one DDP unwrap)."""
+    while isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        network = network.module
+    return network
+
+
+def _locate(target: str):
+    """A class from its path or MONAI short name (``VQVAE``), as MONAI's config parser finds it."""
+    from pydoc import locate
+
+    from monai.bundle import ComponentLocator
+
+    path = target
+    if "." not in target:
+        module = ComponentLocator().get_component_module_name(target)
+        if isinstance(module, list):  # several MONAI modules export the name: take the first, as MONAI does
+            module = module[0]
+        path = f"{module}.{target}" if module else target
+    component = locate(path)
+    if component is None:
+        raise InputError(None, f"cannot locate the network class {target!r}")
+    return component
+
+
+def _qualified_name(component) -> str:
+    return f"{component.__module__}.{component.__qualname__}"
+
+
+def plain(value):
+    """Config values (tuples, numpy, torch devices, paths, DRR geometries, HU windows) -> JSON types."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        return plain(value.as_dict())
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return plain(value.detach().cpu().numpy())
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise InputError(None, f"cannot record a value of type {type(value).__name__} ({value!r}) in a checkpoint")
+
+
+def build_network(target: str, **arguments: Any) -> torch.nn.Module:
+    """Instantiate ``target(**arguments)`` and remember its definition for the checkpoint record.
+
+    The ``_target_`` of every bundle's ``network_def``::
+
+        "network_def": {"_target_": "common.checkpoint.build_network",
+                        "target": "bundles.perx2ct.scripts.networks.PerX2CTNet", "volume_size": 128, ...}
+
+    ``target`` is a class path or a MONAI short name (``VQVAE``). Arguments must be JSON values (or DRR
+    geometries, HU windows, tuples, which are converted); the recorded definition is
+    ``{"_target_": "<module>.<class>", **arguments}``.
+    """
+    component = _locate(target)
+    description = {"_target_": _qualified_name(component), **plain(arguments)}
+    network = component(**arguments)
+    _DESCRIPTIONS[network] = description
+    return network
+
+
+def network_description(network: torch.nn.Module) -> dict | None:
+    """The ``network_def`` recorded when ``network`` was built by :func:`build_network` (None otherwise)."""
+    return _DESCRIPTIONS.get(unwrap(network))
+
+
+def instantiate_network(network_def: Mapping) -> torch.nn.Module:
+    """A network from a recorded or config ``network_def`` (``{"_target_": ..., **arguments}``)."""
+    definition = dict(network_def)
+    target = definition.pop("_target_", None)
+    if target == _qualified_name(build_network) or target == "common.checkpoint.build_network":
+        target = definition.pop("target")
+    if not target:
+        raise InputError(None, f"network definition without a '_target_': {sorted(definition)}")
+    return build_network(target, **definition)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def network_differences(recorded: Mapping, configured: Mapping) -> list[str]:
+    """Human-readable differences between two network definitions (empty when they build the same network).
+
+    Classes agree when one is a subclass of the other (e.g. MONAI ``VQVAE`` and the vqgan bundle's
+    ``ReconstructionVQVAE``, same parameters), factory functions when they are the same; an argument present
+    on one side only is compared with its default.
+    """
+    recorded, configured = plain(dict(recorded)), plain(dict(configured))
+    classes = []
+    for d in (recorded, configured):
+        target = d.pop("_target_", "")
+        if target.endswith("build_network"):
+            target = d.pop("target")
+        classes.append(_locate(target))
+    a_cls, b_cls = classes
+    out = []
+    if isinstance(a_cls, type) and isinstance(b_cls, type):
+        related = issubclass(a_cls, b_cls) or issubclass(b_cls, a_cls)
+    else:  # factory functions (e.g. pe_classifier's build_pe_classifier) must be the same function
+        related = a_cls is b_cls
+    if not related:
+        out.append(f"network class {_qualified_name(a_cls)} (checkpoint) vs {_qualified_name(b_cls)} (config)")
+    params = inspect.signature(a_cls).parameters
+    for key in sorted(set(recorded) | set(configured)):
+        default = params[key].default if key in params else inspect.Parameter.empty
+        a = recorded.get(key, plain(default) if default is not inspect.Parameter.empty else "<unset>")
+        b = configured.get(key, plain(default) if default is not inspect.Parameter.empty else "<unset>")
+        if not _same(a, b):
+            out.append(f"{key}={json.dumps(a)} (checkpoint) vs {json.dumps(b)} (config)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- records
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_bundle_version(metadata_file: str | os.PathLike | None) -> str | None:
+    """``version`` of a bundle's ``configs/metadata.json`` (None when the file is not given or absent)."""
+    if not metadata_file or not os.path.isfile(metadata_file):
+        return None
+    with open(metadata_file) as f:
+        return str(json.load(f).get("version"))
+
+
+class CheckpointRecord:
+    """What a loader needs to rebuild a bundle's network and inputs, saved in every checkpoint (key ``record``).
+
+    ``CheckpointSaver``/``CheckpointLoader`` treat it like a module (``state_dict``/``load_state_dict``, one
+    JSON string, so ``torch.load(weights_only=True)`` reads it). ``network`` must have been built by
+    :func:`build_network`; ``inputs`` holds the bundle's input conventions (size, spacing, HU window, DRR
+    geometry...); ``datalist`` (a file) is fingerprinted so checkpoints of different data never compete.
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        network: torch.nn.Module | None = None,
+        network_def: Mapping | None = None,
+        inputs: Mapping | None = None,
+        metadata_file: str | os.PathLike | None = None,
+        version: str | None = None,
+        datalist: str | os.PathLike | None = None,
+        training: Mapping | None = None,
+    ):
+        self.network = network
+        data = {"format": RECORD_FORMAT, "bundle": str(bundle)}
+        data["version"] = version if version is not None else read_bundle_version(metadata_file)
+        if network_def is not None:
+            data["network_def"] = plain(dict(network_def))
+        data["inputs"] = plain(dict(inputs or {}))
+        if "hu_window" in data["inputs"] and isinstance(data["inputs"]["hu_window"], str):
+            from common.intensity import get_window
+
+            data["inputs"]["hu_window"] = get_window(data["inputs"]["hu_window"]).as_dict()
+        if datalist:
+            path = os.path.abspath(os.fspath(datalist))
+            data["datalist"] = {"file": path, "sha256": file_sha256(path) if os.path.isfile(path) else None}
+        if training:
+            data["training"] = plain(dict(training))
+        self._data = data
+
+    @property
+    def data(self) -> dict:
+        """The record as a dict (``network_def`` from the network when it was built by :func:`build_network`)."""
+        data = dict(self._data)
+        if "network_def" not in data and self.network is not None:
+            description = network_description(self.network)
+            if description is None:
+                raise InputError(
+                    None, "the network was not built by common.checkpoint.build_network: nothing to record"
+                )
+            data["network_def"] = description
+        return data
+
+    def state_dict(self) -> dict:
+        return {"json": json.dumps(self.data, sort_keys=True)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._data = json.loads(state["json"])
+        self.network = None
+
+    def write(self, folder: str | os.PathLike) -> str:
+        """Write ``checkpoint_record.json`` and ``network_args.json`` (``monai.bundle run --args_file`` ready:
+        ``network_def#<argument>`` overrides that rebuild this network from the bundle's default config)."""
+        os.makedirs(folder, exist_ok=True)
+        data = self.data
+        args = {
+            f"network_def#{k}": v for k, v in data["network_def"].items() if k not in ("_target_", "target")
+        }
+        atomic_write_text(os.path.join(folder, ARGS_FILE), json.dumps(args, indent=2) + "\n")
+        path = os.path.join(folder, RECORD_FILE)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        return path
+
+
+def comparable(a: Mapping | None, b: Mapping | None) -> bool:
+    """True when two records describe the same bundle, network and datalist (their scores can be compared)."""
+    if not a or not b:
+        return False
+    same_data = (a.get("datalist") or {}).get("sha256") == (b.get("datalist") or {}).get("sha256")
+    return (
+        a.get("bundle") == b.get("bundle")
+        and same_data
+        and bool(a.get("network_def"))
+        and bool(b.get("network_def"))
+        and not network_differences(a["network_def"], b["network_def"])
+    )
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint as ``{"model": state_dict, ...}`` (bare state dicts are wrapped), read safely.
+
+    ``torch.load(weights_only=True)`` (nothing is unpickled); an unreadable file (truncated by an interrupted
+    save or copy, or not a PyTorch checkpoint) raises :class:`InputError` naming the file.
+    """
+    path = require_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        raise InputError(
+            path, f"cannot read the checkpoint ({type(e).__name__}: {e}); the file is truncated or not a checkpoint"
+        ) from None
+    if not isinstance(checkpoint, Mapping):
+        raise InputError(path, f"expected a dict of states, got {type(checkpoint).__name__}")
+    if MODEL_KEY not in checkpoint and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        checkpoint = {MODEL_KEY: checkpoint}  # ignite saves a one-entry save_dict as the bare state dict
+    return dict(checkpoint)
+
+
+def record_of(checkpoint: Mapping) -> dict | None:
+    """The record of a checkpoint read by :func:`read_checkpoint` (None for checkpoints saved without one)."""
+    state = checkpoint.get(RECORD_KEY)
+    if state is None:
+        return None
+    try:
+        return json.loads(state["json"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(None, f"checkpoint record is unreadable ({e})") from None
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """The record saved in the checkpoint file ``path`` (None when it has none)."""
+    return record_of(read_checkpoint(path))
+
+
+def network_state(checkpoint: Mapping, source: str | None = None) -> dict:
+    """The network's state dict in a checkpoint read by :func:`read_checkpoint`."""
+    if MODEL_KEY not in checkpoint:
+        raise InputError(source, f"checkpoint has no '{MODEL_KEY}' entry (keys: {sorted(checkpoint)})")
+    return checkpoint[MODEL_KEY]
+
+
+def check_record(
+    record: Mapping | None,
+    network: torch.nn.Module | None = None,
+    network_def: Mapping | None = None,
+    expected_bundle: str | None = None,
+    source: str | os.PathLike | None = None,
+) -> None:
+    """Refuse (:class:`InputError`) a checkpoint of another bundle or one whose network the config contradicts.
+
+    ``network`` (built by :func:`build_network`) or ``network_def`` is what the config builds. A checkpoint
+    without a record passes with a warning: it can only be checked by loading its weights.
+    """
+    source = None if source is None else os.fspath(source)
+    if record is None:
+        warnings.warn(
+            f"{source}: checkpoint has no record (saved before xray2ct recorded its networks): "
+            "loaded through the config, which nothing checks",
+            stacklevel=3,
+        )
+        return
+    if expected_bundle is not None and record.get("bundle") != expected_bundle:
+        raise InputError(source, f"is a {record.get('bundle')!r} checkpoint, not {expected_bundle!r}")
+    configured = network_def if network_def is not None else (
+        network_description(network) if network is not None else None
+    )
+    if configured is None or "network_def" not in record:
+        return
+    differences = network_differences(record["network_def"], configured)
+    if differences:
+        raise InputError(
+            source,
+            "the config contradicts the checkpoint's record: "
+            + "; ".join(differences)
+            + ". Set these network_def values (or build from the checkpoint: common.checkpoint.build_from_checkpoint)",
+        )
+
+
+def _load_state(network: torch.nn.Module, state: Mapping, source: str, strict: bool = True) -> None:
+    try:
+        unwrap(network).load_state_dict(state, strict=strict)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(source, f"weights do not fit the network ({e})") from None
+
+
+def load_weights(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    expected_bundle: str | None = None,
+    strict: bool = True,
+) -> dict | None:
+    """Load a checkpoint's network weights into ``network`` (built from a config); returns the record.
+
+    The one checkpoint loader of the project (DDP-wrapped networks too). A record that the network's
+    definition contradicts is refused; a checkpoint without a record loads with a warning.
+    """
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path)
+    record = record_of(checkpoint)
+    check_record(record, network=network, expected_bundle=expected_bundle, source=path)
+    _load_state(network, network_state(checkpoint, path), path, strict)
+    return record
+
+
+def build_from_checkpoint(
+    path: str | os.PathLike,
+    expected_bundle: str | None = None,
+    network_def: Mapping | torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, dict | None]:
+    """``(network in eval mode on device, record)`` from a checkpoint alone (its record says how to build it).
+
+    ``network_def`` (a config ``network_def`` dict or an already built network) is the fallback for
+    checkpoints without a record (with a warning); given together with a record, it must agree with it.
+    """
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path)
+    record = record_of(checkpoint)
+    if isinstance(network_def, torch.nn.Module):
+        check_record(record, network=network_def, expected_bundle=expected_bundle, source=path)
+        network = network_def
+    elif record is not None and "network_def" in record:
+        check_record(record, network_def=network_def, expected_bundle=expected_bundle, source=path)
+        network = instantiate_network(record["network_def"])
+    elif network_def is not None:
+        check_record(record, network_def=network_def, expected_bundle=expected_bundle, source=path)
+        network = instantiate_network(network_def)
+    else:
+        raise InputError(
+            path, "checkpoint has no record of its network: give the bundle's network_def to build it"
+        )
+    _load_state(network, network_state(checkpoint, path), path)
+    return network.to(device).eval(), record
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+class CheckpointLoader(MonaiCheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (resume, evaluation) that names an unreadable file and checks the record.
+
+    Every network in ``load_dict`` built by :func:`build_network` is checked against the checkpoint's record
+    before anything is loaded, so a config that contradicts the checkpoint stops with one clear message.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, expected_bundle: str | None = None, **kwargs: Any):
+        super().__init__(load_path, load_dict, **kwargs)
+        self.expected_bundle = expected_bundle
+
+    def __call__(self, engine) -> None:
+        path = os.fspath(self.load_path)
+        checkpoint = read_checkpoint(path)
+        record = record_of(checkpoint)
+        for obj in self.load_dict.values():
+            if isinstance(obj, torch.nn.Module):
+                check_record(record, network=obj, expected_bundle=self.expected_bundle, source=path)
+        prior_max_epochs = engine.state.max_epochs
+        try:
+            Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputError(path, f"checkpoint does not fit what it is loaded into ({e})") from None
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise InputError(
+                path,
+                f"was saved at epoch {engine.state.epoch}, beyond max_epochs {prior_max_epochs}: "
+                "raise max_epochs to train further",
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {path}")
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's DiskSaver, atomic, with MONAI's optional fixed file name (its replacement is atomic, so
+    the old file is not removed first)."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class _ProgressRecord:
+    """A :class:`CheckpointRecord` as one saver writes it: with the training progress at the time of saving."""
+
+    def __init__(self, record: CheckpointRecord, saver: CheckpointSaver):
+        self.record, self.saver = record, saver
+
+    def state_dict(self) -> dict:
+        return {"json": json.dumps({**self.record.data, "progress": self.saver.progress()}, sort_keys=True)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.record.load_state_dict(state)
+
+
+class CheckpointSaver(MonaiCheckpointSaver):
+    """MONAI's ``CheckpointSaver`` that never leaves a half-written file or replaces a better one (see module doc).
+
+    Same arguments as MONAI's; a :class:`CheckpointRecord` in ``save_dict`` is written with the progress
+    (epoch, iteration, key metric) that the guards compare.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any):
+        self._engine = None
+        self._record: CheckpointRecord | None = None
+        wrapped = {}
+        for key, obj in save_dict.items():
+            if isinstance(obj, CheckpointRecord):
+                self._record = obj
+                obj = _ProgressRecord(obj, self)
+            wrapped[key] = obj
+        super().__init__(save_dir, wrapped, **kwargs)
+        self._key_metric_name = kwargs.get("key_metric_name")
+        self._key_metric_sign = -1.0 if kwargs.get("key_metric_negative_sign") else 1.0
+        self._key_metric_filename = kwargs.get("key_metric_filename")
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, fixed)
+
+    # -- what the record says about this save
+    def _metric_name(self) -> str | None:
+        if self._key_metric_name:
+            return self._key_metric_name
+        return getattr(getattr(self._engine, "state", None), "key_metric_name", None)
+
+    def progress(self) -> dict:
+        from monai.engines import Trainer
+
+        state = self._engine.state if self._engine is not None else None
+        if state is None:
+            return {}
+        out: dict = {"epoch": int(state.epoch)}
+        if isinstance(self._engine, Trainer):
+            out["iteration"] = int(state.iteration)
+        name = self._metric_name() if self._key_metric_checkpoint is not None else None
+        if name is not None and name in (state.metrics or {}):
+            value = state.metrics[name]
+            out["key_metric"] = {"name": name, "value": float(value), "sign": self._key_metric_sign}
+        return out
+
+    # -- ignite events
+    def attach(self, engine) -> None:
+        self._engine = engine
+        super().attach(engine)
+        self._seed_best_from_disk()
+
+    def _existing_record(self, filename: str) -> dict | None:
+        path = os.path.join(self.save_dir, filename)
+        if not os.path.isfile(path):
+            return None
+        try:
+            return read_record(path)
+        except InputError:
+            return None
+
+    def _seed_best_from_disk(self) -> None:
+        """A comparable best-metric file already on disk (an earlier run, or the run being resumed) sets the
+        score to beat, so a worse validation never replaces it."""
+        if self._key_metric_checkpoint is None or not self._key_metric_filename or self._record is None:
+            return
+        existing = self._existing_record(self._key_metric_filename)
+        metric = ((existing or {}).get("progress") or {}).get("key_metric")
+        if not metric or not comparable(existing, self._record.data) or metric["name"] != self._metric_name():
+            return
+        if metric.get("sign", 1.0) != self._key_metric_sign or metric.get("value") is None:
+            return
+        priority = self._key_metric_sign * float(metric["value"])
+        self._key_metric_checkpoint._saved = [Checkpoint.Item(priority, self._key_metric_filename)]
+        self.logger.info(
+            f"{os.path.join(self.save_dir, self._key_metric_filename)} holds {metric['name']}={metric['value']:.4g}"
+            " of a comparable run: only a better score replaces it"
+        )
+
+    def completed(self, engine) -> None:
+        """Training completed: write the final checkpoint, beside a comparable final trained for longer."""
+        name = self._final_filename
+        existing = self._existing_record(name) if name else None
+        done = ((existing or {}).get("progress") or {}).get("iteration")
+        here = int(engine.state.iteration)
+        if (
+            name
+            and self._record is not None
+            and done is not None
+            and done > here
+            and comparable(existing, self._record.data)
+        ):
+            stem, ext = os.path.splitext(name)
+            alternative = f"{stem}.iteration={here}{ext}"
+            self.logger.warning(
+                f"{os.path.join(self.save_dir, name)} was trained for {done} iterations, this run for {here}: "
+                f"kept; this run's final checkpoint is {alternative}"
+            )
+            handler = self._final_checkpoint.save_handler
+            handler.filename, self._final_filename = alternative, alternative
+            try:
+                super().completed(engine)
+            finally:
+                handler.filename, self._final_filename = name, name
+            return
+        super().completed(engine)
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        """An exception stopped training: write nothing (the files on disk are better than this state)."""
+        self.logger.error(f"training stopped by {type(e).__name__}: no final checkpoint written")
+        raise e

@@ -1,0 +1,380 @@
+"""Ignite handlers and output transforms that every bundle wires in its configs.
+
+* :class:`MetricsReport` is the one metrics-report handler (modelled on MONAI's ``MetricsSaver``: reset at
+  ``EPOCH_STARTED``, collect per iteration, write at ``EPOCH_COMPLETED``). Per case it scores the model and
+  the task's trivial baseline (:mod:`common.baselines`) with the same metric objects, in the same
+  conventions, and writes ``metrics_report.json``::
+
+      {"bundle", "split", "case_ids", "n_cases", "metrics" (= model means), "model" (means),
+       "baseline": {"name", "description", "metrics"}, "difference" (model - baseline), "model_better",
+       "cases": [{"id", "model": {...}, "baseline": {...}}], "smoke_test", "training_cases_evaluated",
+       "conventions", "engine_metrics", ...extra}
+
+  ``smoke_test`` is true when evaluated cases are in the training split: such a figure is not a quality
+  figure. :func:`write_json` is the one writer (atomic; NaN and infinities are written as ``null``).
+* :class:`CTPair` is the output transform of the ignite CT metrics configs wire (``PeakSignalToNoiseRatio``,
+  ``IgniteMetricHandler(SSIMMetric)``, ``MeanAbsoluteError``...): network intensities -> [0, 1] in the
+  xray2ct window, or HU.
+* :class:`StopOnNonFiniteLoss` stops training with an error naming the batch's cases when a loss is NaN or
+  infinite (ignite's ``TerminateOnNan`` stops silently and the run exits 0).
+* :func:`rank_handlers` keeps, on DDP ranks other than 0, only the handlers that write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from tqdm import tqdm
+
+from common.atomic import atomic_write_text
+from common.baselines import compare
+from common.datalist import batch_case_ids, case_id, split_batch
+from common.intensity import XRAY2CT
+from common.metrics import CONVENTIONS, network_to_hu
+
+logger = logging.getLogger(__name__)
+
+NON_FINITE = "NaN and infinite values are written as null"
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+def jsonable(value):
+    """Numbers, tensors, arrays and paths -> plain JSON values; NaN and +-inf -> None (one rule everywhere)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist()) if value.ndim else jsonable(value.item())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        return jsonable(value.as_dict())
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Mapping) -> str:
+    """Write ``data`` as indented JSON atomically (:func:`jsonable` first); returns the path."""
+    atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    return os.fspath(path)
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def mean_metrics(cases: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of every metric over the cases that have it (a NaN case makes the mean NaN: nothing is hidden)."""
+    names = list(dict.fromkeys(k for c in cases for k in c))
+    return {k: float(np.mean([float(c[k]) for c in cases if k in c])) for k in names}
+
+
+def build_report(
+    bundle: str,
+    split: str,
+    cases: Sequence[Mapping],
+    model: Mapping[str, float] | None = None,
+    baseline: Mapping | None = None,
+    conventions: Mapping | None = None,
+    training_cases: Sequence[str] | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    """The ``metrics_report.json`` layout (module docstring) from per-case values.
+
+    ``cases``: ``[{"id", "model": {...}, "baseline": {...}}]``; ``model``: the model's summary (default: the
+    mean of the per-case values); ``baseline``: ``{"name", "description", "metrics"}`` (metrics default to
+    the per-case means).
+    """
+    ids = [str(c["id"]) for c in cases]
+    model = dict(model) if model is not None else mean_metrics([c.get("model", {}) for c in cases])
+    report: dict = {"bundle": bundle, "split": split, "case_ids": ids, "n_cases": len(ids), "metrics": model}
+    report["model"] = model
+    if baseline is not None:
+        base = dict(baseline)
+        if base.get("metrics") is None:
+            base["metrics"] = mean_metrics([c.get("baseline", {}) for c in cases if c.get("baseline")])
+        report["baseline"] = base
+        report.update(compare(model, base["metrics"]))
+    seen = sorted(set(ids) & {str(t) for t in (training_cases or ())})
+    report["smoke_test"] = bool(seen)
+    report["training_cases_evaluated"] = seen
+    if seen:
+        logger.warning(
+            "%s: %d evaluated case(s) are in the training split (%s): a smoke test, not a quality figure",
+            bundle,
+            len(seen),
+            ", ".join(seen[:5]),
+        )
+    report["cases"] = [dict(c) for c in cases]
+    report["conventions"] = {**dict(conventions or {}), "json": NON_FINITE}
+    clash = set(report) & set(extra or {})
+    if clash:
+        raise ValueError(f"extra may not reuse the report's keys {sorted(clash)}")
+    report.update(extra or {})
+    return report
+
+
+def _hu(to_hu: Callable, x) -> torch.Tensor:
+    t = torch.as_tensor(x).as_subclass(torch.Tensor).detach().float().cpu()
+    return to_hu(t)
+
+
+class MetricsReport:
+    """Per case: the model's and the baseline's metrics; at epoch end ``metrics_report.json`` (module doc).
+
+    Args:
+        path: the report file.
+        bundle, split: recorded in the report (the split the evaluator reads).
+        metrics: per-case metric objects, called ``metric(pred_hu, target_hu, context) -> {name: value}``
+            with (C, X, Y, Z) HU tensors and ``context = {"image": the network input, "item": batch item}``
+            (e.g. :class:`common.metrics.CTMetrics`, :class:`common.drr_loss.DRRConsistency`); an object's
+            ``conventions`` dict is merged into the report's.
+        baseline: a :mod:`common.baselines` predictor, ``baseline(label, output, item)`` -> a prediction like
+            ``label`` in network intensities; scored by the same ``metrics``.
+        window, symmetric: the network's intensity convention (``[0, 1]`` or ``[-1, 1]`` of an HU window).
+        pred_key, label_key, image_key: keys of the engine output. A ``pred``/``label`` dict (one entry per
+            cascade stage) gives metrics ``<name>_<entry>``; its last entry is also reported unsuffixed.
+        extra_predictions: ``{suffix: output key}`` of further predictions scored against the same label
+            (no baseline), e.g. ``{"_per_window": "pred_per_window"}``.
+        set_metrics: engine metrics over the whole set (e.g. codebook usage) copied into the model's metrics.
+        training_cases: ids of the training split (evaluated training cases make the report a smoke test).
+        conventions, extra: merged into the report (conventions default to :data:`common.metrics.CONVENTIONS`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        bundle: str,
+        split: str,
+        metrics: Sequence[Callable],
+        baseline: Callable | None = None,
+        window: str = "xray2ct",
+        symmetric: bool = False,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+        extra_predictions: Mapping[str, str] | None = None,
+        set_metrics: Sequence[str] = (),
+        training_cases: Sequence[str] | None = None,
+        conventions: Mapping | None = None,
+        extra: Mapping | None = None,
+        progress: bool = True,
+    ):
+        self.path = os.fspath(path)
+        self.bundle, self.split = bundle, split
+        self.metrics = list(metrics)
+        if not self.metrics:
+            raise ValueError("MetricsReport needs at least one metric")
+        self.baseline = baseline
+        self.to_hu = network_to_hu(window, symmetric)
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.extra_predictions = dict(extra_predictions or {})
+        self.set_metrics = list(set_metrics)
+        self.training_cases = list(training_cases or [])
+        self.conventions = dict(CONVENTIONS if conventions is None else conventions)
+        for metric in self.metrics:
+            self.conventions.update(getattr(metric, "conventions", {}) or {})
+        self.extra = dict(extra or {})
+        self.progress = progress
+        self.cases: list[dict] = []
+        self.report: dict | None = None
+        self._bar = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self.cases = []
+        if self.progress:
+            self._bar = tqdm(total=engine.state.epoch_length, desc=f"evaluate {self.bundle}", unit="batch")
+
+    def _streams(self, out: Mapping) -> tuple[dict, str | None]:
+        pred, label = out[self.pred_key], out[self.label_key]
+        if isinstance(pred, Mapping):
+            names = list(pred)
+            streams = {f"_{n}": (pred[n], label[n] if isinstance(label, Mapping) else label) for n in names}
+            return streams, f"_{names[-1]}"
+        return {"": (pred, label)}, None
+
+    def _score(self, pred, label, context: dict, suffix: str) -> dict[str, float]:
+        pred_hu, label_hu = _hu(self.to_hu, pred), _hu(self.to_hu, label)
+        values: dict[str, float] = {}
+        for metric in self.metrics:
+            for name, value in metric(pred_hu, label_hu, context).items():
+                values[f"{name}{suffix}"] = float(value)
+        return values
+
+    def score_case(self, out: Mapping, item: Mapping, index: int) -> dict:
+        """``{"id", "model", "baseline"}`` of one decollated output item."""
+        context = {"image": out.get(self.image_key), "item": item}
+        streams, primary = self._streams(out)
+        model: dict[str, float] = {}
+        baseline: dict[str, float] = {}
+        for suffix, (pred, label) in streams.items():
+            model.update(self._score(pred, label, context, suffix))
+            if self.baseline is not None:
+                guess = self.baseline(label, out, item)
+                baseline.update(self._score(guess, label, context, suffix))
+        if primary is not None:
+            for values in (model, baseline):
+                values.update({k[: -len(primary)]: v for k, v in list(values.items()) if k.endswith(primary)})
+        for suffix, key in self.extra_predictions.items():
+            if out.get(key) is not None:
+                model.update(self._score(out[key], out[self.label_key], context, suffix))
+        case = {"id": case_id(item, index) if item else case_id(out, index), "model": model}
+        if self.baseline is not None:
+            case["baseline"] = baseline
+        return case
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = split_batch(engine.state.output)
+        items = split_batch(engine.state.batch)
+        for i, out in enumerate(outputs):
+            item = items[i] if i < len(items) and isinstance(items[i], Mapping) else {}
+            self.cases.append(self.score_case(out, item, len(self.cases)))
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def __call__(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        model = mean_metrics([c["model"] for c in self.cases])
+        engine_metrics = {k: v for k, v in engine.state.metrics.items() if np.isscalar(v) or torch.is_tensor(v)}
+        for name in self.set_metrics:
+            if name in engine.state.metrics:
+                model[name] = float(engine.state.metrics[name])
+        baseline = None
+        if self.baseline is not None:
+            baseline = {
+                "name": getattr(self.baseline, "name", type(self.baseline).__name__),
+                "description": getattr(self.baseline, "description", ""),
+                "metrics": None,
+            }
+        extra = {"engine_metrics": engine_metrics, **self.extra}
+        self.report = build_report(
+            self.bundle, self.split, self.cases, model, baseline, self.conventions, self.training_cases, extra
+        )
+        write_json(self.path, self.report)
+        logger.info("metrics report: %s", self.path)
+
+
+# ----------------------------------------------------------------------------------------------- ignite metrics
+class CTPair:
+    """Output transform ``output -> (pred, label)`` for ignite CT metrics, converted from network intensities.
+
+    ``scale``: ``"unit"`` (the xray2ct window scaled to [0, 1], data range 1 = 3072 HU), ``"hu"`` (HU, clipped
+    to the network's window) or ``"clipped_hu"`` (HU clipped to the xray2ct window, for MAE in HU).
+    ``window``/``symmetric``: the network's intensity convention. ``stage``: the entry of a ``pred``/``label``
+    dict (cascade stages). Works on batched and decollated outputs.
+    """
+
+    def __init__(
+        self,
+        scale: str = "unit",
+        window: str = "xray2ct",
+        symmetric: bool = False,
+        stage: str | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+    ):
+        if scale not in ("unit", "hu", "clipped_hu"):
+            raise ValueError(f"scale must be 'unit', 'hu' or 'clipped_hu', got {scale!r}")
+        self.scale, self.stage = scale, stage
+        self.to_hu = network_to_hu(window, symmetric)
+        self.pred_key, self.label_key = pred_key, label_key
+
+    def _convert(self, x) -> torch.Tensor:
+        if self.stage is not None and isinstance(x, Mapping):
+            x = x[self.stage]
+        hu = self.to_hu(x)
+        if self.scale == "unit":
+            return XRAY2CT.to_unit(hu)
+        if self.scale == "clipped_hu":
+            return hu.clamp(XRAY2CT.lo, XRAY2CT.hi)
+        return hu
+
+    def __call__(self, output):
+        if isinstance(output, (list, tuple)):
+            return (
+                [self._convert(o[self.pred_key]) for o in output],
+                [self._convert(o[self.label_key]) for o in output],
+            )
+        return self._convert(output[self.pred_key]), self._convert(output[self.label_key])
+
+
+# ----------------------------------------------------------------------------------------------- training
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or infinite; the message names the batch's cases."""
+
+
+def _scalar_losses(output, keys: Sequence[str] | None) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for item in output if isinstance(output, (list, tuple)) else [output]:
+        if isinstance(item, Mapping):
+            for key, value in item.items():
+                wanted = key in keys if keys is not None else "loss" in str(key)
+                if wanted and (isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)):
+                    found[str(key)] = float(value.detach() if torch.is_tensor(value) else value)
+        elif isinstance(item, (int, float)) or (torch.is_tensor(item) and item.numel() == 1):
+            found["loss"] = float(item.detach() if torch.is_tensor(item) else item)
+    return found
+
+
+class StopOnNonFiniteLoss:
+    """Raise :class:`NonFiniteLossError` naming epoch, iteration and the batch's cases on a NaN/inf loss.
+
+    ``keys``: the output entries to check (default: every scalar entry whose name contains ``loss``).
+    """
+
+    def __init__(self, keys: Sequence[str] | None = None):
+        self.keys = list(keys) if keys is not None else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        losses = _scalar_losses(engine.state.output, self.keys)
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if not bad:
+            return
+        try:
+            cases = batch_case_ids(engine.state.batch)
+        except Exception:  # the batch cannot be split: the error must still name what is known
+            cases = []
+        raise NonFiniteLossError(
+            f"non-finite training loss {bad} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+            f"batch cases: {cases or 'unknown'}. Check these cases for NaN/inf values (the datalist check "
+            "reads every file when check_values is on) or lower the learning rate."
+        )
+
+
+def rank_handlers(handlers: Sequence | None, rank: int | None = None) -> list:
+    """``handlers`` for one DDP rank: all of them on rank 0; elsewhere none that writes files or logs."""
+    from monai.handlers import (
+        CheckpointSaver,
+        MetricsSaver,
+        StatsHandler,
+        TensorBoardImageHandler,
+        TensorBoardStatsHandler,
+    )
+
+    handlers = [h for h in (handlers or []) if h is not None]
+    if rank is None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        return handlers
+    writers = (CheckpointSaver, MetricsSaver, StatsHandler, TensorBoardStatsHandler, TensorBoardImageHandler)
+    return [h for h in handlers if not isinstance(h, (*writers, MetricsReport))]
