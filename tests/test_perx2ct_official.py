@@ -256,7 +256,7 @@ def test_official_overlay_builds_the_converted_architecture():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overlay = json.load(open(os.path.join(here, "bundles/perx2ct/configs/perx2ct_official.json")))
     base = json.load(open(os.path.join(here, "bundles/perx2ct/configs/inference.json")))["network_def"]
-    kwargs = {k: v for k, v in base.items() if not k.startswith("_") and not str(v).startswith("@")}
+    kwargs = {k: v for k, v in base.items() if k not in ("_target_", "target") and not str(v).startswith("@")}
     kwargs.update({k.split("#", 1)[1]: v for k, v in overlay.items() if k.startswith("network_def#")})
     kwargs.update(
         volume_size=overlay["volume_size"], image_size=overlay["image_size"], spacing=overlay["spacing"]
