@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.atomic import atomic_path, atomic_write_text
+from common.atomic import atomic_path, atomic_write_text, is_partial_file, remove_partial_files
 from common.errors import InputError, require_file
 from common.intensity import XRAY2CT, hu_to_mu
 from common.io import load_volume, save_volume
@@ -454,26 +454,6 @@ def write_datalist(
 
 
 # -------------------------------------------------------------------------------------------- inputs
-def is_partial_leftover(name: str) -> bool:
-    """A hidden temporary of :func:`common.atomic.atomic_path` (``.<name>.<random>.part<suffix>``)."""
-    return name.startswith(".") and ".part" in name
-
-
-def remove_partial_leftovers(folder: str | os.PathLike) -> list[str]:
-    """Delete the ``.*.part*`` leftovers of killed atomic writes directly inside ``folder``; returns them."""
-    folder = Path(folder)
-    removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_file() and is_partial_leftover(p.name):
-                try:
-                    p.unlink()
-                    removed.append(str(p))
-                except FileNotFoundError:
-                    pass
-    return removed
-
-
 def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -519,7 +499,7 @@ def find_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     paths: list[Path] = []
     for item in items:
         p = Path(require_file(item))
-        if is_partial_leftover(p.name):
+        if is_partial_file(p):
             continue
         if p.is_dir() and not _is_dicom_folder(p):
             children = sorted(c for c in p.iterdir() if not c.name.startswith("."))
@@ -767,7 +747,7 @@ def process_case(job: dict) -> dict:
     t_start = time.perf_counter()
     timings: dict = {}
     try:
-        remove_partial_leftovers(case_dir(root, case))
+        remove_partial_files(case_dir(root, case), recursive=False, min_age_s=0)  # this worker owns the case
         (case_dir(root, case) / CASE_META_FILE).unlink(missing_ok=True)  # not done until rewritten
         t0 = time.perf_counter()
         vol = load_ct(path)
@@ -929,7 +909,7 @@ def build_pairs(
         part["plan_content"] = plan  # the whole plan once; the other parts carry its fingerprint
     parts_dir = root / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_leftovers(parts_dir)
+    remove_partial_files(parts_dir, recursive=False)  # stale ones only: other parts may be writing now
     for stale in parts_dir.glob("part_*_of_*.json"):
         if not stale.name.endswith(f"_of_{total_parts:04d}.json"):
             stale.unlink(missing_ok=True)  # from an earlier run split another way
