@@ -15,6 +15,16 @@ SHARED_DATA = Path(os.environ.get("XRAY2CT_SHARED_DATA", REPO_ROOT.parent / "sha
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on loopback now (DDP rendezvous): fixed ports collide when suites run side by side."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

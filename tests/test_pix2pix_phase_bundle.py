@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import nibabel as nib
 import numpy as np
@@ -213,17 +212,11 @@ def test_torchscript_export_and_verify_net_in_out(trained, tmp_path):
     verify_net_in_out("network_def", meta_file=META, config_file=cfg("train.json", TINY), n=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_multi_gpu_overlay_trains_with_gloo_world_of_one(phantom_4dct, tmp_path, monkeypatch):
+def test_multi_gpu_overlay_trains_with_gloo_world_of_one(phantom_4dct, tmp_path, monkeypatch, free_port):
     """The DDP overlay on CPU: gloo backend, one process, DistributedSampler and DDP-wrapped networks."""
     for k, v in {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port),
         "RANK": "0",
         "WORLD_SIZE": "1",
     }.items():

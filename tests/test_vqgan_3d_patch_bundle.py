@@ -157,8 +157,8 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_training_with_gloo_on_two_processes(phantom_pairs, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+def test_ddp_training_with_gloo_on_two_processes(phantom_pairs, tmp_path, free_port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
            "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{MULTI_GPU}','{TINY}']",
            "--dataset_dir", str(phantom_pairs["root"]), "--bundle_root", str(tmp_path / "b"),
            "--output_dir", str(tmp_path / "out"), "--max_epochs", "2"]  # fmt: skip
