@@ -247,9 +247,8 @@ def test_concurrent_jobs_queue_on_one_worker(tmp_path):
     app = create_app({"fake:pa-only": fake.entry()}, workdir=str(tmp_path), max_pending=2)
     with TestClient(app, base_url=LOCAL) as client:
         ids = [client.post("/api/jobs", files={"pa": ("a.png", png_bytes())}).json()["id"]]
-        for _ in range(400):  # wait until the worker has picked the first job up
-            if client.get(f"/api/jobs/{ids[0]}").json()["state"] == "running":
-                break
+        deadline = time.monotonic() + 60  # wait until the worker has picked the first job up (slow when loaded)
+        while client.get(f"/api/jobs/{ids[0]}").json()["state"] != "running" and time.monotonic() < deadline:
             time.sleep(0.01)
         ids += [client.post("/api/jobs", files={"pa": ("a.png", png_bytes())}).json()["id"] for _ in range(2)]
         states = [client.get(f"/api/jobs/{i}").json() for i in ids]
