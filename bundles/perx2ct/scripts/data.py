@@ -107,6 +107,29 @@ def volume_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwa
     )
 
 
+def with_mean_prior(network, datalist_file: str, window: str = "xray2ct", split: str = "training"):
+    """Give a ``mean_prior`` network the voxel-wise mean of ``split``'s CTs (``window`` scale); returns it.
+
+    Networks built without ``mean_prior`` and datalists that are missing or have no such split are
+    returned unchanged (inference: the prior then comes from the checkpoint).
+    """
+    from monai.data import load_decathlon_datalist
+
+    from common.baselines import mean_training_ct
+    from common.intensity import get_window
+
+    if not getattr(network, "mean_prior", False) or not os.path.isfile(datalist_file):
+        return network
+    with open(datalist_file) as f:
+        if not json.load(f).get(split):
+            return network
+    items = load_decathlon_datalist(
+        datalist_file, True, split, os.path.dirname(os.path.abspath(datalist_file))
+    )
+    mean_hu = mean_training_ct([item["ct"] for item in items], shape=(network.volume_size,) * 3)
+    return network.set_mean_prior(torch.from_numpy(get_window(window).to_unit(mean_hu)))
+
+
 def load_drr(path: str) -> np.ndarray:
     """A DRR file written by data_prep (2D NIfTI, [0, 1]) as float32 (H, W)."""
     path = require_file(path)

@@ -8,6 +8,12 @@ there (bilinear ``grid_sample``) and a NeRF positional encoding of the point are
 
 Whole volumes are decoded in batched chunks of slices (``chunk_size`` slices per decoder call), not one
 Python step per slice as the original repository does.
+
+Optional mean-CT prior (``mean_prior=True``; not in the paper, off by default): the decoder predicts the
+residual to the mean training CT, whose slices are added to its output, and its last convolution starts
+at zero, so an untrained network predicts exactly the mean-CT baseline and training only has to learn
+what the X-rays change. At CPU size this is what makes the model beat that baseline (see
+benchmarks/learning.py); the prior is a persistent buffer, saved in and loaded from checkpoints.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class PerX2CTNet(nn.Module):
             taming decoder (needs ``einops``).
         decode_axis: slice axis for whole volumes (0 sagittal, 1 coronal, 2 axial).
         chunk_size: slices per decoder call when decoding a whole volume.
+        mean_prior: add a (N, N, N) prior volume (set with :meth:`set_mean_prior`, e.g. the mean training
+            CT in [0, 1]) to the decoded slices and zero-initialise the decoder's last convolution.
     """
 
     def __init__(
@@ -119,6 +127,7 @@ class PerX2CTNet(nn.Module):
         attention: bool = True,
         decode_axis: int = 2,
         chunk_size: int = 16,
+        mean_prior: bool = False,
     ):
         super().__init__()
         upsample = 2 ** (len(decoder_channels) - 1)
@@ -156,12 +165,37 @@ class PerX2CTNet(nn.Module):
             attention_levels=(False,) * (n - 1) + (bool(attention),),
             with_nonlocal_attn=bool(attention),
         )
+        self.mean_prior = bool(mean_prior)
+        if self.mean_prior:
+            self.register_buffer("prior", torch.zeros((self.volume_size,) * 3))
+            last = self.decoder.blocks[-1].conv
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         for axis in range(3):  # geometry is fixed by the config: recomputed, never stored in checkpoints
             grids = projection_grids(volume_size, feature_res, self.spacing, geometry, image_size, axis)
             for key, value in grids.items():
                 self.register_buffer(f"_{key}_{axis}", value, persistent=False)
 
+    @torch.no_grad()
+    def set_mean_prior(self, volume: torch.Tensor) -> PerX2CTNet:
+        """Store the prior (N, N, N) in the output scale ([0, 1]); needs ``mean_prior=True``."""
+        if not self.mean_prior:
+            raise ValueError("the network was built without mean_prior=True")
+        volume = torch.as_tensor(volume, dtype=torch.float32).reshape(-1, *volume.shape[-3:])[0]
+        if tuple(volume.shape) != tuple(self.prior.shape):
+            raise ValueError(
+                f"prior shape {tuple(volume.shape)} differs from the volume {tuple(self.prior.shape)}"
+            )
+        self.prior.copy_(volume.to(self.prior.device))
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        has_prior = prefix + "prior" in state_dict
+        if has_prior != self.mean_prior:
+            raise ValueError(
+                f"checkpoint {'has' if has_prior else 'has no'} mean-CT prior but the network was built with "
+                f"mean_prior={self.mean_prior}; set 'network_def#mean_prior' to {has_prior}"
+            )
         for name, what in (
             ("spacing_mm", "voxel spacing (mm)"),
             ("geometry_mm", "DRR geometry [SAD, SID, det h, det w]"),
@@ -202,8 +236,10 @@ class PerX2CTNet(nn.Module):
         unit = self._buffer("unit", axis)[index]  # (B, K, F, F, 3)
         parts.append(self.pos_enc(unit).permute(0, 1, 4, 2, 3).to(parts[0].dtype))
         z = torch.cat(parts, dim=2).reshape(b * k, -1, f, f)
-        out = self.decoder(z)  # (B*K, 1, N, N)
-        return out.reshape(b, k, self.volume_size, self.volume_size)
+        out = self.decoder(z).reshape(b, k, self.volume_size, self.volume_size)  # (B, K, N, N)
+        if self.mean_prior:
+            out = out + self.prior.movedim(axis, 0)[index].to(out.dtype)
+        return out
 
     def reconstruct(
         self, x: torch.Tensor, chunk_size: int | None = None, axis: int | None = None
