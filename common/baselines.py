@@ -75,6 +75,27 @@ def mean_training_ct(paths: Iterable[str | os.PathLike], shape: Sequence[int] | 
     return (total / count).astype(np.float32)
 
 
+def mean_training_ct_of_datalist(
+    datalist_file: str | os.PathLike, split: str = "training", shape: Sequence[int] | None = None
+) -> np.ndarray | None:
+    """:func:`mean_training_ct` of the CTs of ``split`` in a data_prep ``dataset.json`` (paths relative to it).
+
+    None when the file does not exist or the split is empty (e.g. at inference, where a model's stored
+    prior is used instead).
+    """
+    import json
+
+    datalist_file = os.fspath(datalist_file)
+    if not os.path.isfile(datalist_file):
+        return None
+    with open(datalist_file) as f:
+        items = json.load(f).get(split) or []
+    if not items:
+        return None
+    base = os.path.dirname(os.path.abspath(datalist_file))
+    return mean_training_ct([os.path.join(base, item["ct"]) for item in items], shape=shape)
+
+
 def resize_volume(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(B, C, X, Y, Z) -> (B, C, *size) by trilinear interpolation (identity when the size matches)."""
     size = tuple(int(s) for s in size)

@@ -55,3 +55,45 @@ def test_with_mean_prior_reads_the_training_split(phantom_pairs):
     np.testing.assert_allclose(net.prior.numpy(), XRAY2CT.to_unit(expected), atol=1e-6)
     plain = PerX2CTNet(**{**TINY, "spacing": (10.0,) * 3})
     assert with_mean_prior(plain, str(phantom_pairs["datalist"])) is plain  # no prior asked for: unchanged
+
+
+# ------------------------------------------------------------------------------------- cascade stage init
+def test_untrained_cascade_is_white_without_prior_and_the_mean_ct_with_it(phantom_pairs):
+    """The cause of the demo's white stage previews: an untrained stage 1 outputs sigmoid(0) = 0.5 = +512 HU
+    everywhere, and stages 2-3 start as its upsampled copy. With the mean-CT prior every stage starts at
+    the mean training CT (the baseline), i.e. shows anatomy before any training."""
+    from bundles.progressive_cascade.scripts.data import read_dataset_info, with_mean_prior
+    from bundles.progressive_cascade.scripts.network import ProgressiveCascade
+    from common.baselines import mean_training_ct_of_datalist
+    from common.intensity import XRAY2CT
+
+    info = read_dataset_info(str(phantom_pairs["datalist"]))
+    tiny = dict(
+        volume_sizes=(8, 16, 32), xray_size=32, feature_sizes=(8, 16, 32), encoder_channels=(8, 8, 8),
+        head_channels=4, refiner_channels=((8, 16), (8, 16), (4, 8)),
+    )  # fmt: skip
+    xrays = torch.rand(1, 2, 32, 32)
+    torch.manual_seed(0)
+    plain = ProgressiveCascade(info["geometry"], info["fov_mm"], **tiny).eval()
+    with torch.no_grad():
+        hu = [XRAY2CT.from_unit(out) for out in plain.forward_all(xrays)]
+    for stage in hu:  # around +512 HU: above the lung window's white point (+150 HU) nearly everywhere
+        assert float((stage > 150).float().mean()) > 0.75 and float((stage < -900).float().mean()) < 0.01
+    torch.manual_seed(0)
+    net = with_mean_prior(
+        ProgressiveCascade(info["geometry"], info["fov_mm"], mean_prior=True, **tiny),
+        str(phantom_pairs["datalist"]),
+    ).eval()
+    mean_ct = torch.from_numpy(XRAY2CT.to_unit(mean_training_ct_of_datalist(phantom_pairs["datalist"])))[
+        None, None
+    ]
+    with torch.no_grad():
+        outputs = net.forward_all(xrays)
+    expected = torch.nn.functional.interpolate(mean_ct, size=(8,) * 3, mode="area")  # stage 1's grid
+    for out in outputs:  # each later stage starts as the trilinear upsampling of the one before
+        if out.shape != expected.shape:
+            expected = torch.nn.functional.interpolate(expected, size=out.shape[2:], mode="trilinear")
+        assert float((out - expected).abs().max()) < 2e-3  # the baseline (clamped to [1e-3, 1 - 1e-3])
+        assert float(XRAY2CT.from_unit(out).std()) > 300  # air, lungs and body: anatomy, not a flat volume
+    state = net.state_dict()
+    assert "stages.0.prior_logit" in state  # saved with the checkpoint (stages 2-3 and evaluation load it)

@@ -113,20 +113,14 @@ def with_mean_prior(network, datalist_file: str, window: str = "xray2ct", split:
     Networks built without ``mean_prior`` and datalists that are missing or have no such split are
     returned unchanged (inference: the prior then comes from the checkpoint).
     """
-    from monai.data import load_decathlon_datalist
-
-    from common.baselines import mean_training_ct
+    from common.baselines import mean_training_ct_of_datalist
     from common.intensity import get_window
 
-    if not getattr(network, "mean_prior", False) or not os.path.isfile(datalist_file):
+    if not getattr(network, "mean_prior", False):
         return network
-    with open(datalist_file) as f:
-        if not json.load(f).get(split):
-            return network
-    items = load_decathlon_datalist(
-        datalist_file, True, split, os.path.dirname(os.path.abspath(datalist_file))
-    )
-    mean_hu = mean_training_ct([item["ct"] for item in items], shape=(network.volume_size,) * 3)
+    mean_hu = mean_training_ct_of_datalist(datalist_file, split, shape=(network.volume_size,) * 3)
+    if mean_hu is None:
+        return network
     return network.set_mean_prior(torch.from_numpy(get_window(window).to_unit(mean_hu)))
 
 

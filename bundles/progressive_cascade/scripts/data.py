@@ -19,6 +19,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad,
 
 from common.drr import DRRGeometry, get_geometry
 from common.errors import InputError, require_file
+from common.intensity import get_window
 from common.transforms import hu_window_transform
 
 XRAY_KEYS = ("pa", "lateral")
@@ -80,6 +81,23 @@ def pair_transforms(
         ]
     xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
     return Compose(xforms)
+
+
+def with_mean_prior(network, datalist_file: str, window: str = "xray2ct", split: str = "training"):
+    """Give a ``mean_prior`` cascade the mean of ``split``'s CTs (``window`` scale) as stage 1's prior.
+
+    Unchanged when the network has no prior or the datalist is missing or has no such split (inference and
+    later stages: the prior then comes from the checkpoint).
+    """
+    from common.baselines import mean_training_ct_of_datalist
+
+    target = network.module if hasattr(network, "module") else network
+    if not target.stages[0].use_prior:
+        return network
+    mean_hu = mean_training_ct_of_datalist(datalist_file, split)
+    if mean_hu is not None:
+        target.set_mean_prior(torch.from_numpy(get_window(window).to_unit(mean_hu)))
+    return network
 
 
 class CascadeBatch:
