@@ -61,6 +61,8 @@ METRIC = "psnr_xray2ct"
 TARGET_DB = 1.0
 PHANTOMS = dict(n_cases=48, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=64, seed=0)
 REAL_SPACING_VQ = 3.0
+# one training volume: draw 24 patches from it per epoch (the phantom rows have 24 volumes, one patch each)
+REAL_VQ_OVERRIDES = {"patches_per_volume": 24}
 CUBE = dict(size=32, spacing=4.5, n_train=40, n_val=8, seed=0)
 CUBE_GEOMETRY = dict(
     name="cube", sad=700.0, sid=949.0, detector_pixels=[64, 64], detector_size_mm=[250.0, 250.0]
@@ -268,12 +270,13 @@ def _mean_ct(dataset: Path) -> np.ndarray:
     return mean_training_ct([i["ct"] for i in split_items(dataset, "training")])
 
 
-def run_vqgan(dataset: Path, work: Path, name: str) -> dict:
+def run_vqgan(dataset: Path, work: Path, name: str, extra: dict | None = None) -> dict:
     from bundles.vqgan_3d_patch.scripts.codec import load_vqgan, reconstruct_volume
     from bundles.vqgan_3d_patch.scripts.networks import downsampling_factor
 
     files = configs("vqgan_3d_patch", "train.json", "cpu_small.json")
     over = dict(dataset_dir=str(dataset), bundle_root=str(work / name), output_dir=str(work / name / "eval"))
+    over.update(extra or {})
     timing = train("vqgan_3d_patch", files, over)
     parser = parser_for(files, over)
     net = load_vqgan(work / name / "models" / "model.pt", parser.get_parsed_content("network_def"))
@@ -394,11 +397,16 @@ def main(
     work: str = "outputs/benchmarks/learning_work",
     out: str = "outputs/benchmarks/learning.json",
     smoke: bool = False,
+    merge: str | tuple = (),
 ) -> dict:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
     ``--smoke`` trains every model for 2 epochs (one per cascade stage) to check the pipeline only.
+    ``--merge a.json,b.json`` runs nothing: it combines the rows of earlier runs (e.g. rows run as
+    separate processes) into ``--out`` and prints the table.
     """
+    if merge:
+        return merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
     if smoke:
         SMOKE.update(max_epochs=2, val_interval=1, save_interval=2, stage_epochs=[1, 1, 1])
     selected = list(ROWS) if rows == "all" else list(rows.split(",") if isinstance(rows, str) else rows)
@@ -421,7 +429,7 @@ def main(
         "cascade_phantoms": ("progressive_cascade", "phantoms", lambda: run_cascade(phantoms, work_dir, "cascade_phantoms")),
         "latent_ddpm_phantoms": ("latent_ddpm", "phantoms", lambda: run_latent_ddpm(
             phantoms, work_dir, "latent_ddpm_phantoms", results["vqgan_phantoms"]["checkpoint"])),
-        "vqgan_real": ("vqgan_3d_patch", "real CT", lambda: run_vqgan(vq_real_dataset(work_dir, volumes), work_dir, "vqgan_real")),
+        "vqgan_real": ("vqgan_3d_patch", "real CT", lambda: run_vqgan(vq_real_dataset(work_dir, volumes), work_dir, "vqgan_real", REAL_VQ_OVERRIDES)),
         "perx2ct_real": ("perx2ct", "real DRR pairs", lambda: run_perx2ct(perx_real_dataset(work_dir, volumes), work_dir, "perx2ct_real")),
     }  # fmt: skip
     table_rows: list[dict] = []
@@ -484,6 +492,27 @@ def main(
           f"(idle estimate {train_cpu / 60 / int(threads):.1f} min; wall / idle estimate {report['contention_ratio']:.1f}); "
           f"load average {load_before[0]:.1f} -> {report['load_average_after'][0]:.1f}; JSON: {out_path}")  # fmt: skip
     return report
+
+
+def merge_reports(paths: list[str], out: str) -> dict:
+    """One report from several runs' JSON (rows in ``ROWS`` order); prints the combined table."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    rows = sorted((r for rep in reports for r in rep["rows"]), key=lambda r: ROWS.index(r["row"]))
+    merged = {**reports[0], "rows": rows, "merged_from": [str(p) for p in paths],
+              "commands": [rep["command"] for rep in reports],
+              "complete": {r["row"] for r in rows} == set(ROWS),
+              "train_cpu_s": sum(r.get("cpu_s", 0.0) for r in rows),
+              "total_wall_s": max(rep["total_wall_s"] for rep in reports),
+              "load_average_before": [rep["load_average_before"] for rep in reports],
+              "load_average_after": [rep["load_average_after"] for rep in reports]}  # fmt: skip
+    out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_path, json.dumps(merged, indent=2, default=float) + "\n")
+    print(_format_table(rows))
+    print(
+        f"\n[learning] merged {len(paths)} runs; training {merged['train_cpu_s'] / 60:.1f} CPU min in all; JSON: {out_path}"
+    )
+    return merged
 
 
 if __name__ == "__main__":
