@@ -194,9 +194,8 @@ def _resampled(vol: Volume, spacing: float) -> Volume:
     from monai.data import MetaTensor
     from monai.transforms import Spacing
 
-    img = MetaTensor(
-        torch.from_numpy(np.asarray(vol.array, np.float32)[None]), affine=torch.from_numpy(vol.affine)
-    )
+    array = np.ascontiguousarray(vol.array, dtype=np.float32)[None]  # canonical views may have negative strides
+    img = MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(np.ascontiguousarray(vol.affine)))
     img = Spacing(pixdim=(spacing,) * 3, mode="bilinear", padding_mode="border")(img)
     return Volume(np.asarray(img.array[0], np.float32), np.asarray(img.affine, np.float64))
 
