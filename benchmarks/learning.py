@@ -398,7 +398,7 @@ def main(
     out: str = "outputs/benchmarks/learning.json",
     smoke: bool = False,
     merge: str | tuple = (),
-) -> dict:
+) -> None:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
     ``--smoke`` trains every model for 2 epochs (one per cascade stage) to check the pipeline only.
@@ -406,7 +406,8 @@ def main(
     separate processes) into ``--out`` and prints the table.
     """
     if merge:
-        return merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
+        merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
+        return
     if smoke:
         SMOKE.update(max_epochs=2, val_interval=1, save_interval=2, stage_epochs=[1, 1, 1])
     selected = list(ROWS) if rows == "all" else list(rows.split(",") if isinstance(rows, str) else rows)
@@ -491,7 +492,6 @@ def main(
     print(f"\n[learning] {total / 60:.1f} min wall in all; training {train_cpu / 60:.1f} CPU min on {threads} threads "
           f"(idle estimate {train_cpu / 60 / int(threads):.1f} min; wall / idle estimate {report['contention_ratio']:.1f}); "
           f"load average {load_before[0]:.1f} -> {report['load_average_after'][0]:.1f}; JSON: {out_path}")  # fmt: skip
-    return report
 
 
 def merge_reports(paths: list[str], out: str) -> dict:
