@@ -2,11 +2,14 @@
 
     python benchmarks/learning.py [--rows all|vqgan_phantoms,perx2ct_phantoms,...] [--threads 2]
                                   [--work outputs/benchmarks/learning_work] [--out outputs/benchmarks/learning.json]
+                                  [--split test] [--smoke] [--merge a.json,b.json]
 
-Trains each model at CPU size through its bundle's own configs (``monai.bundle run training`` with
-``train.json`` + ``configs/cpu_small.json`` + dataset overrides: what a user runs), then scores it on the
-test split beside the baseline of its task (:mod:`common.baselines`), on the same cases, in the same
-conventions:
+Each model is trained and evaluated through its bundle's own configs, as a user runs them:
+``monai.bundle run training`` with ``train.json`` + ``configs/cpu_small.json`` (+ the dataset), then
+``monai.bundle run evaluating`` with ``train.json`` + ``evaluate.json`` + ``cpu_small.json`` on the **test**
+split. The figures are those of the bundle's own ``metrics_report.json``: model and the task's baseline
+(:mod:`common.baselines`) on the same cases, in the same conventions; a report whose cases overlap the
+training split (``smoke_test``) fails the row.
 
 * phantoms (``data_prep.phantom``, 48 patients, 32^3 at 12 mm, PA + lateral DRRs 64^2 in the ``perx2ct``
   geometry; split 24 training / 12 validation / 12 test, per patient): vqgan_3d_patch (baseline: box
@@ -18,11 +21,12 @@ conventions:
   augmented crops (144 mm cubes at random positions in the chest, 32^3 at 4.5 mm, DRR pairs by
   ``data_prep.build_pairs`` with a 250 mm detector; validation: other random cubes of the same CT).
 
-Recipes were chosen on the validation splits only. The table gives PSNR in the xray2ct convention
-(HU [-1024, 2048] -> [0, 1], data range 1, per volume, mean over the test cases); the JSON also holds SSIM,
-MAE (HU) and the X2CT-GAN / PerX2CT conventions per case. Train minutes are wall-clock; the machine
-may be shared, so the CPU minutes and the contention ratio wall / (CPU / threads) are given too (an
-idle machine needs about CPU / threads minutes, a lower bound when threads do not scale perfectly).
+Recipes (the ``cpu_small.json`` overlays) were chosen on the validation splits only (``--split validation``
+scores that split instead; such figures choose recipes and are not results). The table gives PSNR in the
+xray2ct convention (HU [-1024, 2048] -> [0, 1], data range 1, per volume, mean over the cases); the JSON
+also holds SSIM, MAE (HU) and the X2CT-GAN / PerX2CT conventions per case (the bundles' reports). Minutes
+are wall-clock of training + evaluation; the machine may be shared, so the process CPU minutes (all threads)
+are given beside them (an idle machine needs about CPU / threads minutes).
 """
 
 from __future__ import annotations
@@ -42,10 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.atomic import atomic_write_text  # noqa: E402
-from common.baselines import BOX_DOWN_UP, MEAN_TRAINING_CT, box_down_up, compare, mean_training_ct  # noqa: E402
-from common.intensity import XRAY2CT  # noqa: E402
 from common.io import load_volume, save_volume  # noqa: E402
-from common.metrics import CONVENTIONS, compute_ct_metrics  # noqa: E402
 from common.volume import Volume  # noqa: E402
 
 BUNDLES = REPO / "bundles"
@@ -59,10 +60,10 @@ ROWS = (  # run in this order (latent_ddpm needs the phantom VQ-GAN)
 )
 METRIC = "psnr_xray2ct"
 TARGET_DB = 1.0
+BUDGET_MIN = 20.0  # issue 12: at most 20 minutes in all on 2 cores
 PHANTOMS = dict(n_cases=48, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=64, seed=0)
 REAL_SPACING_VQ = 3.0
 # one training volume: 6 iterations of 4 patches per epoch, as the phantom row (24 volumes, batch 4)
-# (24 patches in one batch per epoch gave only 150 optimizer steps and a validation PSNR still rising)
 REAL_VQ_OVERRIDES = {"patches_per_volume": 4, "epoch_length": 6}
 CUBE = dict(size=32, spacing=4.5, n_train=40, n_val=8, seed=0)
 CUBE_GEOMETRY = dict(
@@ -86,66 +87,43 @@ def configs(bundle: str, *names: str) -> list[str]:
     return [str(BUNDLES / bundle / "configs" / n) for n in names]
 
 
-def parser_for(files: list[str], overrides: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.update(overrides)
-    return parser
-
-
-def load_state(path: str | Path) -> dict:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state["model"] if isinstance(state, dict) and "model" in state else state
-
-
-def split_items(dataset_dir: str | Path, key: str) -> list[dict]:
-    from monai.data import load_decathlon_datalist
-
-    return load_decathlon_datalist(str(Path(dataset_dir) / "dataset.json"), True, key, str(dataset_dir))
-
-
-def case_id(item: dict) -> str:
-    return os.path.basename(os.path.normpath(str(item.get("id", item["ct"]))))
-
-
-def gt_hu(path: str) -> np.ndarray:
-    return np.asarray(load_volume(path).to_canonical().array, dtype=np.float32)
-
-
-def score(cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], baseline: str) -> dict:
-    """Per-case and mean metrics of the model and the baseline: ``cases`` = (id, pred, baseline, target) HU."""
-    rows = []
-    for cid, pred, base, target in cases:
-        rows.append(
-            {
-                "id": cid,
-                "model": compute_ct_metrics(pred, target),
-                "baseline": compute_ct_metrics(base, target),
-            }
-        )
-    keys = list(rows[0]["model"])
-    model = {k: float(np.mean([r["model"][k] for r in rows])) for k in keys}
-    base = {k: float(np.mean([r["baseline"][k] for r in rows])) for k in keys}
-    return {
-        "baseline_name": baseline,
-        "model": model,
-        "baseline": base,
-        **compare(model, base),
-        "cases": rows,
-    }
-
-
 SMOKE: dict = {}  # --smoke: a few steps per model, to check the pipeline (its figures mean nothing)
 
 
-def train(bundle: str, files: list[str], overrides: dict, run_id: str = "training") -> dict:
+def bundle_run(run_id: str, files: list[str], overrides: dict) -> dict:
+    """``monai.bundle run <run_id>`` in this process; returns its wall and CPU seconds."""
     from monai.bundle import run
 
     with Clock() as clock:
-        run(run_id, config_file=files, **{**overrides, **SMOKE})
+        run(run_id, config_file=files, **overrides)
     return {"wall_s": clock.wall, "cpu_s": clock.cpu}
+
+
+def train_and_evaluate(bundle: str, overrides: dict, split: str, stages: tuple = (None,)) -> dict:
+    """Train (each of ``stages``) with train.json + cpu_small.json, evaluate ``split`` with evaluate.json.
+
+    Returns the bundle's metrics report with the timings (``train_*``, ``eval_*``, ``wall_s``, ``cpu_s``).
+    """
+    over = {**overrides, **SMOKE}
+    train, times = configs(bundle, "train.json", "cpu_small.json"), {"wall_s": 0.0, "cpu_s": 0.0}
+    for stage in stages:
+        t = bundle_run("training", train, over if stage is None else {**over, "stage": stage})
+        times = {k: times[k] + t[k] for k in times}
+    evaluate = configs(bundle, "train.json", "evaluate.json", "cpu_small.json")
+    e = bundle_run("evaluating", evaluate, {**over, "eval_split": split})
+    report = json.loads((Path(over["output_dir"]) / "metrics_report.json").read_text())
+    if report.get("smoke_test") and split != "training":
+        raise RuntimeError(f"{bundle}: evaluated cases {report['training_cases_evaluated']} are training cases")
+    return {
+        "report": report,
+        "train_wall_s": times["wall_s"], "train_cpu_s": times["cpu_s"],
+        "eval_wall_s": e["wall_s"], "eval_cpu_s": e["cpu_s"],
+        "wall_s": times["wall_s"] + e["wall_s"], "cpu_s": times["cpu_s"] + e["cpu_s"],
+    }  # fmt: skip
+
+
+def bundle_dirs(work: Path, name: str) -> dict:
+    return {"bundle_root": str(work / name), "output_dir": str(work / name / "eval")}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -242,7 +220,7 @@ def perx_real_dataset(work: Path, volumes: dict) -> Path:
     body = np.argwhere(example.array[::8, ::8, ::4] > -300) * np.array([8, 8, 4])
     lo_mm = _voxel_mm(example, body.min(0)) + side / 2
     hi_mm = _voxel_mm(example, body.max(0)) - side / 2
-    names = {"training": [], "validation": [], "test": []}
+    names: dict[str, list[str]] = {"training": [], "validation": [], "test": []}
     for k in range(CUBE["n_train"] + CUBE["n_val"]):
         centre = rng.uniform(np.minimum(lo_mm, hi_mm), np.maximum(lo_mm, hi_mm))
         name = f"example_cube{k:02d}"
@@ -255,7 +233,7 @@ def perx_real_dataset(work: Path, volumes: dict) -> Path:
     build_pairs(str(cubes), str(root), size=CUBE["size"], spacing=CUBE["spacing"], geometry=CUBE_GEOMETRY,
                 drr_pixels=CUBE_GEOMETRY["detector_pixels"][0], val_fraction=0.0, test_fraction=0.0)  # fmt: skip
     meta = json.loads((root / "dataset.json").read_text())
-    entries = {e["id"]: e for split in ("training", "validation", "test") for e in meta[split]}
+    entries = {e["id"]: e for split in ("training", "validation", "test") for e in meta.get(split, [])}
     for split, ids in names.items():
         meta[split] = [entries[i] for i in ids if i in entries]
     meta["split"] = {
@@ -266,129 +244,62 @@ def perx_real_dataset(work: Path, volumes: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def _mean_ct(dataset: Path) -> np.ndarray:
-    return mean_training_ct([i["ct"] for i in split_items(dataset, "training")])
+def run_vqgan(dataset: Path, work: Path, name: str, split: str, extra: dict | None = None) -> dict:
+    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), **(extra or {})}
+    result = train_and_evaluate("vqgan_3d_patch", over, split)
+    result["checkpoint"] = str(work / name / "models" / "model.pt")
+    return result
 
 
-def run_vqgan(dataset: Path, work: Path, name: str, extra: dict | None = None) -> dict:
-    from bundles.vqgan_3d_patch.scripts.codec import load_vqgan, reconstruct_volume
-    from bundles.vqgan_3d_patch.scripts.networks import downsampling_factor
-
-    files = configs("vqgan_3d_patch", "train.json", "cpu_small.json")
-    over = dict(dataset_dir=str(dataset), bundle_root=str(work / name), output_dir=str(work / name / "eval"))
-    over.update(extra or {})
-    timing = train("vqgan_3d_patch", files, over)
-    parser = parser_for(files, over)
-    net = load_vqgan(work / name / "models" / "model.pt", parser.get_parsed_content("network_def"))
-    roi, overlap = parser.get_parsed_content("val_roi_size"), parser.get_parsed_content("val_overlap")
-    factor = downsampling_factor(net)
-    cases = []
-    for item in split_items(dataset, "test"):
-        target = gt_hu(item["ct"])
-        x = torch.from_numpy(XRAY2CT.to_unit(target))[None, None]
-        pred = reconstruct_volume(net, x, roi, overlap).clamp(0, 1)
-        cases.append((case_id(item), XRAY2CT.from_unit(pred[0, 0]).numpy(),
-                      XRAY2CT.from_unit(box_down_up(x, factor)[0, 0]).numpy(), target))  # fmt: skip
-    return {
-        **score(cases, BOX_DOWN_UP),
-        **timing,
-        "latent_factor": factor,
-        "checkpoint": str(work / name / "models" / "model.pt"),
-    }
+def run_perx2ct(dataset: Path, work: Path, name: str, split: str) -> dict:
+    return train_and_evaluate("perx2ct", {"dataset_dir": str(dataset), **bundle_dirs(work, name)}, split)
 
 
-def run_perx2ct(dataset: Path, work: Path, name: str) -> dict:
-    files = configs("perx2ct", "train.json", "cpu_small.json")
-    over = dict(dataset_dir=str(dataset), bundle_root=str(work / name), output_dir=str(work / name / "out"))
-    timing = train("perx2ct", files, over)
-    parser = parser_for(files, over)
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(load_state(work / name / "models" / "model.pt"))
-    net.eval()
-    transform = parser.get_parsed_content("train#preprocessing")
-    mean = _mean_ct(dataset)
-    cases = []
-    with torch.no_grad():
-        for item in split_items(dataset, "test"):
-            pred = net(transform(dict(item))["image"][None]).clamp(0, 1)[0, 0]
-            cases.append((case_id(item), XRAY2CT.from_unit(pred).numpy(), mean, gt_hu(item["ct"])))
-    return {**score(cases, MEAN_TRAINING_CT), **timing}
+def run_cascade(dataset: Path, work: Path, name: str, split: str) -> dict:
+    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name)}
+    return train_and_evaluate("progressive_cascade", over, split, stages=(1, 2, 3))
 
 
-def run_cascade(dataset: Path, work: Path, name: str) -> dict:
-    files = configs("progressive_cascade", "train.json", "cpu_small.json")
-    over = dict(dataset_dir=str(dataset), bundle_root=str(work / name), output_dir=str(work / name / "out"))
-    timing = {"wall_s": 0.0, "cpu_s": 0.0}
-    for stage in (1, 2, 3):
-        t = train("progressive_cascade", files, {**over, "stage": stage})
-        timing = {k: timing[k] + t[k] for k in timing}
-    parser = parser_for(files, {**over, "stage": 3})
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(load_state(work / name / "models" / "stage3_model.pt"))
-    net.eval()
-    transform = parser.get_parsed_content("preprocessing")
-    mean = _mean_ct(dataset)
-    cases, stages = [], []
-    with torch.no_grad():
-        for item in split_items(dataset, "test"):
-            data = transform(dict(item))
-            outs = net.forward_all(torch.cat((data["pa"], data["lateral"]), dim=0)[None])
-            pred = outs[-1].clamp(0, 1)[0, 0]
-            cases.append((case_id(item), XRAY2CT.from_unit(pred).numpy(), mean, gt_hu(item["ct"])))
-            stages.append([float(XRAY2CT.from_unit(o.clamp(0, 1)).std()) for o in outs])
-    return {**score(cases, MEAN_TRAINING_CT), **timing, "stage_output_std_hu": np.mean(stages, 0).tolist()}
-
-
-def run_latent_ddpm(dataset: Path, work: Path, name: str, vqgan_checkpoint: str) -> dict:
-    from bundles.latent_ddpm.scripts.data import LoadXrayd
-    from bundles.vqgan_3d_patch.scripts.codec import decode_latents, encode_volume
-
-    files = configs("latent_ddpm", "train.json", "cpu_small.json")
-    over = dict(
-        dataset_dir=str(dataset), bundle_root=str(BUNDLES / "latent_ddpm"), output_dir=str(work / name),
-        ckpt_dir=str(work / name / "models"), vqgan_checkpoint=vqgan_checkpoint,
-    )  # fmt: skip
-    timing = train("latent_ddpm", files, over)
-    parser = parser_for(configs("latent_ddpm", "train.json", "evaluate.json", "cpu_small.json"), over)
-    net = parser.get_parsed_content("network")
-    net.load_state_dict(load_state(work / name / "models" / "model.pt"))
-    net.eval()
-    sampler = parser.get_parsed_content("evaluate#inferer")
-    load = LoadXrayd(keys="pa", size=parser.get_parsed_content("xray_size"))
-    mean = _mean_ct(dataset)
-    cases, ceiling = [], []
-    with torch.no_grad():
-        for item in split_items(dataset, "test"):
-            xray = load({"pa": item["pa"]})["pa"][None].float()
-            pred = sampler(xray, net)[0, 0]
-            target = gt_hu(item["ct"])
-            cases.append((case_id(item), XRAY2CT.from_unit(pred).numpy(), mean, target))
-            # the ceiling: the VQ-GAN's own reconstruction of the test CT (the best a perfect sampler decodes)
-            x = torch.from_numpy(XRAY2CT.to_unit(target))[None, None]
-            latents = encode_volume(sampler.vqgan, x, roi=sampler.roi, overlap=sampler.overlap)
-            recon = decode_latents(sampler.vqgan, latents, roi=sampler.roi, overlap=sampler.overlap).clamp(
-                0, 1
-            )
-            ceiling.append(compute_ct_metrics(XRAY2CT.from_unit(recon[0, 0]).numpy(), target)[METRIC])
-    return {**score(cases, MEAN_TRAINING_CT), **timing, "vqgan_checkpoint": vqgan_checkpoint,
-            "vqgan_ceiling_psnr": float(np.mean(ceiling))}  # fmt: skip
+def run_latent_ddpm(dataset: Path, work: Path, name: str, split: str, vqgan: dict) -> dict:
+    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), "vqgan_checkpoint": vqgan["checkpoint"]}
+    result = train_and_evaluate("latent_ddpm", over, split)
+    # the ceiling: the VQ-GAN's own reconstruction of the same cases (the best a perfect sampler decodes)
+    result["vqgan_ceiling_psnr"] = vqgan["report"]["model"][METRIC]
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- main
 def _format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<22}{'data':<16}{'metric (convention)':<30}{'model':>8}{'baseline':>10}{'diff':>8}"
-            f"  {'baseline name':<18}{'train min':>10}{'CPU min':>9}{'idle est':>9}")  # fmt: skip
-    lines = [head, "-" * len(head)]
+    head = (f"{'model':<22}{'data':<16}{'split':<12}{'cases':>6}{'model':>8}{'baseline':>10}{'diff':>8}  "
+            f"{'baseline name':<18}{'wall min':>9}{'CPU min':>9}")  # fmt: skip
+    lines = ["PSNR dB, xray2ct convention (HU [-1024, 2048] -> [0, 1], data range 1), mean over cases", head,
+             "-" * len(head)]  # fmt: skip
     for r in rows:
         if "error" in r:
             lines.append(f"{r['model']:<22}{r['data']:<16}ERROR {r['error']}")
             continue
         lines.append(
-            f"{r['model']:<22}{r['data']:<16}{'PSNR dB (xray2ct, range 1)':<30}{r['model_metrics'][METRIC]:>8.2f}"
+            f"{r['model']:<22}{r['data']:<16}{r['split']:<12}{r['n_cases']:>6}{r['model_metrics'][METRIC]:>8.2f}"
             f"{r['baseline_metrics'][METRIC]:>10.2f}{r['difference'][METRIC]:>+8.2f}  {r['baseline_name']:<18}"
-            f"{r['wall_s'] / 60:>10.1f}{r['cpu_s'] / 60:>9.1f}{r['cpu_s'] / 60 / r['threads']:>9.1f}"
+            f"{r['wall_s'] / 60:>9.1f}{r['cpu_s'] / 60:>9.1f}"
         )
     return "\n".join(lines)
+
+
+def _row(key: str, model: str, data: str, threads: int, res: dict) -> dict:
+    report = res["report"]
+    return {
+        "row": key, "model": model, "data": data, "threads": threads, "split": report["split"],
+        "n_cases": report["n_cases"], "case_ids": report["case_ids"],
+        "baseline_name": report["baseline"]["name"], "baseline_description": report["baseline"]["description"],
+        "model_metrics": report["model"], "baseline_metrics": report["baseline"]["metrics"],
+        "difference": report["difference"], "model_better": report["model_better"],
+        "beats_target": report["difference"][METRIC] >= TARGET_DB, "smoke_test": report["smoke_test"],
+        "cases": report["cases"],
+        **{k: res[k] for k in ("wall_s", "cpu_s", "train_wall_s", "train_cpu_s", "eval_wall_s", "eval_cpu_s")},
+        **{k: res[k] for k in ("vqgan_ceiling_psnr", "checkpoint") if k in res},
+        **{k: report[k] for k in ("latent_factor",) if k in report},
+    }  # fmt: skip
 
 
 def main(
@@ -396,14 +307,15 @@ def main(
     threads: int = 2,
     work: str = "outputs/benchmarks/learning_work",
     out: str = "outputs/benchmarks/learning.json",
+    split: str = "test",
     smoke: bool = False,
     merge: str | tuple = (),
 ) -> None:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
-    ``--smoke`` trains every model for 2 epochs (one per cascade stage) to check the pipeline only.
-    ``--merge a.json,b.json`` runs nothing: it combines the rows of earlier runs (e.g. rows run as
-    separate processes) into ``--out`` and prints the table.
+    ``--split validation`` scores the validation split (how the recipes were chosen). ``--smoke`` trains
+    every model for 2 epochs (one per cascade stage) to check the pipeline only. ``--merge a.json,b.json``
+    runs nothing: it combines the rows of earlier runs into ``--out`` and prints the table.
     """
     if merge:
         merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
@@ -416,51 +328,49 @@ def main(
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     if "latent_ddpm_phantoms" in selected and "vqgan_phantoms" not in selected:
         selected.insert(0, "vqgan_phantoms")  # the latent model needs the phantom VQ-GAN
-    torch.set_num_threads(int(threads))
+    threads = int(threads)
+    torch.set_num_threads(threads)
     work_dir = (REPO / work) if not Path(work).is_absolute() else Path(work)
     work_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     phantoms = phantom_dataset(work_dir) if any(r.endswith("phantoms") for r in selected) else None
     volumes = real_volumes() if any(r.endswith("real") for r in selected) else None
     results: dict[str, dict] = {}
     jobs: dict[str, tuple[str, str, Callable[[], dict]]] = {
-        "vqgan_phantoms": ("vqgan_3d_patch", "phantoms", lambda: run_vqgan(phantoms, work_dir, "vqgan_phantoms")),
-        "perx2ct_phantoms": ("perx2ct", "phantoms", lambda: run_perx2ct(phantoms, work_dir, "perx2ct_phantoms")),
-        "cascade_phantoms": ("progressive_cascade", "phantoms", lambda: run_cascade(phantoms, work_dir, "cascade_phantoms")),
+        "vqgan_phantoms": ("vqgan_3d_patch", "phantoms", lambda: run_vqgan(phantoms, work_dir, "vqgan_phantoms", split)),
+        "perx2ct_phantoms": ("perx2ct", "phantoms", lambda: run_perx2ct(phantoms, work_dir, "perx2ct_phantoms", split)),
+        "cascade_phantoms": ("progressive_cascade", "phantoms", lambda: run_cascade(phantoms, work_dir, "cascade_phantoms", split)),
         "latent_ddpm_phantoms": ("latent_ddpm", "phantoms", lambda: run_latent_ddpm(
-            phantoms, work_dir, "latent_ddpm_phantoms", results["vqgan_phantoms"]["checkpoint"])),
-        "vqgan_real": ("vqgan_3d_patch", "real CT", lambda: run_vqgan(vq_real_dataset(work_dir, volumes), work_dir, "vqgan_real", REAL_VQ_OVERRIDES)),
-        "perx2ct_real": ("perx2ct", "real DRR pairs", lambda: run_perx2ct(perx_real_dataset(work_dir, volumes), work_dir, "perx2ct_real")),
+            phantoms, work_dir, "latent_ddpm_phantoms", split, results["vqgan_phantoms"])),
+        "vqgan_real": ("vqgan_3d_patch", "real CT", lambda: run_vqgan(
+            vq_real_dataset(work_dir, volumes), work_dir, "vqgan_real", split, REAL_VQ_OVERRIDES)),
+        "perx2ct_real": ("perx2ct", "real DRR pairs", lambda: run_perx2ct(
+            perx_real_dataset(work_dir, volumes), work_dir, "perx2ct_real", split)),
     }  # fmt: skip
     table_rows: list[dict] = []
     out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_report() -> dict:
-        total = time.time() - t0
-        train_cpu = sum(r.get("cpu_s", 0.0) for r in table_rows)
         report = {
             "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:]),
             "smoke": bool(smoke),
+            "split": split,
             "complete": len(table_rows) == len([r for r in ROWS if r in selected]),
             "metric": METRIC,
             "target_db": TARGET_DB,
+            "budget_min": BUDGET_MIN,
             "rows": table_rows,
-            "total_wall_s": total,
-            "train_cpu_s": train_cpu,
-            "contention_ratio": total / max(1e-9, train_cpu / int(threads)),
+            "total_wall_s": time.time() - t0,
+            "total_cpu_s": time.process_time() - c0,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
-            "threads": int(threads),
+            "threads": threads,
             "torch": torch.__version__,
             "phantoms": PHANTOMS,
             "real_cube": {**CUBE, "geometry": CUBE_GEOMETRY},
-            "conventions": CONVENTIONS,
-            "baselines": {
-                MEAN_TRAINING_CT: "common.baselines.mean_training_ct of the training split",
-                BOX_DOWN_UP: "common.baselines.box_down_up by the VQ-GAN's latent factor",
-            },  # fmt: skip
+            "configs": "train.json + cpu_small.json (training), train.json + evaluate.json + cpu_small.json (evaluation)",
         }
         atomic_write_text(out_path, json.dumps(report, indent=2, default=float) + "\n")
         return report
@@ -472,26 +382,18 @@ def main(
             res = job()
         except Exception as e:  # one failing row must not hide the others
             table_rows.append({"row": key, "model": model, "data": data, "error": f"{type(e).__name__}: {e}"})
-            print(f"[learning] {key} failed: {e}", flush=True)
+            print(f"[learning] {key} failed: {type(e).__name__}: {e}", flush=True)
             write_report()
             continue
         results[key] = res
-        table_rows.append({
-            "row": key, "model": model, "data": data, "threads": int(threads), "baseline_name": res["baseline_name"],
-            "model_metrics": res["model"], "baseline_metrics": res["baseline"], "difference": res["difference"],
-            "model_better": res["model_better"], "beats_target": res["difference"][METRIC] >= TARGET_DB,
-            "wall_s": res["wall_s"], "cpu_s": res["cpu_s"], "n_test_cases": len(res["cases"]),
-            "case_ids": [c["id"] for c in res["cases"]], "cases": res["cases"],
-            **{k: res[k] for k in ("latent_factor", "stage_output_std_hu", "vqgan_ceiling_psnr") if k in res},
-        })  # fmt: skip
+        table_rows.append(_row(key, model, data, threads, res))
         print(_format_table(table_rows[-1:]), flush=True)
         write_report()
     report = write_report()
-    total, train_cpu = report["total_wall_s"], report["train_cpu_s"]
     print("\n" + _format_table(table_rows))
-    print(f"\n[learning] {total / 60:.1f} min wall in all; training {train_cpu / 60:.1f} CPU min on {threads} threads "
-          f"(idle estimate {train_cpu / 60 / int(threads):.1f} min; wall / idle estimate {report['contention_ratio']:.1f}); "
-          f"load average {load_before[0]:.1f} -> {report['load_average_after'][0]:.1f}; JSON: {out_path}")  # fmt: skip
+    print(f"\n[learning] {report['total_wall_s'] / 60:.1f} min wall in all (budget {BUDGET_MIN:.0f}), "
+          f"{report['total_cpu_s'] / 60:.1f} CPU min on {threads} threads; load average "
+          f"{load_before[0]:.1f} -> {report['load_average_after'][0]:.1f}; JSON: {out_path}")  # fmt: skip
 
 
 def merge_reports(paths: list[str], out: str) -> dict:
@@ -501,17 +403,16 @@ def merge_reports(paths: list[str], out: str) -> dict:
     merged = {**reports[0], "rows": rows, "merged_from": [str(p) for p in paths],
               "commands": [rep["command"] for rep in reports],
               "complete": {r["row"] for r in rows} == set(ROWS),
-              "train_cpu_s": sum(r.get("cpu_s", 0.0) for r in rows),
-              "total_wall_s": max(rep["total_wall_s"] for rep in reports),
+              "total_cpu_s": sum(rep.get("total_cpu_s", 0.0) for rep in reports),
+              "total_wall_s": sum(rep["total_wall_s"] for rep in reports),
               "load_average_before": [rep["load_average_before"] for rep in reports],
               "load_average_after": [rep["load_average_after"] for rep in reports]}  # fmt: skip
     out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(merged, indent=2, default=float) + "\n")
     print(_format_table(rows))
-    print(
-        f"\n[learning] merged {len(paths)} runs; training {merged['train_cpu_s'] / 60:.1f} CPU min in all; JSON: {out_path}"
-    )
+    print(f"\n[learning] merged {len(paths)} runs: {merged['total_wall_s'] / 60:.1f} min wall, "
+          f"{merged['total_cpu_s'] / 60:.1f} CPU min in all; JSON: {out_path}")  # fmt: skip
     return merged
 
 
