@@ -10,6 +10,9 @@ A quality figure only means something beside the figure of a predictor that does
     as the autoencoder, with one float per latent voxel instead of a code.
 ``copy_input`` (pix2pix_phase)
     The input (average CT) itself as the prediction of the phase CT.
+
+:func:`with_mean_prior` gives networks built with ``mean_prior=True`` the mean training CT as their
+starting point (the model then learns what the X-rays change; an untrained one equals the baseline).
 The PE classifier's baselines (prevalence, X-ray only) are classification baselines and live in its
 report. :func:`compare` gives the difference block every ``metrics_report.json`` carries.
 
@@ -77,6 +80,54 @@ def mean_training_ct(paths: Iterable[str | os.PathLike], shape: Sequence[int] | 
     if total is None:
         raise InputError(None, "no training CTs to average for the mean-CT baseline")
     return (total / count).astype(np.float32)
+
+
+def mean_training_ct_of_datalist(
+    datalist_file: str | os.PathLike,
+    split: str = "training",
+    shape: Sequence[int] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    key: str = "ct",
+) -> np.ndarray | None:
+    """:func:`mean_training_ct` of the ``key`` files of ``split`` (:func:`common.datalist.load_split` resolves them).
+
+    None when the datalist does not exist or the split is empty (e.g. at inference, where a model's stored
+    prior is used instead).
+    """
+    from common.datalist import load_split
+
+    items = load_split(datalist_file, split, base_dir)
+    if not items:
+        return None
+    return mean_training_ct([item[key] for item in items], shape=shape)
+
+
+def with_mean_prior(
+    network: torch.nn.Module,
+    datalist_file: str | os.PathLike,
+    window: str = "xray2ct",
+    split: str = "training",
+    base_dir: str | os.PathLike | None = None,
+) -> torch.nn.Module:
+    """Give a network built with ``mean_prior=True`` the mean-CT baseline as its starting point; returns it.
+
+    The prior is :func:`mean_training_ct_of_datalist` of ``split`` in the network's intensities (``window``
+    scaled to [0, 1]), passed to the network's ``set_mean_prior`` (perx2ct, progressive_cascade), which keeps
+    it in a persistent buffer: it travels in every checkpoint, and ``network_def`` records ``mean_prior``,
+    so :func:`common.checkpoint.build_from_checkpoint` rebuilds the same network. Networks without a prior,
+    and missing datalists or empty splits (inference: the prior comes from the checkpoint), are returned
+    unchanged.
+    """
+    from common.checkpoint import unwrap
+    from common.intensity import get_window
+
+    target = unwrap(network)
+    if not getattr(target, "mean_prior", False):
+        return network
+    mean_hu = mean_training_ct_of_datalist(datalist_file, split, base_dir=base_dir)
+    if mean_hu is not None:
+        target.set_mean_prior(torch.from_numpy(get_window(window).to_unit(mean_hu)))
+    return network
 
 
 def resize_volume(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """CT image-quality metrics that always say which convention they use.
 
-Two conventions are reported side by side because papers disagree on them and numbers from one
-are not comparable with the other:
+Our convention and the papers' are reported side by side because papers disagree on them and numbers
+from one are not comparable with another:
 
 ``xray2ct`` (ours)
     HU clipped to the :data:`common.intensity.XRAY2CT` window [-1024, 2048] and scaled to [0, 1];
     PSNR and SSIM with data range 1.0 (= 3072 HU). PSNR per volume (MONAI ``PSNRMetric``), SSIM in
     3D (MONAI ``SSIMMetric``, Gaussian window ``win_size`` 7, sigma 1.5, K1 0.01, K2 0.03).
-``x2ctgan`` (X2CT-GAN, Ying et al. CVPR 2019; reused unchanged by PerX2CT, Kyung et al. 2023)
-    Source: github.com/kylekma/X2CT ``3DGAN/test.py`` + ``lib/utils/metrics_np.py`` and
-    github.com/dek924/PerX2CT ``utils/metrics.py`` (``use_real_max=True``). The CT is
+``x2ctgan`` (X2CT-GAN, Ying et al. CVPR 2019)
+    Source: github.com/kylekma/X2CT ``3DGAN/test.py`` + ``lib/utils/metrics_np.py``. The CT is
     ``clip(HU + 1024, 0, 2500) / 2500`` (:data:`common.intensity.X2CTGAN`).
 
     * PSNR: values are scaled back to [0, 2500], truncated to integers (their ``astype(int32)``)
@@ -23,6 +22,23 @@ are not comparable with the other:
       border of 3 pixels excluded, per slice, averaged over slices; ``ssim_x2ctgan`` is their
       "SSIM-avg" over the axial, coronal and sagittal stacks.
     * MAE: mean absolute difference of the integer [0, 2500] values (their "MAE"), i.e. HU.
+``perx2ct`` (PerX2CT, Kyung et al. ICASSP 2023): X2CT-GAN's PSNR, but **not** its SSIM
+    Source: github.com/dek924/PerX2CT ``main_test.py`` (``calculate_metric_per_axis_2D``) and
+    ``utils/metrics.py``, with scikit-image 0.19.1 (their ``requirement.txt``). Same [0, 1] scale.
+
+    * PSNR: ``Peak_Signal_to_Noise_Rate_2D(..., use_real_max=True)``: integer [0, 2500] levels, peak
+      4095, 100 dB for a zero MSE, mean over 2D slices: the ``psnr_*_x2ctgan`` values above. (Their
+      slices run perpendicular to the last array axis of each permuted stack, so their per-axis labels
+      are a permutation of ours; the mean over the three stacks, ``psnr_2d_x2ctgan``, is the same.)
+    * SSIM, ``ssim_perx2ct``: ``structural_similarity(gt[None], pred[None], data_range=None,
+      channel_axis=False)`` on the (N, H, W) stack as a (1, N, H, W) array. ``channel_axis=False`` is
+      not None, so skimage loops over axis ``False == 0`` (one "channel") and computes **one 3D SSIM**
+      of the whole volume: 7x7x7 uniform window, sample covariance (343/342), K1 0.01, K2 0.03,
+      3 voxels excluded at every face, and ``data_range=None`` on float64 input means the dtype range
+      [-1, 1], i.e. **data range 2.0** although the values lie in [0, 1] (so C1, C2 are 4x larger than
+      with data range 1 and the score is higher). The three axis stacks they average are permutations
+      of one volume, which a cubic window scores identically; they decode the volume once per axis and
+      average the three scores, we score the one volume we have.
 
 ``mae_hu`` is the mean absolute error in HU after clipping both volumes to the XRAY2CT window, so
 it equals 3072 x the MAE of the network's [0, 1] outputs.
@@ -47,6 +63,7 @@ from common.intensity import X2CTGAN, XRAY2CT, HUWindow, get_window
 X2CTGAN_PSNR_PEAK = 4095.0  # X2CT-GAN/PerX2CT PIXEL_MAX (use_real_max=True), although values span [0, 2500]
 X2CTGAN_ZERO_MSE_PSNR = 100.0  # their value for identical volumes or slices
 X2CTGAN_SSIM_WIN = 7  # skimage structural_similarity default
+PERX2CT_SSIM_DATA_RANGE = 2.0  # skimage 0.19 data_range=None on float64: the dtype range [-1, 1]
 DEFAULT_SSIM_WIN = 7
 
 # Array axes of a canonical RAS volume (X=R, Y=A, Z=S): the slice stack perpendicular to each axis.
@@ -71,8 +88,8 @@ CONVENTIONS: dict[str, dict] = {
         "3D = whole volume, per-axis = mean over 2D slices, 2d = mean of the three axes",
         "ssim": "skimage structural_similarity per 2D slice on [0, 1] (7x7 uniform window, sample covariance), "
         "mean over slices, then over axial/coronal/sagittal",
-        "source": "github.com/kylekma/X2CT 3DGAN/test.py, lib/utils/metrics_np.py; "
-        "github.com/dek924/PerX2CT utils/metrics.py",
+        "source": "github.com/kylekma/X2CT 3DGAN/test.py, lib/utils/metrics_np.py (PSNR also "
+        "github.com/dek924/PerX2CT utils/metrics.py, use_real_max=True)",
         "keys": [
             "psnr_x2ctgan",
             "psnr_2d_x2ctgan",
@@ -85,6 +102,18 @@ CONVENTIONS: dict[str, dict] = {
             "ssim_sagittal_x2ctgan",
             "mae_x2ctgan",
         ],
+    },
+    "perx2ct": {
+        "window": X2CTGAN.as_dict(),
+        "scale": "clip(HU + 1024, 0, 2500) / 2500 (float, not truncated)",
+        "data_range": PERX2CT_SSIM_DATA_RANGE,
+        "psnr": "as x2ctgan: PerX2CT reports psnr_2d_x2ctgan (mean of the per-axis 2D slice PSNRs)",
+        "ssim": "skimage 0.19.1 structural_similarity(channel_axis=False, data_range=None) on a (1, N, H, W) "
+        "float64 array: one 3D SSIM, 7x7x7 uniform window, sample covariance, k1 0.01, k2 0.03, "
+        "3-voxel border excluded, data range 2.0 (float64 dtype range)",
+        "source": "github.com/dek924/PerX2CT main_test.py calculate_metric_per_axis_2D, utils/metrics.py "
+        "Structural_Similarity_slice; scikit-image==0.19.1",
+        "keys": ["ssim_perx2ct"],
     },
     "mae_hu": {
         "window": XRAY2CT.as_dict(),
@@ -191,26 +220,42 @@ def ssim2d_skimage(
     """Per-image 2D SSIM equal to skimage's ``structural_similarity`` defaults, for (N,1,H,W) tensors.
 
     Written here because MONAI's SSIM uses the population covariance while skimage (and therefore
-    X2CT-GAN/PerX2CT) uses the sample covariance (N/(N-1)); the uniform filter's valid region is
+    X2CT-GAN and PerX2CT) uses the sample covariance (N/(N-1)); the uniform filter's valid region is
     exactly skimage's crop of (win_size-1)/2 border pixels.
     """
-    n = win_size * win_size
+    return _ssim_uniform(pred, target, data_range, win_size, F.avg_pool2d)
+
+
+def ssim3d_skimage(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 7
+) -> torch.Tensor:
+    """Per-volume 3D SSIM equal to skimage's ``structural_similarity`` on 3D arrays, for (B,1,X,Y,Z) tensors.
+
+    Same definition as :func:`ssim2d_skimage` with a ``win_size``^3 uniform window (sample covariance,
+    K1 0.01, K2 0.03, (win_size-1)/2 voxels excluded at every face).
+    """
+    return _ssim_uniform(pred, target, data_range, win_size, F.avg_pool3d)
+
+
+def _ssim_uniform(pred, target, data_range: float, win_size: int, pool: Callable) -> torch.Tensor:
+    """skimage's SSIM with a uniform window: ``pool`` is avg_pool2d or avg_pool3d (stride 1, valid region)."""
+    n = win_size ** (pred.ndim - 2)
     cov_norm = n / (n - 1.0)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
 
     def mean_filter(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, kernel_size=win_size, stride=1)
+        return pool(x, kernel_size=win_size, stride=1)
 
     ux, uy = mean_filter(pred), mean_filter(target)
     vx = cov_norm * (mean_filter(pred * pred) - ux * ux)
     vy = cov_norm * (mean_filter(target * target) - uy * uy)
     vxy = cov_norm * (mean_filter(pred * target) - ux * uy)
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3))
+    return s.flatten(1).mean(dim=1)
 
 
 def x2ctgan_ssim(pred_hu, target_hu) -> dict[str, float]:
-    """SSIM in the X2CT-GAN/PerX2CT convention: 2D SSIM per slice on the [0, 1] X2CTGAN window."""
+    """SSIM in the X2CT-GAN convention: 2D SSIM per slice on the [0, 1] X2CTGAN window (not PerX2CT's)."""
     p, t = _pair(pred_hu, target_hu)
     _need_window(p, X2CTGAN_SSIM_WIN, "X2CT-GAN SSIM")
     pu, tu = X2CTGAN.to_unit(p), X2CTGAN.to_unit(t)
@@ -227,6 +272,15 @@ def x2ctgan_ssim(pred_hu, target_hu) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def ssim_perx2ct(pred_hu, target_hu) -> float:
+    """SSIM in PerX2CT's convention (mean over the batch): one 3D SSIM on the [0, 1] X2CTGAN window,
+    7x7x7 uniform window, sample covariance, **data range 2.0** (see the module docstring)."""
+    p, t = _pair(pred_hu, target_hu)
+    _need_window(p, X2CTGAN_SSIM_WIN, "PerX2CT SSIM")
+    values = ssim3d_skimage(X2CTGAN.to_unit(p), X2CTGAN.to_unit(t), PERX2CT_SSIM_DATA_RANGE, X2CTGAN_SSIM_WIN)
+    return float(values.mean())
+
+
 # ----------------------------------------------------------------------------------------------- all at once
 def compute_ct_metrics(pred_hu, target_hu, win_size: int = DEFAULT_SSIM_WIN) -> dict[str, float]:
     """Every metric of :data:`CONVENTIONS` for HU volumes (X,Y,Z) or (B,1,X,Y,Z), averaged over the batch."""
@@ -240,6 +294,7 @@ def compute_ct_metrics(pred_hu, target_hu, win_size: int = DEFAULT_SSIM_WIN) -> 
     }
     out.update(x2ctgan_psnr(p, t))
     out.update(x2ctgan_ssim(p, t))
+    out["ssim_perx2ct"] = ssim_perx2ct(p, t)
     return out
 
 

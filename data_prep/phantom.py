@@ -9,6 +9,35 @@ Geometry: the anatomy is defined in world millimetres (RAS+, origin at the volum
 at voxel centres, so the same seed gives the same patient at any shape or spacing. The heart sits to
 the patient's left (-x) and anterior (+y) and the spine posterior (-y), so orientation errors show.
 
+Anatomical spread (one patient per seed; uniform draws, independent unless stated). The ranges follow
+adult chests, no wider, so that the mean-phantom baseline of the learning benchmark is as strong (or as
+weak) as the mean of real chests would be:
+
+========================  ==========================  =================================================
+quantity                  phantoms                    reference
+========================  ==========================  =================================================
+body width (lateral)      278-354 mm (mean 316)       LIDC-IDRI-0001 (the example CT, measured here at
+                                                      25/50/75 % of the lung height): 297/314/345 mm;
+                                                      inner thoracic width on PA films, adult group
+                                                      means 25.1-29.6 cm by sex and age (Obikili and
+                                                      Okoye, West Afr J Med 2006): about +-8 %
+body depth (AP)           197-251 mm (mean 224)       LIDC-IDRI-0001: 243/246/226 mm
+subcutaneous fat          7-21 mm                     varies with habitus; a visible band in every case
+lung height (label)       about 196-240 mm            LIDC-IDRI-0001: 235 mm (slices with > 20 cm^2 of
+                                                      lung); half-height jitter +-10 %: breath-hold
+                                                      depth varies by a fraction of the 4.7-7 cm deep-
+                                                      breathing diaphragm excursion (Boussuges et al.,
+                                                      Chest 2009; quiet breathing 1.8 +- 0.3 cm)
+lung volume               about 3.2-5.1 L             LIDC-IDRI-0001: 3.7 L (HU < -400 inside the body)
+heart size                +-8 % per semi-axis         cardiothoracic ratio (heart / lung width) 0.36-0.52,
+                                                      mean 0.43; normal adults < 0.5 (Danzer's limit),
+                                                      patients' chests sometimes above
+heart centre              12-32 mm left of midline    about two thirds of the heart lies left of the
+                                                      midline; its lateral position varies with habitus
+========================  ==========================  =================================================
+
+Within a 4D CT the breathing cycle (below) adds ``breathing_mm`` (default 15 mm, a quiet breath) on top.
+
 Breathing: ``phase`` in ``[0, n_phases)`` follows ``a = (1 - cos(2 pi phase / n_phases)) / 2``; phase 0
 is end-inhale (a = 0), ``n_phases / 2`` end-exhale (a = 1). With ``a`` the diaphragm and lung bases rise
 by ``a * breathing_mm`` and the chest wall contracts by ``0.3 * a * breathing_mm`` at the sides; the
@@ -46,6 +75,13 @@ HU_RIB = 800.0
 NOISE_HU = 10.0
 HU_CLIP = (-1024.0, 3071.0)
 
+# Spread of the patients (see the module docstring for the sources); ``j(s)`` draws uniformly in [1 - s, 1 + s].
+BODY_SEMI_AXES_MM = (158.0, 112.0)  # mean body width 316 mm, depth 224 mm
+BODY_JITTER = 0.12  # width 278-354 mm, depth 197-251 mm, drawn independently (depth/width 0.56-0.90)
+FAT_MM, FAT_JITTER = 14.0, 0.5  # subcutaneous fat 7-21 mm
+LUNG_HALF_HEIGHT_MM, LUNG_HEIGHT_JITTER = 118.0, 0.10  # lung ellipsoid half-height 106-130 mm
+HEART_CENTRE_X_MM, HEART_SHIFT_MM = -22.0, 10.0  # heart centre 12-32 mm left of the midline
+
 DEFAULT_FOV_MM = 384.0  # field of view when no spacing is given (6 mm voxels at 64^3)
 STRUCTURES = ("body", "lungs", "heart", "pulmonary_arteries", "spine", "ribs", "emboli")
 
@@ -66,17 +102,19 @@ class _Anatomy:
 
 
 def _anatomy(rng: np.random.Generator) -> _Anatomy:
+    """One patient, drawn within the spread of adult chests (see the module docstring's table)."""
     j = lambda scale: 1.0 + scale * rng.uniform(-1.0, 1.0)  # noqa: E731 - relative jitter
-    bx, by = 150.0 * j(0.05), 105.0 * j(0.05)
-    lung_top = 110.0 * j(0.05)
+    bx, by = BODY_SEMI_AXES_MM[0] * j(BODY_JITTER), BODY_SEMI_AXES_MM[1] * j(BODY_JITTER)
+    lung_top = 110.0 * j(0.08)
+    lung_half_height = LUNG_HALF_HEIGHT_MM * j(LUNG_HEIGHT_JITTER)
     rib_top, n_ribs = lung_top - 5.0, 10
     return _Anatomy(
         body_axes=(bx, by),
-        fat_mm=12.0 * j(0.3),
-        lung_axes=(0.38 * bx, 0.72 * by, 115.0 * j(0.05)),
-        lung_centre=(0.47 * bx, -0.05 * by, lung_top - 115.0),
+        fat_mm=FAT_MM * j(FAT_JITTER),
+        lung_axes=(0.38 * bx, 0.72 * by, lung_half_height),
+        lung_centre=(0.47 * bx, -0.05 * by, lung_top - lung_half_height),
         heart_axes=(58.0 * j(0.08), 48.0 * j(0.08), 55.0 * j(0.08)),
-        heart_centre=(-22.0 * j(0.2), 0.3 * by, -45.0 * j(0.1)),
+        heart_centre=(HEART_CENTRE_X_MM + HEART_SHIFT_MM * rng.uniform(-1.0, 1.0), 0.3 * by, -45.0 * j(0.15)),
         spine_centre_y=-0.62 * by,
         rib_z=tuple(rib_top - k * 24.0 * j(0.03) for k in range(n_ribs)),
         artery_scale=j(0.1),
@@ -222,7 +260,8 @@ def make_phantom(
     process = np.broadcast_to(
         (np.abs(x0) <= max(6.0, min_radius))
         & (y0 < vb_centre[1] - vb_r + 2)
-        & (y0 > vb_centre[1] - vb_r - 35),
+        & (y0 > vb_centre[1] - vb_r - 35)
+        & (y0 > -(an.body_axes[1] - an.fat_mm)),  # the spinous process stays under the back muscles
         shape,
     )
     spine = spine_body | process

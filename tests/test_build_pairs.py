@@ -134,15 +134,19 @@ def test_anatomy_stays_at_its_world_position(inputs, built):
     _, vol = inputs
     out, _ = built
     ct = load_volume(out / "lps" / "ct.nii.gz")
-    # Tissue mass is linear in HU: area averaging keeps its centroid to a fraction of a voxel. Dense mass is
-    # not (partial volume of thin bone changes it), but a flipped or shifted axis would move it by ~70 mm.
-    for weight, tolerance in (
-        (lambda hu: np.clip(hu + 1024.0, 0, None), 0.05 * SPACING),
-        (lambda hu: np.clip(hu - 100.0, 0, None), 1.0 * SPACING),
-    ):
-        np.testing.assert_allclose(
-            _mass_centroid(ct, weight(ct.array)), _mass_centroid(vol, weight(vol.array)), atol=tolerance
-        )
+    # Tissue mass is linear in HU: area averaging keeps its centroid to a fraction of a voxel.
+    tissue = lambda hu: np.clip(hu + 1024.0, 0, None)  # noqa: E731
+    np.testing.assert_allclose(
+        _mass_centroid(ct, tissue(ct.array)), _mass_centroid(vol, tissue(vol.array)), atol=0.05 * SPACING
+    )
+    # Dense mass (bone, contrast) is not: with adult-sized phantoms thin ribs partly average away at the coarser
+    # spacing while the spine stays, so compare with the same patient stored in RAS, resampled the same way
+    # (orientation must not matter; a flipped or shifted axis would move it by ~70 mm).
+    dense = lambda hu: np.clip(hu - 100.0, 0, None)  # noqa: E731
+    ras = load_volume(out / "ras" / "ct.nii.gz")
+    np.testing.assert_allclose(
+        _mass_centroid(ct, dense(ct.array)), _mass_centroid(ras, dense(ras.array)), atol=0.5 * SPACING
+    )
 
 
 def test_padding_is_air():

@@ -126,7 +126,7 @@ def test_ddim_two_steps_shape_and_guidance_scale_one(tiny_latents):
     cfg_one = DiffusionInferer(scheduler).sample(
         noise, net, scheduler, conditioning=x, verbose=False, cfg=1.0
     )
-    torch.testing.assert_close(cfg_one, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cfg_one, plain, rtol=1e-3, atol=1e-4)  # x0 = x_T / sqrt(1e-4): float noise x100
 
 
 def test_xray_to_ct_chain(tiny_latents):

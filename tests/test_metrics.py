@@ -17,6 +17,8 @@ from common.metrics import (
     psnr,
     ssim2d_skimage,
     ssim3d,
+    ssim3d_skimage,
+    ssim_perx2ct,
     x2ctgan_psnr,
 )
 
@@ -109,6 +111,57 @@ def _naive_skimage_ssim(x: np.ndarray, y: np.ndarray, win: int = 7) -> float:
                 / ((ma**2 + mb**2 + c1) * (cov[0, 0] + cov[1, 1] + c2))
             )
     return float(np.mean(values))
+
+
+def _naive_ssim3d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> float:
+    """Window-by-window 3D SSIM: every 7x7x7 window fully inside, sample statistics (ddof=1)."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for i, j, k in np.ndindex(*(n - win + 1 for n in x.shape)):
+        a = x[i : i + win, j : j + win, k : k + win].ravel()
+        b = y[i : i + win, j : j + win, k : k + win].ravel()
+        cov = np.cov(a, b, ddof=1)
+        ma, mb = a.mean(), b.mean()
+        values.append(
+            ((2 * ma * mb + c1) * (2 * cov[0, 1] + c2))
+            / ((ma**2 + mb**2 + c1) * (cov[0, 0] + cov[1, 1] + c2))
+        )
+    return float(np.mean(values))
+
+
+def _perx2ct_pair(seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Two HU volumes of soft-tissue-like contrast (so SSIM's constants matter), a few values clipped."""
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(-300, 300, (9, 10, 8))
+    target[0, 0, :] = -1100.0  # outside the X2CTGAN window: clipped to 0
+    return target + rng.normal(0, 100, target.shape), target
+
+
+def test_ssim_perx2ct_is_one_3d_ssim_with_data_range_two():
+    pred, target = _perx2ct_pair()
+    unit = lambda hu: np.clip((hu + 1024) / 2500, 0, 1)  # noqa: E731 - PerX2CT's [0, 1] CT scale
+    expected = _naive_ssim3d(unit(pred), unit(target), data_range=2.0)
+    assert ssim_perx2ct(pred, target) == pytest.approx(expected, abs=1e-10)
+    # the data range matters: with 1.0 the constants shrink 4x and the score drops
+    assert _naive_ssim3d(unit(pred), unit(target), data_range=1.0) < expected - 0.01
+    got = ssim3d_skimage(
+        torch.from_numpy(unit(pred))[None, None], torch.from_numpy(unit(target))[None, None], 2.0
+    )
+    assert float(got[0]) == pytest.approx(expected, abs=1e-10)
+    assert ssim_perx2ct(target, target) == pytest.approx(1.0, abs=1e-12)
+    assert compute_ct_metrics(pred, target)["ssim_perx2ct"] == pytest.approx(expected, abs=1e-10)
+
+
+def test_ssim_perx2ct_matches_skimage_called_as_in_perx2ct():
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    pred, target = _perx2ct_pair(seed=5)
+    unit = lambda hu: np.clip((hu + 1024) / 2500, 0, 1)  # noqa: E731
+    # PerX2CT: structural_similarity(gt[None], pred[None], data_range=None, channel_axis=False) with
+    # scikit-image 0.19.1, where data_range=None on float64 means 2.0; newer releases want it given.
+    reference = skimage_metrics.structural_similarity(
+        unit(target)[None], unit(pred)[None], data_range=2.0, channel_axis=False
+    )
+    assert ssim_perx2ct(pred, target) == pytest.approx(float(reference), abs=1e-10)
 
 
 def test_ssim2d_matches_window_by_window_definition():

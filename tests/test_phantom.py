@@ -205,3 +205,34 @@ def test_split_is_deterministic_and_stratified():
         assert {strata[c] for c, s in a.items() if s == split} == {0, 1}
     with pytest.raises(ValueError):
         assign_splits(ids, 0.6, 0.5)
+
+
+def _mid_lung_size_mm(body: np.ndarray, lungs: np.ndarray, spacing) -> tuple[float, float]:
+    """(width, depth) in mm of the body at the middle of the lungs' height."""
+    zs = np.where(lungs.any((0, 1)))[0]
+    k = (zs.min() + zs.max()) // 2
+    xs, ys = np.where(body[:, :, k].any(1))[0], np.where(body[:, :, k].any(0))[0]
+    return (xs.max() - xs.min() + 1) * spacing[0], (ys.max() - ys.min() + 1) * spacing[1]
+
+
+def test_patients_spread_like_adult_chests_and_cover_the_real_ct(example_ct):
+    """40 phantoms span the documented body sizes; the real example CT lies inside that spread."""
+    sizes = []
+    for seed in range(40):
+        _, labels = make_phantom((64, 64, 64), 6.0, seed=seed, noise_hu=0)
+        sizes.append(_mid_lung_size_mm(labels["body"], labels["lungs"], (6.0, 6.0, 6.0)))
+    width, depth = np.array(sizes).T
+    assert 270 <= width.min() < 300 and 335 < width.max() <= 360  # documented 278-354 mm
+    assert 190 <= depth.min() < 210 and 235 < depth.max() <= 260  # documented 197-251 mm
+    assert np.corrcoef(width, depth)[0, 1] < 0.5  # drawn independently: the depth/width ratio varies
+    from scipy import ndimage
+
+    real = load_volume(example_ct["ct"]).to_canonical()
+    hu = real.array
+    components, _ = ndimage.label(hu > -500)
+    body = components == np.argmax(np.bincount(components.ravel())[1:]) + 1  # the patient, not the table
+    inside = np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(hu.shape[2])], axis=-1)
+    lung_area = (inside & (hu < -400)).sum((0, 1)) * real.spacing[0] * real.spacing[1]
+    lungs = inside & (lung_area > 2000.0)  # slices with > 20 cm^2 of lung (not the trachea alone)
+    w, d = _mid_lung_size_mm(body, lungs, real.spacing)
+    assert width.min() < w < width.max() and depth.min() < d < depth.max(), (w, d)

@@ -27,6 +27,8 @@ from common.sliding_window import LatentSlidingWindowInferer
 from common.volume import Volume
 from common.xray import load_view
 
+REFERENCE_TIMESTEPS = 1000  # LDM's chain length, for which beta_start/beta_end are given
+
 
 def make_scheduler(
     kind: str = "ddim",
@@ -36,12 +38,24 @@ def make_scheduler(
     beta_start: float = 0.0015,
     beta_end: float = 0.0195,
 ):
-    """DDPM or DDIM with the training schedule; sampling steps set. Latents are not clipped to [-1, 1]."""
+    """DDPM or DDIM with the training schedule; sampling steps set. Latents are not clipped to [-1, 1].
+
+    ``beta_start``/``beta_end`` are LDM's per-step values for a 1000-step chain; a chain of
+    ``num_train_timesteps`` = T steps uses them times 1000 / T (as the configs' ``beta_start``/``beta_end``),
+    so that every chain ends in (nearly) pure noise (alpha_bar_T ~ 1e-4). Unscaled, a 100-step chain ends at
+    alpha_bar_T = 0.41: its last training step still holds 64 % of the signal while sampling starts from
+    pure noise, a state the model never saw.
+    """
+    scale = REFERENCE_TIMESTEPS / float(num_train_timesteps)
+    if beta_end * scale >= 1.0:
+        raise ValueError(
+            f"num_train_timesteps {num_train_timesteps} is too short for beta_end {beta_end} (scaled beta >= 1)"
+        )
     common = dict(
         num_train_timesteps=num_train_timesteps,
         schedule=schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
+        beta_start=beta_start * scale,
+        beta_end=beta_end * scale,
         clip_sample=False,
     )
     if kind == "ddpm":

@@ -13,6 +13,14 @@ per level (taming's ``num_res_blocks: 2`` builds ``num_res_blocks + 1`` per up l
 
 Whole volumes are decoded in batched chunks of slices (``chunk_size`` slices per decoder call) with the
 encoder run once, not one full forward per slice as the original repository does.
+
+Optional mean-CT prior (``mean_prior=True``; not in the paper, off by default): the decoder predicts the
+residual to the mean training CT, whose slices are added to its output on every decoding path (sampled
+features or :meth:`PerX2CTNet.project_features`), and its last convolution starts at zero, so an untrained
+network predicts exactly the mean-CT baseline and training only has to learn what the X-rays change. The
+prior is a persistent buffer (saved in and loaded from checkpoints; ``network_def`` records ``mean_prior``);
+:func:`common.baselines.with_mean_prior` fills it from the training split. At CPU size this is what makes
+the model beat that baseline (``benchmarks/learning.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from bundles.perx2ct.scripts.geometry import (
     perx2ct_to_ras,
     perx2ct_view_orientation,
     projection_grids,
+    ras_to_perx2ct,
 )
 from common.drr import get_geometry
 
@@ -191,6 +200,8 @@ class PerX2CTNet(nn.Module):
             model predicts 3 identical channels and its test script reads channel 1).
         decode_axis: slice axis for whole volumes.
         chunk_size: slices per decoder call when decoding a whole volume (0: chosen for the machine).
+        mean_prior: add a prior volume (:meth:`set_mean_prior`, the mean training CT in [0, 1]) to the decoded
+            slices and zero-initialise the decoder's output convolution (the untrained network is the prior).
     """
 
     def __init__(
@@ -220,6 +231,7 @@ class PerX2CTNet(nn.Module):
         output_channel: int = 0,
         decode_axis: int = 2,
         chunk_size: int = 16,
+        mean_prior: bool = False,
     ):
         super().__init__()
         upsample = 2 ** (len(decoder_channels) - 1)
@@ -283,6 +295,12 @@ class PerX2CTNet(nn.Module):
         )
         if decoder_out_activation:  # GroupNorm -> SiLU -> conv_out, as taming's Decoder
             self.decoder.blocks.insert(len(self.decoder.blocks) - 1, nn.SiLU())
+        self.mean_prior = bool(mean_prior)
+        if self.mean_prior:  # the prior in the decoder's array frame (the camera's axes), [0, 1]
+            self.register_buffer("prior", torch.zeros((self.volume_size,) * 3))
+            last = self.decoder.blocks[-1].conv
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         for axis in range(3):  # geometry is fixed by the config: recomputed, never stored in checkpoints
             if camera == "perx2ct":
                 grids = perx2ct_camera_grids(volume_size, feature_res, axis, fov_deg)
@@ -291,7 +309,27 @@ class PerX2CTNet(nn.Module):
             for key, value in grids.items():
                 self.register_buffer(f"_{key}_{axis}", value, persistent=False)
 
+    @torch.no_grad()
+    def set_mean_prior(self, volume: torch.Tensor) -> PerX2CTNet:
+        """Store the prior, a canonical RAS volume (N, N, N) in the output scale [0, 1]; needs ``mean_prior``."""
+        if not self.mean_prior:
+            raise ValueError("the network was built without mean_prior=True")
+        volume = torch.as_tensor(volume, dtype=torch.float32)
+        volume = volume.reshape(-1, *volume.shape[-3:])[0]
+        if tuple(volume.shape) != tuple(self.prior.shape):
+            raise ValueError(f"prior shape {tuple(volume.shape)} differs from the volume {tuple(self.prior.shape)}")
+        if self.camera == "perx2ct":  # decode_slices addresses the released camera's (D0, D1, D2) axes
+            volume = ras_to_perx2ct(volume)
+        self.prior.copy_(volume.to(self.prior.device))
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        has_prior = prefix + "prior" in state_dict
+        if has_prior != self.mean_prior:
+            raise ValueError(
+                f"checkpoint {'has' if has_prior else 'has no'} mean-CT prior but the network was built with "
+                f"mean_prior={self.mean_prior}; set 'network_def#mean_prior' to {str(has_prior).lower()}"
+            )
         camera_key = prefix + "camera_fov_deg"
         if camera_key not in state_dict:  # checkpoints from before the camera option: the DRR camera
             state_dict[camera_key] = torch.zeros(1, dtype=torch.float64)
@@ -346,7 +384,10 @@ class PerX2CTNet(nn.Module):
         for block in self.decoder.blocks[1:]:
             h = block(h)
         b, k = index.shape
-        return h[:, self.output_channel].reshape(b, k, self.volume_size, self.volume_size)
+        out = h[:, self.output_channel].reshape(b, k, self.volume_size, self.volume_size)
+        if self.mean_prior:  # the decoder predicts the residual to the prior's slices
+            out = out + self.prior.movedim(axis, 0)[index].to(out.dtype)
+        return out
 
     def _decoder_input(self, feats: list[torch.Tensor], index: torch.Tensor, axis: int) -> torch.Tensor:
         """(B*K, 2 C + PE, F, F): features sampled at the slices' points in both views + positional encoding."""

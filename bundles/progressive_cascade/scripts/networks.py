@@ -14,6 +14,13 @@ detector with :meth:`common.drr.DRRGeometry.project_points` (the geometry that r
 and the view's feature map is sampled there. Built from MONAI blocks (``ResidualUnit``,
 ``Convolution``, ``UpSample``); the refiner is our own small U-Net rather than ``monai.networks.nets.UNet``
 because gradient checkpointing needs each block to be a separate call.
+
+Optional mean-CT prior (``mean_prior=True``, off by default): stage 1 predicts
+``sigmoid(logit(prior) + refiner)`` with the refiner's last convolution zero-initialised, the prior being
+the mean training CT at stage 1's size (:meth:`ProgressiveCascade.set_mean_prior`, filled from the training
+split by :func:`common.baselines.with_mean_prior`; a buffer saved in every stage's checkpoint). An untrained cascade
+then outputs the mean-CT baseline at every stage instead of sigmoid(0) = 0.5 = +512 HU everywhere (a
+white volume in any display window), and training learns what the X-rays add.
 """
 
 from __future__ import annotations
@@ -116,14 +123,19 @@ class Refiner3D(nn.Module):
 class _Stage(nn.Module):
     """One resolution: per-stage 1x1 feature head (shared by both views), back-projection, refiner."""
 
-    def __init__(self, geometry, size, fov_mm, enc_channels, head_channels, refiner_channels, has_previous):
+    def __init__(
+        self, geometry, size, fov_mm, enc_channels, head_channels, refiner_channels, has_previous, prior=False
+    ):
         super().__init__()
         self.size = int(size)
         self.has_previous = has_previous
+        self.use_prior = bool(prior) and not has_previous
+        if self.use_prior:  # logit of the mean CT (B=1, 1, N, N, N); the untrained stage outputs the prior
+            self.register_buffer("prior_logit", torch.zeros((1, 1) + (self.size,) * 3))
         self.feature_head = Convolution(2, enc_channels, head_channels, kernel_size=1, conv_only=True)
         in_channels = 2 * head_channels + (1 if has_previous else 0)
         self.refiner = Refiner3D(in_channels, refiner_channels)
-        if has_previous:  # start as the identity of the previous stage
+        if has_previous or self.use_prior:  # start as the identity of the previous stage / the prior
             nn.init.zeros_(self.refiner.head.conv.weight)
             nn.init.zeros_(self.refiner.head.conv.bias)
         for view in VIEWS:
@@ -153,7 +165,7 @@ class _Stage(nn.Module):
         )
         out = self.refiner(x)
         if previous is None:
-            return torch.sigmoid(out)
+            return torch.sigmoid(out + self.prior_logit.to(out.dtype) if self.use_prior else out)
         return x[:, -1:] + out
 
 
@@ -175,6 +187,7 @@ class ProgressiveCascade(nn.Module):
         refiner_channels: Sequence[Sequence[int]] = ((32, 64, 128), (16, 32, 64), (8, 16, 32)),
         gradient_checkpointing: Sequence[bool] = (False, False, True),
         stage: int = 3,
+        mean_prior: bool = False,
     ):
         super().__init__()
         geometry = get_geometry(geometry)
@@ -194,9 +207,10 @@ class ProgressiveCascade(nn.Module):
             self.levels.append(level)
         self.xray_size = int(xray_size)
         self.volume_sizes = tuple(int(s) for s in volume_sizes)
+        self.mean_prior = bool(mean_prior)
         self.encoder = XrayPyramidEncoder(encoder_channels)
         self.stages = nn.ModuleList(
-            _Stage(geometry, size, fov_mm, encoder_channels[lvl], head_channels, ch, k > 0)
+            _Stage(geometry, size, fov_mm, encoder_channels[lvl], head_channels, ch, k > 0, mean_prior)
             for k, (size, lvl, ch) in enumerate(zip(volume_sizes, self.levels, refiner_channels))
         )
         for s, flag in zip(self.stages, gradient_checkpointing):
@@ -204,6 +218,17 @@ class ProgressiveCascade(nn.Module):
         self.stage = n
         self.frozen: tuple[nn.Module, ...] = ()
         self.set_stage(stage)
+
+    @torch.no_grad()
+    def set_mean_prior(self, mean_ct: torch.Tensor, eps: float = 1e-3) -> ProgressiveCascade:
+        """Stage 1's prior from a mean CT (N, N, N) in [0, 1] at any size (area-resampled); needs ``mean_prior``."""
+        first = self.stages[0]
+        if not first.use_prior:
+            raise ValueError("the cascade was built without mean_prior=True")
+        x = torch.as_tensor(mean_ct, dtype=torch.float32).reshape(1, 1, *mean_ct.shape[-3:])
+        x = F.interpolate(x, size=(first.size,) * 3, mode="area").clamp(eps, 1.0 - eps)
+        first.prior_logit.copy_(torch.logit(x).to(first.prior_logit.device))
+        return self
 
     @property
     def num_stages(self) -> int:

@@ -1,0 +1,142 @@
+"""Issue 12: what makes the models learn at CPU size (mean-CT prior, noise schedule, stage init), and the
+regression test that a tiny model beats the mean-CT baseline on unseen phantoms (benchmarks/learning.py
+measures all models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundles.perx2ct.scripts.networks import PerX2CTNet
+from common.baselines import mean_training_ct, mean_training_ct_of_datalist, with_mean_prior
+from common.checkpoint import CheckpointRecord, build_from_checkpoint, build_network
+from common.intensity import XRAY2CT
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+PERX2CT = "bundles.perx2ct.scripts.networks.PerX2CTNet"
+TINY = dict(
+    volume_size=32, spacing=(12.0,) * 3, image_size=32, geometry="x2ctgan", feature_res=8,
+    encoder_block="basic", encoder_layers=(1, 1), encoder_inplanes=(8, 16), latent_dim=16, pe_multires=4,
+    decoder_channels=(8, 16, 16), decoder_res_blocks=1, norm_num_groups=8, attention=False,
+)  # fmt: skip
+
+
+def _configs(bundle: str, *names: str) -> list[str]:
+    return [str(BUNDLES / bundle / "configs" / name) for name in names]
+
+
+# ------------------------------------------------------------------------------------- perx2ct mean prior
+def test_perx2ct_mean_prior_is_the_untrained_output_on_every_path_and_travels_in_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = build_network(PERX2CT, **TINY, mean_prior=True).eval()
+    prior = torch.rand(32, 32, 32)
+    net.set_mean_prior(prior)
+    xrays = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        fused = net(xrays)  # eval: the decoder's first convolution applied before sampling (project_features)
+        direct = net.reconstruct(xrays, fused=False)
+        slices = net(xrays, torch.tensor([[3, 30], [7, 8]]), axis=1)
+    for volume in (fused, direct):  # the output convolution starts at zero: exactly the prior
+        torch.testing.assert_close(volume, prior.expand(2, 1, 32, 32, 32), rtol=0, atol=0)
+    torch.testing.assert_close(slices[1, 0], prior[:, 7, :], rtol=0, atol=0)
+    with torch.no_grad():  # once trained (non-zero output conv) both paths still agree and keep the prior
+        net.decoder.blocks[-1].conv.weight.normal_(0, 0.1)
+        torch.testing.assert_close(net(xrays), net.reconstruct(xrays, fused=False), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "model.pt"
+    record = CheckpointRecord("perx2ct", network=net)
+    torch.save({"model": net.state_dict(), "record": record.state_dict()}, path)
+    loaded, rec = build_from_checkpoint(path, expected_bundle="perx2ct")  # the record alone rebuilds it
+    assert rec["network_def"]["mean_prior"] is True
+    torch.testing.assert_close(loaded.prior, prior)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(xrays), net(xrays))
+    with pytest.raises(ValueError, match="mean_prior"):
+        PerX2CTNet(**TINY).load_state_dict(net.state_dict())
+    with pytest.raises(ValueError, match="mean_prior"):
+        PerX2CTNet(**TINY).set_mean_prior(prior)
+
+
+def test_with_mean_prior_reads_the_training_split_through_the_datalist(phantom_pairs):
+    meta = json.loads(phantom_pairs["datalist"].read_text())
+    expected = mean_training_ct([phantom_pairs["root"] / item["ct"] for item in meta["training"]])
+    np.testing.assert_allclose(mean_training_ct_of_datalist(phantom_pairs["datalist"]), expected)
+    assert mean_training_ct_of_datalist(phantom_pairs["root"] / "absent.json") is None
+    net = with_mean_prior(PerX2CTNet(**{**TINY, "spacing": (10.0,) * 3}, mean_prior=True), phantom_pairs["datalist"])
+    np.testing.assert_allclose(net.prior.numpy(), XRAY2CT.to_unit(expected), atol=1e-6)
+    plain = PerX2CTNet(**{**TINY, "spacing": (10.0,) * 3})
+    assert with_mean_prior(plain, phantom_pairs["datalist"]) is plain  # no prior asked for: unchanged
+
+
+def test_perx2ct_train_config_starts_at_the_mean_ct_with_cpu_small(phantom_pairs, tmp_path):
+    """train.json + cpu_small.json build a network whose untrained output is the baseline of its report."""
+    parser = ConfigParser()
+    parser.read_config(_configs("perx2ct", "train.json", "cpu_small.json"))
+    parser.update({"dataset_dir": str(phantom_pairs["root"]), "bundle_root": str(tmp_path), "image_size": 32})
+    net = parser.get_parsed_content("network").eval()
+    expected = XRAY2CT.to_unit(mean_training_ct_of_datalist(phantom_pairs["datalist"]))
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 32, 32))[0, 0].numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- cascade stage init
+def test_untrained_cascade_is_white_without_prior_and_the_mean_ct_with_it(phantom_pairs):
+    """The cause of the demo's white stage previews: an untrained stage 1 outputs sigmoid(0) = 0.5 = +512 HU
+    everywhere, and stages 2-3 start as its upsampled copy. With the mean-CT prior every stage starts at
+    the mean training CT (the baseline), i.e. shows anatomy before any training."""
+    from bundles.progressive_cascade.scripts.data import read_dataset_info
+
+    info = read_dataset_info(str(phantom_pairs["datalist"]))
+    tiny = dict(
+        target="bundles.progressive_cascade.scripts.networks.ProgressiveCascade", geometry=info["geometry"],
+        fov_mm=list(info["fov_mm"]), volume_sizes=(8, 16, 32), xray_size=32, feature_sizes=(8, 16, 32),
+        encoder_channels=(8, 8, 8), head_channels=4, refiner_channels=((8, 16), (8, 16), (4, 8)),
+    )  # fmt: skip
+    xrays = torch.rand(1, 2, 32, 32)
+    torch.manual_seed(0)
+    plain = build_network(**tiny).eval()
+    with torch.no_grad():
+        hu = [XRAY2CT.from_unit(out) for out in plain.forward_all(xrays)]
+    for stage in hu:  # around +512 HU: above the lung window's white point (+150 HU) nearly everywhere
+        assert float((stage > 150).float().mean()) > 0.75 and float((stage < -900).float().mean()) < 0.01
+    torch.manual_seed(0)
+    net = with_mean_prior(build_network(**tiny, mean_prior=True), phantom_pairs["datalist"]).eval()
+    mean_ct = torch.from_numpy(XRAY2CT.to_unit(mean_training_ct_of_datalist(phantom_pairs["datalist"])))
+    with torch.no_grad():
+        outputs = net.forward_all(xrays)
+    expected = torch.nn.functional.interpolate(mean_ct[None, None], size=(8,) * 3, mode="area")  # stage 1's grid
+    for out in outputs:  # each later stage starts as the trilinear upsampling of the one before
+        if out.shape != expected.shape:
+            expected = torch.nn.functional.interpolate(expected, size=out.shape[2:], mode="trilinear")
+        assert float((out - expected).abs().max()) < 2e-3  # the baseline (clamped to [1e-3, 1 - 1e-3])
+        assert float(XRAY2CT.from_unit(out).std()) > 300  # air, lungs and body: anatomy, not a flat volume
+    assert "stages.0.prior_logit" in net.state_dict()  # saved with the checkpoint (stages 2-3 and evaluation load it)
+
+
+# ------------------------------------------------------------------------------------- latent_ddpm schedule
+@pytest.mark.parametrize(
+    "names, key",
+    [
+        (("train.json",), "scheduler"),
+        (("train.json", "cpu_tiny.json"), "scheduler"),
+        (("train.json", "evaluate.json", "cpu_tiny.json"), "sampling_scheduler"),
+        (("train.json", "cpu_small.json"), "scheduler"),
+        (("inference.json",), "sampling_scheduler"),
+        (("inference.json", "cpu_tiny.json"), "sampling_scheduler"),
+    ],
+)
+def test_every_latent_noise_chain_ends_in_noise(names, key):
+    """Sampling starts from pure noise, so training's last step must be (nearly) pure noise too: the cpu_tiny
+    chain of 100 steps with LDM's unscaled 1000-step betas ended at alpha_bar 0.41 (64 % signal)."""
+    from bundles.latent_ddpm.scripts.inference import make_scheduler
+
+    parser = ConfigParser()
+    parser.read_config(_configs("latent_ddpm", *names))
+    scheduler = parser.get_parsed_content(key)
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-3, (names, scheduler.num_train_timesteps)
+    assert float(make_scheduler("ddpm", scheduler.num_train_timesteps, None).alphas_cumprod[-1]) < 1e-3
