@@ -27,9 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BALANCE_MODES = ("loss", "sampler", "none")
 
 
-def image_keys(modality: str) -> list[str]:
-    """The datalist keys a modality reads."""
-    return {"ct": ["ct"], "xray": ["pa"], "fusion": ["ct", "pa"]}[modality]
+def image_keys(modality: str, ct_key: str = "ct", xray_key: str = "pa") -> list[str]:
+    """The data keys a modality reads (datalists: ``ct``/``pa``; inference.json reads the CT as ``image``)."""
+    return {"ct": [ct_key], "xray": [xray_key], "fusion": [ct_key, xray_key]}[modality]
 
 
 def load_split(dataset_dir: str, split: str, require_label: bool = True) -> list[dict]:
@@ -178,12 +178,15 @@ def _check_mode(mode: str) -> None:
 
 
 class PEPrepareBatch(PrepareBatch):
-    """``ct``: network(ct); ``xray``: network(pa); ``fusion``: network(ct, pa). Label None when absent."""
+    """``ct``: network(ct); ``xray``: network(pa); ``fusion``: network(ct, pa). Label None when absent.
 
-    def __init__(self, modality: str = "ct", label_key: str = "label"):
+    ``ct_key``/``xray_key`` name the batch keys of the two images (``image`` for the CT in inference.json).
+    """
+
+    def __init__(self, modality: str = "ct", label_key: str = "label", ct_key: str = "ct", xray_key: str = "pa"):
         if modality not in ("ct", "xray", "fusion"):
             raise ValueError(f"modality must be ct, xray or fusion, got {modality!r}")
-        self.modality, self.label_key = modality, label_key
+        self.modality, self.label_key, self.ct_key, self.xray_key = modality, label_key, ct_key, xray_key
 
     def __call__(
         self,
@@ -195,7 +198,7 @@ class PEPrepareBatch(PrepareBatch):
         def get(key: str) -> torch.Tensor:
             return torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
 
-        image = get("pa" if self.modality == "xray" else "ct")
+        image = get(self.xray_key if self.modality == "xray" else self.ct_key)
         label = get(self.label_key) if self.label_key in batchdata else None
-        args = (get("pa"),) if self.modality == "fusion" else ()
+        args = (get(self.xray_key),) if self.modality == "fusion" else ()
         return image, label, args, {}

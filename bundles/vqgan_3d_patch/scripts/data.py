@@ -28,16 +28,21 @@ class PrepareCTBatch(PrepareBatch):
         return images, images
 
 
-def inference_items(source: str, key: str = "ct", datalist_key: str = "test") -> list[dict]:
-    """Items to reconstruct: a datalist folder (``dataset.json``, ``datalist_key``), a folder of NIfTI, or one file.
+def inference_items(
+    source: str, key: str = "image", datalist_key: str = "test", datalist_image_key: str = "ct"
+) -> list[dict]:
+    """Items ``{key: path, ...}`` to reconstruct: a datalist folder (``dataset.json``, split ``datalist_key``,
+    the CT under ``datalist_image_key``), a folder of NIfTI, or one file.
 
-    Raises :class:`common.errors.InputError` when it finds nothing to reconstruct.
+    ``key`` is the key the inference transforms read (``image``, the key MONAI Label sends). Raises
+    :class:`common.errors.InputError` when it finds nothing to reconstruct.
     """
     if os.path.isfile(source):
         return [{key: source}]
     datalist = os.path.join(source, "dataset.json")
     if os.path.isfile(datalist):
-        return list(require_cases(load_split(datalist, datalist_key, source), datalist, datalist_key, "inference"))
+        items = require_cases(load_split(datalist, datalist_key, source), datalist, datalist_key, "inference")
+        return [{**item, key: item[datalist_image_key]} for item in items]
     files = sorted(glob.glob(os.path.join(source, "**", "*.nii*"), recursive=True))
     if not files:
         raise InputError(source, "no dataset.json and no NIfTI volume found: nothing to reconstruct")
