@@ -41,7 +41,14 @@ from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.transforms import Compose, LoadImaged
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ("vqgan_3d_patch", "latent_ddpm", "perx2ct", "progressive_cascade", "pix2pix_phase", "pe_classifier")
+BUNDLES = (
+    "vqgan_3d_patch",
+    "latent_ddpm",
+    "perx2ct",
+    "progressive_cascade",
+    "pix2pix_phase",
+    "pe_classifier",
+)
 MONAI_LABEL_BUNDLES = ("vqgan_3d_patch", "pix2pix_phase", "pe_classifier")  # one CT volume in
 XRAY_BUNDLES = tuple(b for b in BUNDLES if b not in MONAI_LABEL_BUNDLES)  # two radiographs in: no fit
 
@@ -118,7 +125,10 @@ def tiny_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
     if bundle == "pe_classifier":
         return {"inputs#image#spatial_shape": list(p["ct_size"])}
     if bundle == "perx2ct":
-        return {"inputs#image#spatial_shape": [p["image_size"]] * 2, "outputs#pred#spatial_shape": [p["volume_size"]] * 3}
+        return {
+            "inputs#image#spatial_shape": [p["image_size"]] * 2,
+            "outputs#pred#spatial_shape": [p["volume_size"]] * 3,
+        }
     if bundle == "progressive_cascade":
         return {"inputs#image#spatial_shape": [p["xray_size"]] * 2,
                 "outputs#pred#spatial_shape": [p["volume_sizes"][-1]] * 3}  # fmt: skip
@@ -167,7 +177,10 @@ def forward_args(bundle: str, meta: dict) -> dict:
     if bundle != "latent_ddpm":
         return {}
     context = meta["network_data_format"]["inputs"]["context"]
-    return {"timesteps": torch.tensor([5]), "context": torch.rand(1, context["num_channels"], *context["spatial_shape"])}
+    return {
+        "timesteps": torch.tensor([5]),
+        "context": torch.rand(1, context["num_channels"], *context["spatial_shape"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------- files, ids
@@ -176,7 +189,13 @@ def test_required_files_and_ids(bundle, tiny_bundles):
     """model-zoo verify_bundle_directory on the CI-sized copy, large_files.yml, and the ids the zoo and
     MONAI Label read from inference.json (standing alone)."""
     folder = tiny_bundles[bundle]
-    for name in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json", "docs/README.md"):
+    for name in (
+        "configs/metadata.json",
+        "LICENSE",
+        "models/model.pt",
+        "configs/inference.json",
+        "docs/README.md",
+    ):
         assert (folder / name).is_file(), name
     assert "Apache License" in (folder / "LICENSE").read_text()
 
@@ -184,17 +203,30 @@ def test_required_files_and_ids(bundle, tiny_bundles):
     parser.read_config(str(REPO / "bundles" / bundle / "large_files.yml"))
     entries = parser.get()["large_files"]
     raw_inference = read_json(configs_dir(bundle) / "inference.json")
-    weights = "models/stage3_model.pt" if bundle == "progressive_cascade" else "models/model.pt"  # what inference loads
+    weights = (
+        "models/stage3_model.pt" if bundle == "progressive_cascade" else "models/model.pt"
+    )  # what inference loads
     assert weights in {e["path"] for e in entries}
     for entry in entries:
         assert set(entry) == {"path", "url", "hash_val", "hash_type"}, entry
         assert entry["path"].startswith("models/") and entry["hash_type"] in ZOO_HASH_TYPES, entry
         if entry["url"]:  # published: https and a hash to check it by
-            assert entry["url"].startswith("https://") and re.fullmatch(r"[0-9a-f]{32,128}", entry["hash_val"]), entry
+            assert entry["url"].startswith("https://") and re.fullmatch(
+                r"[0-9a-f]{32,128}", entry["hash_val"]
+            ), entry
         else:  # not published yet: no made-up hash
             assert entry["hash_val"] == "", entry
 
-    for key in ("network_def", "bundle_root", "device", "preprocessing", "inferer", "postprocessing", "inference", "run"):
+    for key in (
+        "network_def",
+        "bundle_root",
+        "device",
+        "preprocessing",
+        "inferer",
+        "postprocessing",
+        "inference",
+        "run",
+    ):
         assert key in raw_inference, key
     assert raw_inference["run"] == "@inference" and raw_inference["bundle_root"] == "."
 
@@ -203,7 +235,9 @@ def test_required_files_and_ids(bundle, tiny_bundles):
 def test_every_config_and_overlay_parses_without_data(bundle, tmp_path):
     """As the zoo's check_properties / verify_net_in_out and MONAI Label parse them: no dataset, no weights."""
     names = sorted(p.name for p in configs_dir(bundle).glob("*.json") if p.name != "metadata.json")
-    assert set(names) <= set(CONFIG_BASES), f"list the new overlay's bases in CONFIG_BASES: {set(names) - set(CONFIG_BASES)}"
+    assert set(names) <= set(CONFIG_BASES), (
+        f"list the new overlay's bases in CONFIG_BASES: {set(names) - set(CONFIG_BASES)}"
+    )
     where = {"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(tmp_path / "no_dataset")}
     for name in names:
         for base in CONFIG_BASES[name] or ("",):
@@ -251,7 +285,11 @@ def test_metadata_follows_the_bundle_specification(bundle):
     formats = {k: v for k, v in meta.items() if k.endswith("_data_format")}
     assert "network_data_format" in formats
     for name, fmt in formats.items():
-        assert set(fmt) >= {"inputs", "outputs"} and set(fmt) <= {"inputs", "outputs", "post_processed_outputs"}
+        assert set(fmt) >= {"inputs", "outputs"} and set(fmt) <= {
+            "inputs",
+            "outputs",
+            "post_processed_outputs",
+        }
         for section in fmt:
             assert fmt[section], f"{name}#{section} is empty"
             for key, spec in fmt[section].items():
@@ -271,7 +309,11 @@ def test_metadata_pins_equal_requirements(bundle):
     # MONAI 1.6.1 deprecates optional_packages_version (monai/bundle/utils.py DEPRECATED_ID_MAPPING) and, on
     # parsing, renames it over required_packages_version: every other pin is a required package
     assert "optional_packages_version" not in meta
-    zoo_requirements = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], "numpy": meta["numpy_version"]}
+    zoo_requirements = {
+        "monai": meta["monai_version"],
+        "torch": meta["pytorch_version"],
+        "numpy": meta["numpy_version"],
+    }
     for package, version in meta["required_packages_version"].items():
         assert version and pins.get(package.lower()) == version, (package, version)
         zoo_requirements[package.lower()] = version
@@ -310,7 +352,7 @@ def test_torchscript_export_as_the_metadata_states(bundle, tiny_bundles, tmp_pat
     eager = parser.get_parsed_content("network_def").eval()
     eager.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True)["model"])
     if mode != "script":
-        with pytest.raises(Exception):
+        with pytest.raises((RuntimeError, torch.jit.frontend.NotSupportedError)):
             torch.jit.script(eager)
     if mode == "none":
         return
@@ -346,7 +388,9 @@ def test_monai_label_infer_task(bundle, tiny_bundles, tmp_path):
     meta = read_json(folder / "configs" / "metadata.json")
     assert "monai-label" in meta["supported_apps"]
     fmt = meta["network_data_format"]
-    assert next(iter(fmt["inputs"])) == "image" and next(iter(fmt["outputs"])) == "pred"  # key_image, key_pred
+    assert (
+        next(iter(fmt["inputs"])) == "image" and next(iter(fmt["outputs"])) == "pred"
+    )  # key_image, key_pred
 
     config = ConfigParser()
     config.read_config(str(folder / "configs" / "inference.json"))
@@ -408,6 +452,8 @@ def test_xray_bundles_say_they_are_not_monai_label_models(bundle):
 
 
 def test_bundle_file_lists_are_checked_for_every_bundle():
-    on_disk = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+    on_disk = sorted(
+        p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file()
+    )
     assert on_disk == sorted(BUNDLES)
     assert all(os.path.isfile(REPO / "bundles" / b / "large_files.yml") for b in BUNDLES)
