@@ -114,6 +114,16 @@ def _require_cases(items, datalist_file, split: str, purpose: str) -> None:
     raise InputError(source, f"split {split!r} has no cases: nothing for {purpose}.{hint}")
 
 
+def with_keys(items: Sequence[dict], aliases: Mapping[str, str]) -> list[dict]:
+    """``items`` with each source key of ``aliases`` (``{"image": "ct"}``) copied to its target where that is absent.
+
+    MONAI Label's train task sends ``{"image", "label"}`` items as ``train#dataset#data``; the bundles' datalists
+    name their files ``ct``, ``avg``, ``phase0``. The training transforms copy the same way (``CopyItemsd`` with
+    ``allow_missing_keys``); the checks before training see the items as the transforms will.
+    """
+    return [{**item, **{t: item[s] for s, t in aliases.items() if s in item and t not in item}} for item in items]
+
+
 def split_case_ids(datalist_file: str | os.PathLike, split: str) -> list[str]:
     """The case ids of one split (for reports: which evaluated cases were seen in training)."""
     return [case_id(item, i) for i, item in enumerate(load_split(datalist_file, split))]

@@ -143,12 +143,14 @@ def tiny_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
 
 def make_tiny_bundle(bundle: str, root: Path) -> Path:
     """``root/<bundle>``: the bundle's files, configs/inference.json = inference.json + cpu_tiny.json in one
-    file, metadata at those sizes, and a random ``models/model.pt`` (``{"model": state_dict}``, the key
+    file (train.json likewise), metadata at those sizes, and a random ``models/model.pt`` (``{"model": state_dict}``, the key
     ``ckpt_export --key_in_ckpt model`` and MONAI Label read). What CI needs for the zoo's checks."""
     source, target = REPO / "bundles" / bundle, root / bundle
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "dataset"))
     inference = merged_config(bundle, "inference.json", "cpu_tiny.json")
     (target / "configs" / "inference.json").write_text(json.dumps(inference, indent=4))
+    train = merged_config(bundle, "train.json", "cpu_tiny.json")
+    (target / "configs" / "train.json").write_text(json.dumps(train, indent=4))
     p = ConfigParser(inference)
     p["bundle_root"] = str(target)
     meta = metadata(bundle)
@@ -370,10 +372,10 @@ def test_torchscript_export_as_the_metadata_states(bundle, tiny_bundles, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- MONAI Label
-def _ct_volume(path: Path, shape: tuple[int, int, int]) -> Path:
+def _ct_volume(path: Path, shape: tuple[int, int, int], seed: int = 0, offset: float = 0.0) -> Path:
     """A small CT in HU (body-like values) with a non-identity affine, as MONAI Label would send it."""
-    rng = np.random.default_rng(0)
-    hu = rng.uniform(-1000.0, 400.0, shape).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    hu = rng.uniform(-1000.0, 400.0, shape).astype(np.float32) + offset
     nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 2.5, 1.0])), str(path))
     return path
 
@@ -435,13 +437,55 @@ def test_monai_label_infer_task(bundle, tiny_bundles, tmp_path):
 
 @pytest.mark.parametrize("bundle", MONAI_LABEL_BUNDLES)
 def test_monai_label_train_task_ids(bundle):
-    """The train.json ids BundleTrainTask (0.8.5) overrides; MONAI Label would also insert its own
-    CheckpointLoader into train#handlers with load_dict {"model": "$@network"}."""
+    """The train.json ids BundleTrainTask (0.8.5) overrides."""
     p = ConfigParser()
     p.read_config(str(configs_dir(bundle) / "train.json"))
     for key in MONAI_LABEL_TRAIN_IDS:
         assert key in p, key
     assert isinstance(p["train#handlers"], list) and p["run"] == "@training"
+
+
+MONAI_LABEL_TRAINABLE = ("vqgan_3d_patch", "pix2pix_phase")  # pe_classifier: its labels are not annotation files
+
+
+@pytest.mark.parametrize("bundle", MONAI_LABEL_TRAINABLE)
+def test_monai_label_train_task(bundle, tiny_bundles, tmp_path):
+    """What BundleTrainTask.__call__ (0.8.5, one device) does: datastore items ``{"image", "label"}`` as
+    ``train#dataset#data`` / ``validate#dataset#data``, max_epochs, device, its own CheckpointLoader of
+    ``models/model.pt`` inserted into ``train#handlers`` (``load_dict {"model": "$@network"}``, strict False),
+    then ``monai.bundle.run("run", init_id=None, final_id=None, meta_file, config_file=train.json, **overrides)``.
+    vqgan_3d_patch ignores ``label``; pix2pix_phase reads ``image`` = average CT, ``label`` = phase-0 CT."""
+    from monai.bundle import run
+
+    from common.checkpoint import read_record
+
+    folder = Path(shutil.copytree(tiny_bundles[bundle], tmp_path / bundle))
+    shape = (40, 40, 36) if bundle == "vqgan_3d_patch" else (32, 32, 8)  # 3D SSIM needs >= 7 slices
+    items = []
+    for i in range(3):
+        image = _ct_volume(tmp_path / f"image_{i}.nii.gz", shape, seed=i)
+        label = image if bundle == "vqgan_3d_patch" else _ct_volume(tmp_path / f"label_{i}.nii.gz", shape, i, 20.0)
+        items.append({"image": str(image), "label": str(label)})
+    train_ds, val_ds = items[:2], items[2:]
+
+    config = ConfigParser()
+    config.read_config(str(folder / "configs" / "train.json"))
+    config.config.update({"bundle_root": str(folder)})
+    train_handlers = config.get("train#handlers", [])
+    if not [t for t in train_handlers if t.get("_target_") == "CheckpointLoader"]:
+        train_handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(folder / "models" / "model.pt"),
+                                  "load_dict": {"model": "$@network"}, "strict": False})  # fmt: skip
+    overrides = {
+        "bundle_root": str(folder), "train#trainer#max_epochs": 1, "train#dataset#data": train_ds,
+        "device": torch.device("cpu"), "train#handlers": train_handlers, "validate#dataset#data": val_ds,
+    }  # fmt: skip
+    before = set((folder / "models").iterdir())
+    run(run_id="run", init_id=None, final_id=None, meta_file=str(folder / "configs" / "metadata.json"),
+        config_file=str(folder / "configs" / "train.json"), **overrides)  # fmt: skip
+    written = [p for p in (folder / "models").glob("*.pt") if p not in before]
+    assert written, sorted(p.name for p in (folder / "models").iterdir())
+    record = read_record(written[0])
+    assert record["bundle"] == bundle and record["progress"]["epoch"] == 1
 
 
 @pytest.mark.parametrize("bundle", XRAY_BUNDLES)

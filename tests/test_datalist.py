@@ -18,6 +18,7 @@ from common.datalist import (
     require_cases,
     split_case_ids,
     validate_datalist,
+    with_keys,
 )
 from common.errors import InputError
 from common.io import save_volume
@@ -98,3 +99,13 @@ def test_validate_datalist_same_shape_groups(tmp_path):
     item = {"id": "pair", "avg": str(tmp_path / "a.nii.gz"), "phase0": str(tmp_path / "b.nii.gz")}
     with pytest.raises(InputError, match="case 'pair'.*shapes differ"):
         validate_datalist([item], ["avg", "phase0"], same_shape=[["avg", "phase0"]], progress=False)
+
+
+def test_with_keys_copies_monai_label_keys_where_the_datalist_key_is_absent():
+    monai_label = [{"image": "a.nii.gz", "label": "b.nii.gz"}]
+    ours = [{"id": "p0", "avg": "x.nii.gz", "phase0": "y.nii.gz"}]
+    aliases = {"image": "avg", "label": "phase0"}
+    assert with_keys(monai_label, aliases) == [{"image": "a.nii.gz", "label": "b.nii.gz", "avg": "a.nii.gz", "phase0": "b.nii.gz"}]
+    assert with_keys(ours, aliases) == ours  # nothing to copy: our datalists are unchanged
+    assert with_keys([{"image": "a", "ct": "c"}], {"image": "ct"}) == [{"image": "a", "ct": "c"}]  # never overwrites
+    assert monai_label == [{"image": "a.nii.gz", "label": "b.nii.gz"}]  # inputs are not modified
