@@ -118,8 +118,9 @@ def with_keys(items: Sequence[dict], aliases: Mapping[str, str]) -> list[dict]:
     """``items`` with each source key of ``aliases`` (``{"image": "ct"}``) copied to its target where that is absent.
 
     MONAI Label's train task sends ``{"image", "label"}`` items as ``train#dataset#data``; the bundles' datalists
-    name their files ``ct``, ``avg``, ``phase0``. The training transforms copy the same way (``CopyItemsd`` with
-    ``allow_missing_keys``); the checks before training see the items as the transforms will.
+    name their files ``ct``, ``avg``, ``phase0``. The training transforms apply it to each item (a ``Lambda``
+    first in the chain) and the checks before training to the list, so both see the same keys. Unlike MONAI's
+    ``CopyItemsd``, an existing target (our datalists' ``phase0`` beside a ``label`` of another meaning) is kept.
     """
     return [{**item, **{t: item[s] for s, t in aliases.items() if s in item and t not in item}} for item in items]
 

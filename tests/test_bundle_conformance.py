@@ -22,7 +22,8 @@ are emulated from their source: ``monailabel/tasks/infer/bundle.py`` and ``tasks
 ``network_data_format`` input, ``image``; output ``pred``; ``model.pt`` read with ``checkpoint.get("model")``;
 ``preprocessing``/``postprocessing`` a ``Compose`` or a list) and ``monailabel/tasks/train/bundle.py``
 (``train.json`` ids ``bundle_root``, ``device``, ``network``, ``network_def``, ``train#trainer#max_epochs``,
-``train#dataset#data``, ``train#handlers``, ``validate#dataset#data``, run id ``run``).
+``train#dataset#data``, ``train#handlers``, ``validate#dataset#data``, run id ``run``; ``{"image", "label"}`` items),
+whose call is run for the bundles that can learn from image/label pairs (vqgan_3d_patch, pix2pix_phase).
 """
 
 from __future__ import annotations
