@@ -115,8 +115,8 @@ def merged_config(bundle: str, *names: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ a CPU-sized bundle
-def tiny_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
-    """``network_data_format`` entries (``inputs#image#spatial_shape``...) at the cpu_tiny sizes."""
+def config_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
+    """``network_data_format`` entries (``inputs#image#spatial_shape``...) at the sizes of config ``p``."""
     if bundle == "vqgan_3d_patch":
         patch = list(p["patch_size"])
         return {"inputs#image#spatial_shape": patch, "outputs#pred#spatial_shape": patch,
@@ -156,7 +156,7 @@ def make_tiny_bundle(bundle: str, root: Path) -> Path:
     p = ConfigParser(inference)
     p["bundle_root"] = str(target)
     meta = metadata(bundle)
-    for path, value in tiny_shapes(bundle, p).items():
+    for path, value in config_shapes(bundle, p).items():
         entry = meta["network_data_format"]
         *parents, leaf = path.split("#")
         for key in parents:
@@ -317,6 +317,21 @@ def test_metadata_follows_the_bundle_specification(bundle):
     assert export["mode"] in EXPORT_MODES and export["note"]
     if export["mode"] == "trace":
         assert export["input_shape"][1] == meta["network_data_format"]["inputs"]["image"]["num_channels"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_shapes_are_the_full_size_configs(bundle, tmp_path):
+    """network_data_format describes the default (GPU-size) inference.json: verify_net_in_out at full size is
+    too slow on CPU, so the shapes are compared with the config values they come from."""
+    p = ConfigParser()
+    p.read_config(str(configs_dir(bundle) / "inference.json"))
+    p["bundle_root"] = str(tmp_path)
+    fmt = metadata(bundle)["network_data_format"]
+    for path, value in config_shapes(bundle, p).items():
+        entry = fmt
+        for key in path.split("#"):
+            entry = entry[key]
+        assert entry == value, (path, entry, value)
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
