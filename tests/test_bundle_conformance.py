@@ -7,7 +7,8 @@ at dfae206) and MONAI's bundle specification (``docs/source/mb_specification.rst
   ``configs/inference.json``; ``large_files.yml`` in the zoo's format (entries ``path``/``url``/``hash_val``/
   ``hash_type``, passed to ``monai.apps.download_url``); ``docs/README.md``;
 * metadata: every mandatory key and every tensor-format field of ``network_data_format`` (the schema file is a
-  release asset that cannot be downloaded here, so the spec is encoded below); version pins equal
+  release asset that cannot be downloaded here, so the spec is encoded below), its shapes equal to the
+  full-size inference.json; version pins equal
   ``requirements.txt`` and none is empty (the zoo turns ``""`` into ``pip install numpy==``), and
   ``required_packages_version`` holds every other pin (no ``optional_packages_version``: MONAI 1.6.1 deprecates it);
 * ``verify_net_in_out`` and ``ckpt_export`` (script mode, or tracing where the metadata's ``torchscript_export``
@@ -144,9 +145,10 @@ def config_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
 
 
 def make_tiny_bundle(bundle: str, root: Path) -> Path:
-    """``root/<bundle>``: the bundle's files, configs/inference.json = inference.json + cpu_tiny.json in one
-    file (train.json likewise), metadata at those sizes, and a random ``models/model.pt`` (``{"model": state_dict}``, the key
-    ``ckpt_export --key_in_ckpt model`` and MONAI Label read). What CI needs for the zoo's checks."""
+    """``root/<bundle>``: what CI needs for the zoo's checks. The bundle's files; configs/inference.json =
+    inference.json + cpu_tiny.json in one file (train.json likewise); metadata at those sizes; random weights
+    ``{"model": state_dict}`` (the key ``ckpt_export --key_in_ckpt model`` and MONAI Label read) for
+    ``models/model.pt`` and every other file ``large_files.yml`` names."""
     source, target = REPO / "bundles" / bundle, root / bundle
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "dataset"))
     inference = merged_config(bundle, "inference.json", "cpu_tiny.json")
