@@ -1,0 +1,236 @@
+"""``xray2ct-pipeline`` end to end: tiny models of every kind, trained here, on a real PA + lateral pair.
+
+The models are trained for one epoch on phantom data with the bundles' ``cpu_tiny.json`` overlays (a few
+seconds each, through ``monai.bundle run`` as a user trains them); their CTs are smoke-test output, so the
+checks are on the pipeline's outputs (files, shapes, spacing, report keys, finite scores), not on quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+from PIL import Image
+
+from common.errors import InputError
+from common.io import load_volume
+from xray2ct import pipeline as pl
+from xray2ct.models import load_model, load_pe_model
+
+REPO = Path(__file__).resolve().parents[1]
+PAIR = "pneumocystis-pneumonia-2"
+REPORT_KEYS = {
+    "format", "case", "created", "inputs", "model", "options", "ct", "stages", "drr_consistency",
+    "drr_consistency_baseline", "drr_consistency_note", "pe", "previews", "conventions", "seconds", "software",
+}  # fmt: skip
+
+
+def _train(bundle: str, **overrides) -> None:
+    configs = REPO / "bundles" / bundle / "configs"
+    run(
+        "training",
+        config_file=[str(configs / "train.json"), str(configs / "cpu_tiny.json")],
+        meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"),
+        max_epochs=1,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict:
+    """One-epoch tiny checkpoints of perx2ct, progressive_cascade (3 stages), latent_ddpm and pe_classifier."""
+    from bundles.latent_ddpm.scripts.demo import random_vqgan
+    from data_prep.phantom import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("pipeline_models")
+    data = root / "data"
+    make_phantom_dataset(data, n_cases=6, size=32, spacing=10.0, geometry="x2ctgan", drr_pixels=32, seed=0)
+    common = {"dataset_dir": str(data)}
+    _train("perx2ct", bundle_root=str(root / "perx2ct"), output_dir=str(root / "perx2ct_out"), **common)
+    for stage in (1, 2, 3):
+        _train("progressive_cascade", stage=stage, bundle_root=str(root / "cascade"),
+               output_dir=str(root / "cascade_out"), device="cpu", **common)  # fmt: skip
+    vqgan = random_vqgan(str(root / "vqgan.pt"))
+    _train("latent_ddpm", bundle_root=str(REPO / "bundles" / "latent_ddpm"), output_dir=str(root / "ldm_out"),
+           ckpt_dir=str(root / "ldm"), vqgan_checkpoint=str(vqgan), sampling_steps=2, **common)  # fmt: skip
+    _train("pe_classifier", bundle_root=str(root / "pe"), output_dir=str(root / "pe_out"), **common)
+    return {
+        "perx2ct": str(root / "perx2ct" / "models" / "model.pt"),
+        "progressive_cascade": str(root / "cascade" / "models" / "stage3_model.pt"),
+        "latent_ddpm": str(root / "ldm" / "model.pt"),
+        "pe_classifier": str(root / "pe" / "models" / "model.pt"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def pair(shared_data) -> dict:
+    folder = shared_data / "cxr" / "pairs"
+    pa, lateral = folder / f"{PAIR}-PA.png", folder / f"{PAIR}-L.png"
+    if not (pa.is_file() and lateral.is_file()):
+        pytest.skip(f"real X-ray pair {PAIR} missing under {folder}")
+    return {"pa": str(pa), "lateral": str(lateral), "folder": folder}
+
+
+def _finite_scores(scores: dict, views: list[str]) -> None:
+    for view in views:
+        assert 0.0 <= scores[f"drr_l1_{view}"] <= 1.0
+        assert math.isfinite(scores[f"drr_psnr_{view}"])
+    assert scores["drr_l1"] == pytest.approx(np.mean([scores[f"drr_l1_{v}"] for v in views]))
+
+
+EXPECTED = {  # bundle -> (views, stage shapes, final spacing mm): the cpu_tiny sizes on the 32^3, 10 mm phantoms
+    "perx2ct": (["pa", "lateral"], [(32, 32, 32)], (10.0, 10.0, 10.0)),
+    "progressive_cascade": (["pa", "lateral"], [(8, 8, 8), (16, 16, 16), (32, 32, 32)], (10.0, 10.0, 10.0)),
+    "latent_ddpm": (["pa"], [(32, 32, 32)], (10.0, 10.0, 10.0)),
+}
+
+
+@pytest.mark.parametrize("bundle", list(EXPECTED))
+def test_every_kind_on_a_real_pair(bundle, tiny_models, pair, tmp_path):
+    views, shapes, spacing = EXPECTED[bundle]
+    fmt = "h5" if bundle == "perx2ct" else "nii.gz"
+    options = {"sampling_steps": 3, "seed": 1} if bundle == "latent_ddpm" else {}
+    summary = pl.main(
+        checkpoint=tiny_models[bundle], pa=pair["pa"], lateral=pair["lateral"], output_dir=str(tmp_path),
+        pe_checkpoint=tiny_models["pe_classifier"], format=fmt, **options,
+    )  # fmt: skip
+    assert summary["written"] == 1 and summary["failed"] == 0
+    case = tmp_path / PAIR
+    report = json.loads((case / "report.json").read_text())
+    assert set(report) == REPORT_KEYS and report["case"] == PAIR and report["model"]["bundle"] == bundle
+    assert report["model"]["has_record"] and report["model"]["views"] == views
+    assert report["inputs"]["pa"]["file"] == pair["pa"] and len(report["inputs"]["pa"]["sha256"]) == 64
+    assert (report["inputs"]["lateral"] is None) == (bundle == "latent_ddpm")
+    if bundle == "latent_ddpm":
+        assert report["options"] == {"sampling_steps": 3, "guidance_scale": pytest.approx(1.0), "seed": 1}
+
+    # the CT file: the shape and spacing the report states, HU
+    ct = load_volume(case / report["ct"]["file"])
+    assert report["ct"]["file"] == "ct." + fmt
+    assert ct.shape == shapes[-1] == tuple(report["ct"]["shape"])
+    assert ct.spacing == pytest.approx(spacing) and report["ct"]["spacing_mm"] == pytest.approx(spacing)
+    assert -1024.5 <= ct.array.min() <= ct.array.max() <= 3072.5
+    assert report["ct"]["hu"]["mean"] == pytest.approx(float(np.mean(ct.array)), abs=0.5)
+
+    # every stage: shape, spacing covering the same field of view, its own score
+    assert [tuple(s["shape"]) for s in report["stages"]] == shapes
+    for stage in report["stages"]:
+        fov = np.array(stage["shape"]) * np.array(stage["spacing_mm"])
+        assert fov == pytest.approx(np.array(shapes[-1]) * np.array(spacing))
+        _finite_scores(stage["drr_consistency"], views)
+        if len(shapes) > 1:
+            assert load_volume(case / stage["file"]).shape == tuple(stage["shape"])
+
+    # DRR consistency of the CT and of the mean-training-CT baseline on the same views, finite
+    _finite_scores(report["drr_consistency"], views)
+    baseline = report["drr_consistency_baseline"]
+    assert baseline["name"] == "mean_training_ct" and baseline["n_cases"] >= 1
+    _finite_scores(baseline["scores"], views)
+    assert "data range 1" in report["conventions"]["drr_consistency"]
+
+    # PE probability from the classifier, with its trivial baseline
+    pe = report["pe"]
+    assert 0.0 <= pe["probability"] <= 1.0 and pe["modality"] == "ct" and pe["threshold"] is None
+    assert pe["training_prevalence"] == pytest.approx(0.5) and len(pe["classifier"]["sha256"]) == 64
+
+    # previews: montage (a row per stage + the X-rays), GIF, X-ray/DRR sheet; nothing half-written left
+    assert set(report["previews"]) == {"montage", "gif", "drr"}
+    montage = Image.open(case / "preview.png")
+    assert montage.width >= 3 * 64 and montage.height >= (len(shapes) + 1) * 64
+    assert Image.open(case / "drr.png").width >= 2 * len(views) * 128
+    assert Image.open(case / "axial.gif").n_frames >= 1  # PIL merges identical frames (an all-air CT)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    assert all(v >= 0 for v in report["seconds"].values())
+
+
+def test_batch_over_a_folder_resumes_and_reports_bad_cases(tiny_models, pair, tmp_path):
+    inputs = tmp_path / "xrays"
+    inputs.mkdir()
+    for path in sorted(pair["folder"].iterdir()):
+        shutil.copy(path, inputs / path.name)
+    (inputs / "broken-PA.png").write_bytes(b"not a png")
+    shutil.copy(pair["lateral"], inputs / "broken-L.png")
+    shutil.copy(pair["pa"], inputs / "alone-PA.png")  # no lateral
+    out = tmp_path / "out"
+    summary = pl.pipeline(tiny_models["perx2ct"], str(out), inputs=str(inputs))
+    real = {p.name.rsplit("-", 1)[0] for p in pair["folder"].iterdir()}
+    assert summary["cases"] == len(real) + 2 and summary["written"] == len(real) and summary["failed"] == 2
+    failed = {r["case"]: r["error"] for r in summary["cases_detail"] if r["status"] == "failed"}
+    assert "broken-PA.png" in failed["broken"] and "no lateral" in failed["alone"]
+    with open(out / "errors.csv", newline="") as f:
+        assert {row["case"] for row in csv.DictReader(f)} == {"broken", "alone"}
+    for name in real:
+        assert json.loads((out / name / "report.json").read_text())["case"] == name
+    assert json.loads((out / "pipeline_summary.json").read_text())["written"] == len(real)
+
+    # a rerun skips the finished cases; a case whose report is gone is redone
+    (out / PAIR / "report.json").unlink()
+    again = pl.pipeline(tiny_models["perx2ct"], str(out), inputs=str(inputs))
+    assert again["already_done"] == len(real) - 1 and again["written"] == 1 and again["failed"] == 2
+
+    # the same folder with another model is refused, not mixed
+    with pytest.raises(InputError, match="another model"):
+        pl.pipeline(tiny_models["progressive_cascade"], str(out), inputs=str(inputs))
+
+
+def test_csv_batch_with_one_view_model(tiny_models, pair, tmp_path):
+    table = tmp_path / "cases.csv"
+    table.write_text(f"case,pa\nfirst,{pair['pa']}\nmissing,{tmp_path / 'nope.png'}\n")
+    summary = pl.pipeline(tiny_models["latent_ddpm"], str(tmp_path / "out"), inputs=str(table),
+                          sampling_steps=2)  # fmt: skip
+    assert summary["written"] == 1 and summary["failed"] == 1
+    failed = next(r for r in summary["cases_detail"] if r["status"] == "failed")
+    assert failed["case"] == "missing" and "nope.png" in failed["error"]
+    assert load_volume(tmp_path / "out" / "first" / "ct.nii.gz").shape == (32, 32, 32)
+
+
+def test_bad_input_is_named(tiny_models, pair, tmp_path):
+    with pytest.raises(SystemExit, match="needs a PA \\+ lateral pair"):
+        pl.main(checkpoint=tiny_models["perx2ct"], pa=pair["pa"], output_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="missing.pt"):
+        pl.main(checkpoint=str(tmp_path / "missing.pt"), pa=pair["pa"], output_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="either --pa"):
+        pl.main(checkpoint=tiny_models["perx2ct"], output_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="sampling_steps must be in"):
+        pl.main(checkpoint=tiny_models["latent_ddpm"], pa=pair["pa"], output_dir=str(tmp_path), sampling_steps=0)
+    with pytest.raises(SystemExit, match="no option sampling_steps"):
+        pl.main(checkpoint=tiny_models["perx2ct"], pa=pair["pa"], lateral=pair["lateral"],
+                output_dir=str(tmp_path), sampling_steps=5)  # fmt: skip
+    with pytest.raises(SystemExit, match="is a 'pe_classifier' checkpoint"):
+        pl.main(checkpoint=tiny_models["pe_classifier"], pa=pair["pa"], output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("bundle", list(EXPECTED))
+def test_contradicting_config_is_refused(bundle, tiny_models, tmp_path):
+    """The full-size inference.json (no cpu_tiny overlay) contradicts a tiny checkpoint's record."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(InputError, match="contradicts|differ"):
+        load_model(tiny_models[bundle], configs=[str(empty)], baseline=False)
+    model = load_model(tiny_models[bundle], configs=["cpu_tiny"], baseline=False)  # agrees: accepted
+    assert model.bundle == bundle
+
+
+def test_record_less_checkpoint_loads_through_the_config_with_a_warning(tiny_models, tmp_path):
+    state = torch.load(tiny_models["perx2ct"], weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save({"model": state["model"]}, old)
+    with pytest.warns(UserWarning, match="record"):
+        model = load_model(str(old), bundle="perx2ct", configs=["cpu_tiny"], baseline=False)
+    assert model.record is None and model.volume_shape == (32, 32, 32)
+
+
+def test_pe_model_alone(tiny_models, tmp_path, pair):
+    pe = load_pe_model(tiny_models["pe_classifier"])
+    assert pe.api.modality == "ct" and pe.describe()["training_prevalence"] == pytest.approx(0.5)
+    with pytest.raises(InputError, match="needs a ct"):
+        pe.api.probability(xray=pair["pa"])
