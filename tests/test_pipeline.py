@@ -1,4 +1,4 @@
-"""``xray2ct-pipeline`` end to end: tiny models of every kind, trained here, on a real PA + lateral pair.
+"""``xray2ct-pipeline`` end to end: tiny models of every kind (conftest ``tiny_models``) on a real PA + lateral pair.
 
 The models are trained for one epoch on phantom data with the bundles' ``cpu_tiny.json`` overlays (a few
 seconds each, through ``monai.bundle run`` as a user trains them); their CTs are smoke-test output, so the
@@ -11,12 +11,10 @@ import csv
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.bundle import run
 from PIL import Image
 
 from common.errors import InputError
@@ -24,51 +22,11 @@ from common.io import load_volume
 from xray2ct import pipeline as pl
 from xray2ct.models import load_model, load_pe_model
 
-REPO = Path(__file__).resolve().parents[1]
 PAIR = "pneumocystis-pneumonia-2"
 REPORT_KEYS = {
     "format", "case", "created", "inputs", "model", "options", "ct", "stages", "drr_consistency",
     "drr_consistency_baseline", "drr_consistency_note", "pe", "previews", "conventions", "seconds", "software",
 }  # fmt: skip
-
-
-def _train(bundle: str, **overrides) -> None:
-    configs = REPO / "bundles" / bundle / "configs"
-    run(
-        "training",
-        config_file=[str(configs / "train.json"), str(configs / "cpu_tiny.json")],
-        meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"),
-        max_epochs=1,
-        **overrides,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict:
-    """One-epoch tiny checkpoints of perx2ct, progressive_cascade (3 stages), latent_ddpm and pe_classifier."""
-    from bundles.latent_ddpm.scripts.demo import random_vqgan
-    from data_prep.phantom import make_phantom_dataset
-
-    root = tmp_path_factory.mktemp("pipeline_models")
-    data = root / "data"
-    make_phantom_dataset(data, n_cases=6, size=32, spacing=10.0, geometry="x2ctgan", drr_pixels=32, seed=0)
-    common = {"dataset_dir": str(data)}
-    _train("perx2ct", bundle_root=str(root / "perx2ct"), output_dir=str(root / "perx2ct_out"), **common)
-    for stage in (1, 2, 3):
-        _train("progressive_cascade", stage=stage, bundle_root=str(root / "cascade"),
-               output_dir=str(root / "cascade_out"), device="cpu", **common)  # fmt: skip
-    vqgan = random_vqgan(str(root / "vqgan.pt"))
-    _train("latent_ddpm", bundle_root=str(REPO / "bundles" / "latent_ddpm"), output_dir=str(root / "ldm_out"),
-           ckpt_dir=str(root / "ldm"), vqgan_checkpoint=str(vqgan), sampling_steps=2, **common)  # fmt: skip
-    _train("pe_classifier", bundle_root=str(root / "pe"), output_dir=str(root / "pe_out"), **common)
-    return {
-        "perx2ct": str(root / "perx2ct" / "models" / "model.pt"),
-        "progressive_cascade": str(root / "cascade" / "models" / "stage3_model.pt"),
-        "latent_ddpm": str(root / "ldm" / "model.pt"),
-        "pe_classifier": str(root / "pe" / "models" / "model.pt"),
-        "root": root,
-    }
 
 
 @pytest.fixture(scope="module")
