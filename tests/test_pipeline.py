@@ -192,3 +192,16 @@ def test_pe_model_alone(tiny_models, tmp_path, pair):
     assert pe.api.modality == "ct" and pe.describe()["training_prevalence"] == pytest.approx(0.5)
     with pytest.raises(InputError, match="needs a ct"):
         pe.api.probability(xray=pair["pa"])
+
+
+def test_cascade_reads_dataset_drrs_like_any_radiograph(tiny_models):
+    """The config's preprocessing chain (DRR NIfTI files) and common.xray.load_view give the same views."""
+    from bundles.progressive_cascade.scripts.inference import CascadePredictor
+    from common.xray import load_view
+
+    cascade = CascadePredictor.from_checkpoint(tiny_models["progressive_cascade"])
+    case = tiny_models["root"] / "data" / "phantom_000"
+    pa, lateral = str(case / "pa.nii.gz"), str(case / "lateral.nii.gz")
+    through_config = cascade.preprocess(pa, lateral)[0].numpy()
+    through_load_view = np.stack([load_view(pa, cascade.xray_size, "pa"), load_view(lateral, cascade.xray_size, "lateral")])
+    np.testing.assert_allclose(through_config, through_load_view, atol=1e-6)
