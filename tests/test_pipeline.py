@@ -205,3 +205,15 @@ def test_cascade_reads_dataset_drrs_like_any_radiograph(tiny_models):
     through_config = cascade.preprocess(pa, lateral)[0].numpy()
     through_load_view = np.stack([load_view(pa, cascade.xray_size, "pa"), load_view(lateral, cascade.xray_size, "lateral")])
     np.testing.assert_allclose(through_config, through_load_view, atol=1e-6)
+
+
+def test_record_checks_inputs_and_allows_run_time_settings(tiny_models):
+    """An HU window other than the recorded one is refused by name; a decoder's chunk size may differ."""
+    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
+    from xray2ct.models import config_paths
+
+    configs = config_paths("perx2ct", ["cpu_tiny"])
+    with pytest.raises(InputError, match=r"hu_window=.*\(checkpoint\) vs .*x2ctgan.*\(config\)"):
+        PerX2CTInference.from_bundle(BUNDLE_ROOT, tiny_models["perx2ct"], configs, hu_window="x2ctgan")
+    api = PerX2CTInference.from_bundle(BUNDLE_ROOT, tiny_models["perx2ct"], configs, **{"network_def#chunk_size": 3})
+    assert api.net.chunk_size == 3
