@@ -172,7 +172,7 @@ def _train_tiny(bundle: str, **overrides) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
-    """One-epoch tiny checkpoints of perx2ct, progressive_cascade (3 stages), latent_ddpm and pe_classifier."""
+    """One-epoch tiny checkpoints of perx2ct, progressive_cascade (3 stages), latent_ddpm, pe_classifier (CT and X-ray)."""
     from bundles.latent_ddpm.scripts.demo import random_vqgan
     from data_prep.phantom import make_phantom_dataset
 
@@ -188,10 +188,13 @@ def tiny_models(tmp_path_factory) -> dict:
     _train_tiny("latent_ddpm", bundle_root=str(BUNDLES / "latent_ddpm"), output_dir=str(root / "ldm_out"),
                 ckpt_dir=str(root / "ldm"), vqgan_checkpoint=str(vqgan), sampling_steps=2, **common)  # fmt: skip
     _train_tiny("pe_classifier", bundle_root=str(root / "pe"), output_dir=str(root / "pe_out"), **common)
+    _train_tiny("pe_classifier", bundle_root=str(root / "pe_xray"), output_dir=str(root / "pe_xray_out"),
+                modality="xray", **common)  # fmt: skip
     return {
         "perx2ct": str(root / "perx2ct" / "models" / "model.pt"),
         "progressive_cascade": str(root / "cascade" / "models" / "stage3_model.pt"),
         "latent_ddpm": str(root / "ldm" / "model.pt"),
         "pe_classifier": str(root / "pe" / "models" / "model.pt"),
+        "pe_classifier_xray": str(root / "pe_xray" / "models" / "model.pt"),
         "root": root,
     }

@@ -194,6 +194,13 @@ def test_pe_model_alone(tiny_models, tmp_path, pair):
         pe.api.probability(xray=pair["pa"])
 
 
+def test_xray_pe_classifier_reads_the_input_pa(tiny_models, pair, tmp_path):
+    pl.pipeline(tiny_models["latent_ddpm"], str(tmp_path), pa=pair["pa"], sampling_steps=2,
+                pe_checkpoint=tiny_models["pe_classifier_xray"])  # fmt: skip
+    pe = json.loads((tmp_path / PAIR / "report.json").read_text())["pe"]
+    assert pe["modality"] == "xray" and pe["input"] == "the input PA X-ray" and 0 <= pe["probability"] <= 1
+
+
 def test_cascade_reads_dataset_drrs_like_any_radiograph(tiny_models):
     """The config's preprocessing chain (DRR NIfTI files) and common.xray.load_view give the same views."""
     from bundles.progressive_cascade.scripts.inference import CascadePredictor
