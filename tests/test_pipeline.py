@@ -224,3 +224,15 @@ def test_record_checks_inputs_and_allows_run_time_settings(tiny_models):
         PerX2CTInference.from_bundle(BUNDLE_ROOT, tiny_models["perx2ct"], configs, hu_window="x2ctgan")
     api = PerX2CTInference.from_bundle(BUNDLE_ROOT, tiny_models["perx2ct"], configs, **{"network_def#chunk_size": 3})
     assert api.net.chunk_size == 3
+
+
+def test_dicom_frontal_through_the_one_view_model(tiny_models, shared_data, tmp_path):
+    dicoms = sorted((shared_data / "cxr" / "frontal").glob("*.dcm"))
+    if not dicoms:
+        pytest.skip("no real DICOM chest X-ray under ../shared/data/cxr/frontal")
+    summary = pl.main(checkpoint=tiny_models["latent_ddpm"], pa=str(dicoms[0]), case="cr_dicom",
+                      output_dir=str(tmp_path), sampling_steps=2)  # fmt: skip
+    assert summary["written"] == 1
+    report = json.loads((tmp_path / "cr_dicom" / "report.json").read_text())
+    assert report["inputs"]["pa"]["file"] == str(dicoms[0]) and report["ct"]["shape"] == [32, 32, 32]
+    assert math.isfinite(report["drr_consistency"]["drr_psnr_pa"])
