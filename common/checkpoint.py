@@ -496,6 +496,9 @@ def build_for_inference(
     spoken = config_files is not None or bool(overrides)
     files = config_files if config_files is not None else default_config_files
     parser = read_config(files, {**(settings or {}), **(overrides or {})}) if files else None
+    if parser is not None and network_id not in parser:
+        sources = ", ".join(os.fspath(f) for f in files)
+        raise InputError(sources, f"config defines no {network_id!r} (give the bundle's inference.json first)")
     recorded = (record or {}).get("network_def")
     if record is not None and expected_bundle is not None and record.get("bundle") != expected_bundle:
         raise InputError(path, f"is a {record.get('bundle')!r} checkpoint, not {expected_bundle!r}")

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from PIL import Image
 from common.errors import InputError
 from common.io import load_volume
 from xray2ct import pipeline as pl
-from xray2ct.models import load_model, load_pe_model
+from xray2ct.models import REPO_ROOT, load_model, load_pe_model
 
+REPO = Path(REPO_ROOT)
 PAIR = "pneumocystis-pneumonia-2"
 REPORT_KEYS = {
     "format", "case", "created", "inputs", "model", "options", "ct", "stages", "drr_consistency",
@@ -236,3 +238,18 @@ def test_dicom_frontal_through_the_one_view_model(tiny_models, shared_data, tmp_
     report = json.loads((tmp_path / "cr_dicom" / "report.json").read_text())
     assert report["inputs"]["pa"]["file"] == str(dicoms[0]) and report["ct"]["shape"] == [32, 32, 32]
     assert math.isfinite(report["drr_consistency"]["drr_psnr_pa"])
+
+
+def test_perx2ct_server_refuses_a_contradicting_config(tiny_models, tmp_path, monkeypatch):
+    """The inference server builds from the record too, and stops with the differing arguments named."""
+    from bundles.perx2ct.scripts.server import main, write_key_file
+
+    monkeypatch.delenv("XRAY2CT_SERVER_KEY", raising=False)
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    key = write_key_file(tmp_path / "key")
+    full_size = str(REPO / "bundles" / "perx2ct" / "configs" / "inference.json")
+    with pytest.raises(SystemExit, match="cannot start the server: .*contradicts the checkpoint's record: .*image_size"):
+        main(key_file=key, checkpoint=tiny_models["perx2ct"], config_files=[full_size], device="cpu")
+    with pytest.raises(SystemExit, match="empty.json: config defines no 'network_def'"):
+        main(key_file=key, checkpoint=tiny_models["perx2ct"], config_files=[str(empty)], device="cpu")
