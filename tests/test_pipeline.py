@@ -253,3 +253,26 @@ def test_perx2ct_server_refuses_a_contradicting_config(tiny_models, tmp_path, mo
         main(key_file=key, checkpoint=tiny_models["perx2ct"], config_files=[full_size], device="cpu")
     with pytest.raises(SystemExit, match="empty.json: config defines no 'network_def'"):
         main(key_file=key, checkpoint=tiny_models["perx2ct"], config_files=[str(empty)], device="cpu")
+
+
+def test_drr_consistency_matches_a_hand_computation():
+    """Views = the CT's own DRRs + 0.1: L1 is 0.1 and PSNR (data range 1) is -10 log10(0.1^2) = 20 dB per view."""
+    from common.drr import DRRGeometry
+    from common.volume import Volume
+    from xray2ct.models import XrayToCTModel, score_against_inputs
+
+    geometry = DRRGeometry("tiny", sad=700.0, sid=1200.0, detector_pixels=(16, 16), detector_size_mm=(300.0, 300.0))
+    model = XrayToCTModel(
+        name="hand", bundle="hand", needs_lateral=True, image_size=16, volume_shape=(16, 16, 16),
+        spacing=(12.0, 12.0, 12.0), geometry=geometry, preprocess=None, reconstruct=None,
+    )  # fmt: skip
+    hu = np.full((16, 16, 16), -1000.0, np.float32)
+    hu[4:12, 5:11, 3:13] = 300.0
+    volume = Volume.from_spacing(hu, (12.0, 12.0, 12.0))
+    _, drrs = score_against_inputs(model, volume, np.zeros((2, 16, 16), np.float32))
+    views = np.stack([drrs["pa"], drrs["lateral"]]) + 0.1
+    scores, _ = score_against_inputs(model, volume, views)
+    for view in ("pa", "lateral"):
+        assert scores[f"drr_l1_{view}"] == pytest.approx(0.1, abs=1e-5)
+        assert scores[f"drr_psnr_{view}"] == pytest.approx(20.0, abs=1e-3)
+    assert scores["drr_psnr"] == pytest.approx(20.0, abs=1e-3) and drrs["pa"].std() > 0.01
