@@ -518,7 +518,11 @@ def build_for_inference(
                     parser[f"{network_id}#{argument}"] = recorded[argument]
             configured = configured_network_def(parser, network_id)
             ignore = (*runtime_arguments, *(build_arguments or {}))
-            check_record(record, network_def=configured, source=path, ignore=ignore)
+            try:
+                check_record(record, network_def=configured, source=path, ignore=ignore)
+            except InputError as exc:  # the user of a loader gave a config: say how to do without one
+                problem = exc.problem.split(". Set these network_def values")[0]
+                raise InputError(path, f"{problem}. Fix the config, or give none: the record alone builds the network") from None
             differing = []
             for key in input_ids:
                 if key not in parser or key not in record.get("inputs", {}):
