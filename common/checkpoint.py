@@ -35,7 +35,7 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,14 +158,16 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def network_differences(recorded: Mapping, configured: Mapping) -> list[str]:
+def network_differences(recorded: Mapping, configured: Mapping, ignore: Sequence[str] = ()) -> list[str]:
     """Human-readable differences between two network definitions (empty when they build the same network).
 
     Classes agree when one is a subclass of the other (e.g. MONAI ``VQVAE`` and the vqgan bundle's
     ``ReconstructionVQVAE``, same parameters), factory functions when they are the same; an argument present
-    on one side only is compared with its default.
+    on one side only is compared with its default. Arguments in ``ignore`` (run-time settings such as a
+    decoder's chunk size, which change neither the weights nor the output) are not compared.
     """
-    recorded, configured = plain(dict(recorded)), plain(dict(configured))
+    recorded = {k: v for k, v in plain(dict(recorded)).items() if k not in ignore}
+    configured = {k: v for k, v in plain(dict(configured)).items() if k not in ignore}
     classes = []
     for d in (recorded, configured):
         target = d.pop("_target_", "")
@@ -342,6 +344,7 @@ def check_record(
     network_def: Mapping | None = None,
     expected_bundle: str | None = None,
     source: str | os.PathLike | None = None,
+    ignore: Sequence[str] = (),
 ) -> None:
     """Refuse (:class:`InputError`) a checkpoint of another bundle or one whose network the config contradicts.
 
@@ -363,7 +366,7 @@ def check_record(
     )
     if configured is None or "network_def" not in record:
         return
-    differences = network_differences(record["network_def"], configured)
+    differences = network_differences(record["network_def"], configured, ignore)
     if differences:
         raise InputError(
             source,
@@ -428,6 +431,115 @@ def build_from_checkpoint(
         )
     _load_state(network, network_state(checkpoint, path), path)
     return network.to(device).eval(), record
+
+
+def _same_input(key: str, recorded, configured) -> bool:
+    if key == "hu_window":
+        from common.intensity import get_window
+
+        return get_window(recorded).as_dict() == get_window(configured).as_dict()
+    return _same(plain(recorded), plain(configured))
+
+
+def read_config(config_files: Sequence[str | os.PathLike], overrides: Mapping | None = None):
+    """A MONAI ``ConfigParser`` of ``config_files`` (later files override earlier ones) with ``overrides`` set."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([require_file(os.fspath(f)) for f in config_files])
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def configured_network_def(parser, network_id: str = "network_def") -> dict:
+    """The config's network definition with every reference resolved, nothing instantiated."""
+    component = parser.get_parsed_content(network_id, instantiate=False)
+    config = component.get_config() if hasattr(component, "get_config") else component
+    return plain(dict(config))
+
+
+def build_for_inference(
+    path: str | os.PathLike,
+    config_files: Sequence[str | os.PathLike] | None = None,
+    default_config_files: Sequence[str | os.PathLike] | None = None,
+    expected_bundle: str | None = None,
+    data_arguments: Sequence[str] = (),
+    runtime_arguments: Sequence[str] = (),
+    input_ids: Sequence[str] = (),
+    overrides: Mapping | None = None,
+    device: str | torch.device = "cpu",
+    network_id: str = "network_def",
+    checkpoint: Mapping | None = None,
+    settings: Mapping | None = None,
+    build_arguments: Mapping | None = None,
+):
+    """``(network in eval mode, record, parser)``: a trained network built from its checkpoint, for every loader.
+
+    The one entry point of the inference loaders (web app, Python APIs, inference server, batch synthesis,
+    pipeline). With a record, the network is built from it alone; the config (``config_files``, else
+    ``default_config_files``; ``parser`` carries its other settings) only matters where the user spoke:
+    when ``config_files`` or ``overrides`` are given, their network definition must agree with the record
+    (else :class:`InputError` naming every differing argument), and so must the config ids ``input_ids``
+    (e.g. ``hu_window``) with the record's ``inputs``. Network arguments the config derives from a dataset
+    (``data_arguments``, e.g. ``spacing``, ``geometry``) are taken from the record before comparing;
+    ``runtime_arguments`` (e.g. ``chunk_size``) are not compared and the config's value is used.
+    A checkpoint without a record is built from the config with a warning (nothing can check it).
+    ``checkpoint``: the file's contents when the caller already read them (:func:`read_checkpoint`);
+    ``settings``: config ids set on the parser that say nothing about the network (``bundle_root``...);
+    ``build_arguments``: network arguments replaced before building and never compared (e.g. a pretrained
+    weights file, irrelevant once the checkpoint's weights are loaded).
+    """
+    path = os.fspath(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    record = record_of(checkpoint)
+    spoken = config_files is not None or bool(overrides)
+    files = config_files if config_files is not None else default_config_files
+    parser = read_config(files, {**(settings or {}), **(overrides or {})}) if files else None
+    if parser is not None and network_id not in parser:
+        sources = ", ".join(os.fspath(f) for f in files)
+        raise InputError(sources, f"config defines no {network_id!r} (give the bundle's inference.json first)")
+    recorded = (record or {}).get("network_def")
+    if record is not None and expected_bundle is not None and record.get("bundle") != expected_bundle:
+        raise InputError(path, f"is a {record.get('bundle')!r} checkpoint, not {expected_bundle!r}")
+    if recorded is None:
+        check_record(record, expected_bundle=expected_bundle, source=path)  # warns
+        if parser is None:
+            raise InputError(path, "checkpoint has no record of its network: give the bundle's config")
+        for key, value in (build_arguments or {}).items():
+            if f"{network_id}#{key}" in parser:
+                parser[f"{network_id}#{key}"] = value
+        network = parser.get_parsed_content(network_id, instantiate=True)
+    else:
+        definition = dict(recorded)
+        if spoken and parser is not None:
+            for argument in data_arguments:
+                if argument in recorded:
+                    parser[f"{network_id}#{argument}"] = recorded[argument]
+            configured = configured_network_def(parser, network_id)
+            ignore = (*runtime_arguments, *(build_arguments or {}))
+            try:
+                check_record(record, network_def=configured, source=path, ignore=ignore)
+            except InputError as exc:  # the user of a loader gave a config: say how to do without one
+                problem = exc.problem.split(". Set these network_def values")[0]
+                raise InputError(path, f"{problem}. Fix the config, or give none: the record alone builds the network") from None
+            differing = []
+            for key in input_ids:
+                if key not in parser or key not in record.get("inputs", {}):
+                    continue
+                recorded_value, configured_value = record["inputs"][key], parser.get_parsed_content(key)
+                if not _same_input(key, recorded_value, configured_value):
+                    differing.append(
+                        f"{key}={json.dumps(plain(recorded_value))} (checkpoint) vs "
+                        f"{json.dumps(plain(configured_value))} (config)"
+                    )
+            if differing:
+                raise InputError(path, "the config contradicts the checkpoint's record: " + "; ".join(differing))
+            definition.update({k: configured[k] for k in runtime_arguments if k in configured})
+        definition.update({k: v for k, v in (build_arguments or {}).items() if k in definition})
+        network = instantiate_network(definition)
+    _load_state(network, network_state(checkpoint, path), path)
+    return network.to(device).eval(), record, parser
 
 
 # ----------------------------------------------------------------------------------------------- handlers

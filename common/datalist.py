@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -175,6 +177,23 @@ def case_id(item: Mapping | None, index: int | None = None, key: str | None = No
         if filename:
             return _name_of(filename)
     return f"case_{0 if index is None else index:04d}"
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
+
+
+def safe_case_name(case: str) -> str:
+    """A file-name stem for ``case`` (a case id, uid, file stem) that cannot leave the output folder.
+
+    A name made of letters, digits, ``.``, ``_`` and ``-`` (not starting with ``.`` or ``-``, at most 120
+    characters) is kept as is; anything else becomes its sanitised form plus the first 12 hex digits of
+    its SHA-256 (``../../escaped`` -> ``escaped-<hash>``), so distinct names keep distinct files.
+    """
+    case = str(case)
+    if _SAFE_NAME.fullmatch(case):
+        return case
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", case).strip("-._")[:80] or "uid"
+    return f"{clean}-{hashlib.sha256(case.encode()).hexdigest()[:12]}"
 
 
 def split_batch(batch) -> list:

@@ -64,6 +64,17 @@ def drr_consistency(
     geometry: str | dict | DRRGeometry,
 ) -> dict[str, float]:
     """Per-view L1 and PSNR (data range 1) between the predicted CT's DRRs and the given X-rays."""
+    return drr_consistency_with_drrs(pred_hu, xrays, spacing, geometry)[0]
+
+
+@torch.no_grad()
+def drr_consistency_with_drrs(
+    pred_hu: torch.Tensor,
+    xrays: Mapping[str, torch.Tensor],
+    spacing: Sequence[float],
+    geometry: str | dict | DRRGeometry,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """:func:`drr_consistency` and the DRRs it scored (view -> (B, 1, H, W) in [0, 1]), e.g. to show them."""
     loss = DRRReprojectionLoss(geometry, views=tuple(xrays), input_is_hu=True)
     pixels = next(iter(xrays.values())).shape[-2:]
     drrs = loss.render(pred_hu, spacing, pixels)
@@ -73,7 +84,14 @@ def drr_consistency(
         mse = torch.mean((drr - target) ** 2).item()
         out[f"drr_l1_{view}"] = torch.mean(torch.abs(drr - target)).item()
         out[f"drr_psnr_{view}"] = float("inf") if mse == 0 else float(-10.0 * torch.log10(torch.tensor(mse)))
-    return out
+    return out, drrs
+
+
+def add_view_means(values: dict[str, float], views: Sequence[str]) -> dict[str, float]:
+    """Add ``drr_l1`` and ``drr_psnr``: the means of the per-view scores over ``views`` (in place)."""
+    for kind in ("l1", "psnr"):
+        values[f"drr_{kind}"] = float(sum(values[f"drr_{kind}_{v}"] for v in views) / len(views))
+    return values
 
 
 DRR_CONVENTIONS = {
@@ -118,7 +136,4 @@ class DRRConsistency:
         volume = volume.reshape(1, 1, *volume.shape[-3:])
         spacing = self.spacing or tuple(f / n for f, n in zip(self.fov_mm, volume.shape[2:]))
         xrays = {view: image[i][None, None] for i, view in enumerate(self.views)}
-        values = drr_consistency(volume, xrays, spacing, self.geometry)
-        for kind in ("l1", "psnr"):
-            values[f"drr_{kind}"] = float(sum(values[f"drr_{kind}_{v}"] for v in self.views) / len(self.views))
-        return values
+        return add_view_means(drr_consistency(volume, xrays, spacing, self.geometry), self.views)

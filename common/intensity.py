@@ -66,10 +66,18 @@ PE = HUWindow("pe", -100.0, 700.0)  # W800 L300, CTPA reading window
 WINDOWS = {w.name: w for w in (XRAY2CT, X2CTGAN, LUNG, MEDIASTINUM, BONE, PE)}
 
 
-def get_window(name_or_window: str | HUWindow) -> HUWindow:
-    """Look a window up by name (``"xray2ct"``, ``"x2ctgan"``, ``"lung"``...)."""
+def get_window(name_or_window: str | HUWindow | dict) -> HUWindow:
+    """Look a window up by name (``"xray2ct"``, ``"x2ctgan"``, ``"lung"``...), or rebuild a recorded one
+    (``HUWindow.as_dict()``, as checkpoint records store it)."""
     if isinstance(name_or_window, HUWindow):
         return name_or_window
+    if isinstance(name_or_window, dict):
+        try:
+            return HUWindow(
+                str(name_or_window["name"]), float(name_or_window["hu_min"]), float(name_or_window["hu_max"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"not an HU window: {name_or_window!r} (needs name, hu_min, hu_max)") from None
     try:
         return WINDOWS[name_or_window.lower()]
     except KeyError:

@@ -150,3 +150,51 @@ def png_bomb():
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
     return make
+
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def _train_tiny(bundle: str, **overrides) -> None:
+    """One epoch of ``bundle``'s train.json + cpu_tiny.json through ``monai.bundle run``."""
+    from monai.bundle import run
+
+    configs = BUNDLES / bundle / "configs"
+    run(
+        "training",
+        config_file=[str(configs / "train.json"), str(configs / "cpu_tiny.json")],
+        meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"),
+        max_epochs=1,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """One-epoch tiny checkpoints of perx2ct, progressive_cascade (3 stages), latent_ddpm, pe_classifier (CT and X-ray)."""
+    from bundles.latent_ddpm.scripts.demo import random_vqgan
+    from data_prep.phantom import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("pipeline_models")
+    data = root / "data"
+    make_phantom_dataset(data, n_cases=6, size=32, spacing=10.0, geometry="x2ctgan", drr_pixels=32, seed=0)
+    common = {"dataset_dir": str(data)}
+    _train_tiny("perx2ct", bundle_root=str(root / "perx2ct"), output_dir=str(root / "perx2ct_out"), **common)
+    for stage in (1, 2, 3):
+        _train_tiny("progressive_cascade", stage=stage, bundle_root=str(root / "cascade"),
+                    output_dir=str(root / "cascade_out"), device="cpu", **common)  # fmt: skip
+    vqgan = random_vqgan(str(root / "vqgan.pt"))
+    _train_tiny("latent_ddpm", bundle_root=str(BUNDLES / "latent_ddpm"), output_dir=str(root / "ldm_out"),
+                ckpt_dir=str(root / "ldm"), vqgan_checkpoint=str(vqgan), sampling_steps=2, **common)  # fmt: skip
+    _train_tiny("pe_classifier", bundle_root=str(root / "pe"), output_dir=str(root / "pe_out"), **common)
+    _train_tiny("pe_classifier", bundle_root=str(root / "pe_xray"), output_dir=str(root / "pe_xray_out"),
+                modality="xray", **common)  # fmt: skip
+    return {
+        "perx2ct": str(root / "perx2ct" / "models" / "model.pt"),
+        "progressive_cascade": str(root / "cascade" / "models" / "stage3_model.pt"),
+        "latent_ddpm": str(root / "ldm" / "model.pt"),
+        "pe_classifier": str(root / "pe" / "models" / "model.pt"),
+        "pe_classifier_xray": str(root / "pe_xray" / "models" / "model.pt"),
+        "root": root,
+    }

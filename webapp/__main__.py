@@ -1,7 +1,10 @@
-"""Start the web demo: ``python -m webapp --checkpoint <ckpt> [--bundle perx2ct] [--host 127.0.0.1 --port 8000]``.
+"""Start the web demo: ``python -m webapp --checkpoint <ckpt> [--host 127.0.0.1 --port 8000]``.
 
-Several checkpoints: ``--checkpoint a.pt,b.pt`` (or a list). Config overlays of the bundle by name or path, e.g. a
-checkpoint trained with the tiny CPU config: ``--config cpu_tiny``. Binds to localhost unless told otherwise;
+Several checkpoints, of any X-ray -> CT bundle (perx2ct, progressive_cascade, latent_ddpm; each checkpoint's
+record names its bundle): ``--checkpoint a.pt,b.pt`` (or a list); the comparison page runs the same X-rays
+through several. ``--pe_checkpoint`` adds a pe_classifier's PE probability to every CT. Networks are built
+from the checkpoints' records; config overlays (``--config cpu_tiny``, by name or path) are optional and
+refused when they contradict a checkpoint. Binds to localhost unless told otherwise;
 requests must name this server in their ``Host`` header: loopback names, the ``--host`` name, and the names
 in ``--allowed_hosts`` (e.g. the public name a reverse proxy forwards). See docs/SECURITY.md.
 """
@@ -28,7 +31,7 @@ def as_list(value: str | Sequence[str] | None) -> list[str]:
 
 def serve(
     checkpoint: str | list[str],
-    bundle: str = "perx2ct",
+    bundle: str | None = None,
     config: str | list[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -39,17 +42,30 @@ def serve(
     allowed_hosts: str | list[str] | None = None,
     max_pending: int = 4,
     decode_workers: int = 1,
+    pe_checkpoint: str | None = None,
+    pe_threshold_report: str | None = None,
+    vqgan: str | None = None,
+    max_sampling_steps: int = 200,
+    baseline: bool = True,
 ) -> None:
-    """Load the checkpoint(s) and serve the page and API until Ctrl-C."""
+    """Load the checkpoint(s) and serve the page and API until Ctrl-C.
+
+    ``bundle``: the bundle of checkpoints saved without a record (default perx2ct; with a record it must
+    agree). ``vqgan``: latent_ddpm's VQ-GAN (default: the file its record names). ``max_sampling_steps``:
+    the most diffusion steps a page may ask for. ``baseline``: score the mean training CT beside each CT.
+    """
     import uvicorn
 
     from webapp.app import create_app
-    from webapp.loaders import load_models
+    from webapp.loaders import load_classifier, load_models
     from webapp.security import WILDCARDS, allowed_hosts_for
 
     torch.set_num_threads(int(threads))
     try:
-        models = load_models(as_list(checkpoint), bundle, as_list(config), device)
+        models = load_models(
+            as_list(checkpoint), bundle, as_list(config), device, vqgan, int(max_sampling_steps), bool(baseline)
+        )
+        classifier = load_classifier(pe_checkpoint, device, pe_threshold_report)
     except InputError as exc:
         sys.exit(f"cannot start the web demo: {exc}")
     hosts = sorted(allowed_hosts_for(host, as_list(allowed_hosts)))
@@ -60,11 +76,14 @@ def serve(
         max_pending=max_pending,
         allowed_hosts=hosts,
         decode_workers=decode_workers,
+        classifier=classifier,
     )
     if host in WILDCARDS:
         print(f"WARNING: listening on every interface ({host!r}); plain HTTP, no login: see docs/SECURITY.md")
     print(
-        f"xray2ct web demo: http://{host}:{port}/  models: {', '.join(models)}  hosts served: {', '.join(hosts)}"
+        f"xray2ct web demo: http://{host}:{port}/  models: {', '.join(models)}"
+        + (f"  PE classifier: {classifier.name}" if classifier else "")
+        + f"  hosts served: {', '.join(hosts)}"
     )
     uvicorn.run(app, host=host, port=int(port), log_level="info", server_header=False)
 

@@ -3,9 +3,9 @@
     python -m webapp.demo_checkpoint /tmp/perx2ct_random.pt      # then: python -m webapp --checkpoint
                                                                   #   /tmp/perx2ct_random.pt --config cpu_tiny
 
-The network is built from the bundle's ``inference.json`` plus an overlay (default ``cpu_tiny``), so
-:func:`webapp.loaders.load_models` with the same overlay rebuilds exactly this architecture. Its output is
-noise: this only exercises the plumbing.
+The network is built from the bundle's ``inference.json`` plus an overlay (default ``cpu_tiny``) and saved
+with its record (:mod:`common.checkpoint`), so :func:`webapp.loaders.load_models` rebuilds exactly this
+architecture with or without the overlay. Its output is noise: this only exercises the plumbing.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def make_random_checkpoint(
     geometry: str = "perx2ct",
     seed: int = 0,
 ) -> str:
-    """Write ``{"model": state_dict}`` of a seeded random network of ``bundle`` to ``path`` (atomically)."""
+    """Write ``{"model", "record"}`` of a seeded random network of ``bundle`` to ``path`` (atomically)."""
     from monai.bundle import ConfigParser
 
+    from common.checkpoint import CheckpointRecord
     from common.drr import get_geometry
 
     parser = ConfigParser()
@@ -41,8 +42,11 @@ def make_random_checkpoint(
     parser["geometry"] = {**preset.as_dict(), "detector_pixels": [size, size]}
     torch.manual_seed(seed)
     network = parser.get_parsed_content("network_def", instantiate=True)
+    inputs = {"image_size": size, "spacing": parser["spacing"], "geometry": parser["geometry"],
+              "hu_window": parser.get("hu_window", "xray2ct"), "weights": "random (webapp.demo_checkpoint)"}  # fmt: skip
+    record = CheckpointRecord(bundle, network=network, inputs=inputs)
     with atomic_path(path) as tmp:
-        torch.save({"model": network.state_dict()}, tmp)
+        torch.save({"model": network.state_dict(), "record": record.state_dict()}, tmp)
     return os.fspath(path)
 
 

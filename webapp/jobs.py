@@ -23,12 +23,20 @@ from common.errors import InputError
 from common.io import save_volume
 from common.volume import Volume
 from webapp.loaders import LoadedModel
-from webapp.render import render_drrs
+from xray2ct.models import PEModel, baseline_scores, score_against_inputs
 
 logger = logging.getLogger(__name__)
 
-# (stage, progress fraction reached when the stage starts)
-STAGES = {"queued": 0.0, "preprocessing": 0.05, "reconstructing": 0.15, "rendering DRRs": 0.8, "writing": 0.9}
+# (stage, progress fraction reached when the stage starts); a model's own progress (the diffusion's steps)
+# moves the bar within "reconstructing"
+STAGES = {
+    "queued": 0.0,
+    "preprocessing": 0.05,
+    "reconstructing": 0.15,
+    "rendering DRRs": 0.8,
+    "writing": 0.88,
+    "PE classifier": 0.95,
+}
 
 
 class QueueFull(RuntimeError):
@@ -49,10 +57,19 @@ class Job:
     submitted: float = dataclasses.field(default_factory=time.time)
     seconds: float | None = None
     finished: float | None = None  # time.monotonic() when it finished
-    volume: Volume | None = None
+    volume: Volume | None = None  # the final CT (the last stage)
     views: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model inputs, [0, 1]
-    drrs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    drrs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # of the final CT
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # "nifti" / "hdf5" -> path
+    options: dict = dataclasses.field(default_factory=dict)  # validated run-time options (sampling steps...)
+    classifier: PEModel | None = None
+    detail: str = ""  # what the model is doing now ("diffusion step 3/20")
+    stages: dict[str, Volume] = dataclasses.field(default_factory=dict)  # every stage, final last
+    stage_drrs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    scores: dict[str, dict | None] = dataclasses.field(default_factory=dict)  # stage -> DRR consistency
+    baseline: dict | None = None  # the mean training CT's DRR consistency on the same views
+    pe: dict | None = None
+    stage_files: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> NIfTI path
 
 
 class JobQueue:
@@ -90,10 +107,22 @@ class JobQueue:
             self._forget_old()
         return job
 
+    def reserve_all(self, group: list[Job]) -> list[Job]:
+        """Reserve a place for every job of ``group`` (a comparison), or none: :class:`QueueFull`."""
+        with self._lock:
+            waiting = sum(j.state == "queued" for j in self.jobs.values())
+            if waiting + len(group) > self.max_pending:
+                more = "" if len(group) == 1 else f" and this comparison needs {len(group)} places"
+                raise QueueFull(f"server busy: {waiting} jobs are waiting{more}; try again in a minute")
+            for job in group:
+                self.jobs[job.id] = job
+            self._forget_old()
+        return list(group)
+
     def start(self, job: Job, views: np.ndarray | None = None) -> Job:
         """Hand a reserved job to the worker; ``views`` (decoded model inputs) skip its preprocessing."""
         if views is not None:
-            job.views = dict(zip(("pa", "lateral"), views))
+            job.views = dict(zip(job.model.views, views))
         self._pending.put(job)
         return job
 
@@ -126,17 +155,27 @@ class JobQueue:
         out = {
             "id": job.id,
             "model": job.model.name,
+            "bundle": job.model.bundle,
             "state": job.state,
             "stage": job.stage,
+            "detail": job.detail,
             "progress": round(job.progress, 3),
             "queue_position": self.position(job),
             "error": job.error,
             "seconds": job.seconds,
+            "options": job.options,
         }
         if job.volume is not None:
             out["shape"] = list(job.volume.shape)
             out["spacing"] = list(job.volume.spacing)
             out["views"] = list(job.views)  # pa first
+            out["stages"] = [
+                {"name": n, "shape": list(v.shape), "spacing": list(v.spacing), "drr_consistency": job.scores.get(n)}
+                for n, v in job.stages.items()
+            ]
+            out["drr_consistency"] = job.scores.get(next(reversed(job.stages))) if job.stages else None
+            out["drr_consistency_baseline"] = job.baseline
+            out["pe"] = job.pe
         return out
 
     def close(self) -> None:
@@ -157,7 +196,18 @@ class JobQueue:
                 shutil.rmtree(job.folder, ignore_errors=True)
 
     def _stage(self, job: Job, stage: str) -> None:
-        job.stage, job.progress = stage, STAGES[stage]
+        job.stage, job.progress, job.detail = stage, STAGES[stage], ""
+
+    @staticmethod
+    def _model_progress(job: Job):
+        """The model's own progress (fraction, text) as the bar between "reconstructing" and the next stage."""
+        start, end = STAGES["reconstructing"], STAGES["rendering DRRs"]
+
+        def report(fraction: float, text: str) -> None:
+            job.progress = start + (end - start) * min(max(float(fraction), 0.0), 1.0)
+            job.detail = str(text)
+
+        return report
 
     def _run(self) -> None:
         while True:
@@ -181,15 +231,32 @@ class JobQueue:
         model = job.model
         self._stage(job, "preprocessing")
         if not job.views:
-            job.views = dict(zip(("pa", "lateral"), model.preprocess(job.pa, job.lateral)))
+            job.views = dict(zip(model.views, model.preprocess(job.pa, job.lateral)))
         views = np.stack(list(job.views.values()))
         self._stage(job, "reconstructing")
-        volume = model.reconstruct(views).to_canonical()
-        self._stage(job, "rendering DRRs")
-        drrs = render_drrs(volume, model.geometry)
-        self._stage(job, "writing")
-        files = {
-            "nifti": save_volume(volume, os.path.join(job.folder, "ct.nii.gz")),
-            "hdf5": save_volume(volume, os.path.join(job.folder, "ct.h5")),
+        stages = {
+            name: volume.to_canonical()
+            for name, volume in model.run(views, job.options, self._model_progress(job)).items()
         }
-        job.volume, job.drrs, job.files = volume, drrs, files
+        self._stage(job, "rendering DRRs")
+        last = list(stages)[-1]
+        for name, volume in stages.items():
+            job.scores[name], drrs = score_against_inputs(model, volume, views)
+            if drrs:  # none when the model records no DRR geometry
+                job.stage_drrs[name] = drrs
+        job.baseline = baseline_scores(model, views)
+        self._stage(job, "writing")
+        final = stages[last]
+        files = {
+            "nifti": save_volume(final, os.path.join(job.folder, "ct.nii.gz")),
+            "hdf5": save_volume(final, os.path.join(job.folder, "ct.h5")),
+        }
+        if len(stages) > 1:
+            job.stage_files = {
+                n: save_volume(v, os.path.join(job.folder, f"{n}.nii.gz")) for n, v in stages.items()
+            }
+        if job.classifier is not None:
+            self._stage(job, "PE classifier")
+            job.pe = job.classifier.assess(files["nifti"] if "ct" in job.classifier.api.needs else None, views[0])
+        job.stages, job.volume, job.files = stages, final, files
+        job.drrs = job.stage_drrs.get(last, {})

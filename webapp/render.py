@@ -1,5 +1,7 @@
 """Server-side pictures for the page: windowed CT slices, X-rays and DRRs as PNG bytes.
 
+DRRs are rendered where they are scored (:func:`xray2ct.models.score_against_inputs`); this module only encodes them.
+
 Slices use ``common.preview.oriented_slice`` (radiological orientation) and are resampled so a screen
 pixel covers the same millimetres in both directions.
 """
@@ -9,10 +11,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
-from common.drr import DRRGeometry, DRRProjector
 from common.errors import InputError
 from common.intensity import get_window
 from common.preview import VIEWS, oriented_slice, view_pixel_mm
@@ -58,10 +58,3 @@ def xray_png(image: np.ndarray) -> bytes:
     """A (H, W) [0, 1] radiograph as an 8-bit PNG."""
     return _png(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8))
 
-
-@torch.no_grad()
-def render_drrs(volume: Volume, geometry: DRRGeometry) -> dict[str, np.ndarray]:
-    """PA and lateral DRRs (H, W) in [0, 1] of a canonical RAS HU volume, with the model's camera."""
-    hu = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None, None]
-    images = DRRProjector(geometry)(hu, volume.spacing)
-    return {view: image[0, 0].numpy() for view, image in images.items()}

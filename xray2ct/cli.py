@@ -38,6 +38,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "compare",
         "PE reports side by side (real, generated, X-ray)",
     ),
+    "xray2ct-pipeline": (
+        "xray2ct.pipeline",
+        "main",
+        "X-ray(s) -> CT, previews, DRR consistency, PE probability, one report per case (batch, resumable)",
+    ),
     "xray2ct-web": ("webapp.__main__", "serve", "the web demo"),
     "xray2ct-web-demo-checkpoint": (
         "webapp.demo_checkpoint",
@@ -82,6 +87,7 @@ perx2ct_synthesize = _entry("xray2ct-perx2ct-synthesize")
 perx2ct_synthesize_ddp = _entry("xray2ct-perx2ct-synthesize-ddp")
 perx2ct_server = _entry("xray2ct-perx2ct-server")
 pe_compare = _entry("xray2ct-pe-compare")
+pipeline = _entry("xray2ct-pipeline")
 web = _entry("xray2ct-web")
 web_demo_checkpoint = _entry("xray2ct-web-demo-checkpoint")
 demo_vqgan_3d_patch = _entry("xray2ct-demo-vqgan-3d-patch")

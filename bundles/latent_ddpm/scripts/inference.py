@@ -10,7 +10,7 @@ turns X-ray files into NIfTI volumes (HU, the training data's spacing) and previ
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +18,9 @@ from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
-from common.checkpoint import load_weights
+from common.checkpoint import build_for_inference, configured_network_def, load_weights
 from common.codec import decode_latents
+from common.errors import InputError
 from common.intensity import get_window
 from common.io import save_volume
 from common.preview import save_montage_png, save_slice_gif
@@ -28,6 +29,7 @@ from common.volume import Volume
 from common.xray import load_view
 
 REFERENCE_TIMESTEPS = 1000  # LDM's chain length, for which beta_start/beta_end are given
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_scheduler(
@@ -79,11 +81,13 @@ def sample_latents(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     verbose: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Sample scaled latents (B, C, X', Y', Z') for X-rays (B, 1, H, W).
 
     ``guidance_scale`` 1 is the plain conditional model (one network call per step); other values use
-    classifier-free guidance (two calls per step, MONAI's ``cfg``).
+    classifier-free guidance (MONAI's ``cfg``: conditional and unconditional halves in one doubled batch).
+    ``progress(done, total)`` is called after every denoising step (a progress bar over the steps).
     """
     if noise is None:
         noise = torch.randn(
@@ -91,9 +95,24 @@ def sample_latents(
         ).to(xray.device)
     inferer = DiffusionInferer(scheduler)
     cfg = None if float(guidance_scale) == 1.0 else float(guidance_scale)
+    model = network if progress is None else _StepCounter(network, len(scheduler.timesteps), progress)
     return inferer.sample(
-        noise, network, scheduler, conditioning=xray, mode="crossattn", verbose=verbose, cfg=cfg
+        noise, model, scheduler, conditioning=xray, mode="crossattn", verbose=verbose, cfg=cfg
     )
+
+
+class _StepCounter(torch.nn.Module):
+    """The denoising network, reporting each call (one per sampling step) to ``progress(done, total)``."""
+
+    def __init__(self, network: torch.nn.Module, total: int, progress: Callable[[int, int], None]):
+        super().__init__()
+        self.network, self.total, self.progress, self.done = network, int(total), progress, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.network(*args, **kwargs)
+        self.done += 1
+        self.progress(min(self.done, self.total), self.total)
+        return out
 
 
 @torch.no_grad()
@@ -141,17 +160,32 @@ class LatentCTSampler(Inferer):
         self.scheduler = scheduler
         if num_inference_steps:
             scheduler.set_timesteps(int(num_inference_steps))
+        self.num_inference_steps = len(scheduler.timesteps)
         self.codec_inferer = codec_inferer
         self.guidance_scale = guidance_scale
         self.requantize = requantize
         self.out_size = out_size if out_size is not None else latent_space.get("image_size")
         self.seed = seed
 
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network,
+        *args,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """X-rays (B, 1, H, W) -> CT (B, 1, X, Y, Z) in [0, 1]; steps, guidance and seed default to the config's."""
         xray = torch.as_tensor(inputs).as_subclass(torch.Tensor)
-        generator = torch.Generator().manual_seed(self.seed)
+        if num_inference_steps:
+            self.scheduler.set_timesteps(int(num_inference_steps))
+        generator = torch.Generator().manual_seed(self.seed if seed is None else int(seed))
+        guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         latents = sample_latents(
-            network, xray, self.latent_shape, self.scheduler, self.guidance_scale, generator=generator
+            network, xray, self.latent_shape, self.scheduler, guidance, generator=generator, progress=progress
         )
         return latents_to_unit_ct(
             self.vqgan, latents, self.scale_factor, self.codec_inferer, self.requantize, self.out_size
@@ -178,19 +212,110 @@ class LatentCTGenerator:
         self.inferer = inferer
         self.spacing = tuple(float(s) for s in latent_space["spacing"])
         self.xray_size = int(xray_size)
-        self.hu_window = hu_window
+        self.hu_window = get_window(hu_window)
         self.device = torch.device(device)
+        self.network.to(self.device)
+        self.latent_space = dict(latent_space)
+        self.vqgan_checkpoint: str | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike,
+        vqgan_checkpoint: str | os.PathLike | None = None,
+        config_files: Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        bundle_root: str = BUNDLE_ROOT,
+        **overrides,
+    ) -> LatentCTGenerator:
+        """The diffusion model of ``checkpoint`` and its VQ-GAN, built from their records, ready to sample.
+
+        The latent space (shape, scale factor, spacing, CT size, HU window, X-ray size, DRR geometry,
+        the codec's windows) is the one the checkpoint records. ``vqgan_checkpoint`` defaults to the file the
+        record names; another file than the one whose latents the model learnt is refused (sha256).
+        ``config_files`` / ``overrides`` (``inference.json`` + overlays) are checked against the record
+        (:func:`common.checkpoint.build_for_inference`); sampling settings (scheduler kind and betas,
+        ``sampling_steps``, ``guidance_scale``, ``sample_seed``, ``requantize``) come from them.
+        """
+        from bundles.latent_ddpm.scripts.data import check_codec, latent_space
+        from common.codec import load_vqgan
+
+        default = [os.path.join(bundle_root, "configs", "inference.json")]
+        network, record, parser = build_for_inference(
+            checkpoint,
+            config_files=config_files,
+            default_config_files=default,
+            expected_bundle="latent_ddpm",
+            runtime_arguments=("condition_dropout",),
+            input_ids=("hu_window", "xray_size", "num_train_timesteps"),
+            overrides=overrides,
+            settings={"bundle_root": bundle_root},
+            device=device,
+        )
+        if record is not None and "latent_shape" in (record.get("inputs") or {}):
+            space = dict(record["inputs"])
+        else:
+            space = latent_space(checkpoint, parser.get_parsed_content("latent_datalist"))
+        vqgan_checkpoint = vqgan_checkpoint or (space.get("vqgan") or {}).get("checkpoint")
+        if not vqgan_checkpoint:
+            raise InputError(os.fspath(checkpoint), "records no VQ-GAN: give the VQ-GAN checkpoint (--vqgan)")
+        check_codec(space, vqgan_checkpoint)
+        vqgan_def = configured_network_def(parser, "vqgan_def") if config_files else None
+        vqgan = load_vqgan(vqgan_checkpoint, vqgan_def, device)
+        windows = space.get("codec_windows")
+        if windows:
+            codec = LatentSlidingWindowInferer(
+                windows["roi_size"], overlap=windows.get("overlap", 0.25), mode=windows.get("mode", "gaussian"),
+                sw_device=device, device="cpu",
+            )  # fmt: skip
+        else:
+            codec = parser.get_parsed_content("codec_inferer")
+        if space.get("num_train_timesteps"):
+            parser["num_train_timesteps"] = int(space["num_train_timesteps"])
+        inferer = LatentCTSampler(
+            vqgan,
+            space,
+            parser.get_parsed_content("sampling_scheduler"),
+            codec,
+            num_inference_steps=parser.get_parsed_content("sampling_steps"),
+            guidance_scale=parser.get_parsed_content("guidance_scale"),
+            requantize=parser.get_parsed_content("requantize"),
+            seed=parser.get_parsed_content("sample_seed"),
+        )
+        xray_size = space.get("xray_size") or parser.get_parsed_content("xray_size")
+        window = space.get("hu_window") or parser.get("hu_window", "xray2ct")
+        generator = cls(network, inferer, space, xray_size, window, device)
+        generator.vqgan_checkpoint = os.fspath(vqgan_checkpoint)
+        return generator
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         load_weights(self.network, path, expected_bundle="latent_ddpm")
         self.network.eval()
 
+    @property
+    def geometry(self):
+        """The DRR camera of the training X-rays (None when the latent space does not record it)."""
+        from common.drr import get_geometry
+
+        geometry = self.latent_space.get("geometry")
+        return None if geometry is None else get_geometry(geometry)
+
+    def preprocess(self, xray) -> torch.Tensor:
+        """An X-ray path or (H, W) array -> (1, 1, S, S) float32 [0, 1], the model domain."""
+        return torch.from_numpy(load_view(xray, self.xray_size))[None, None]
+
     @torch.no_grad()
-    def generate(self, xray) -> tuple[Volume, torch.Tensor]:
+    def generate_from_view(self, image: torch.Tensor, progress=None, **options) -> Volume:
+        """A model-domain X-ray (1, 1, S, S) -> HU Volume; ``options``: ``num_inference_steps``,
+        ``guidance_scale``, ``seed`` (default: the config's); ``progress(done, total)`` per step."""
+        unit = self.inferer(image.to(self.device), self.network, progress=progress, **options)
+        return unit_to_volume(unit[0], self.spacing, self.hu_window)
+
+    @torch.no_grad()
+    def generate(self, xray, progress=None, **options) -> tuple[Volume, torch.Tensor]:
         """An X-ray path or (H, W) [0, 1] array -> (HU Volume, the model-domain X-ray (size, size))."""
-        image = torch.from_numpy(load_view(xray, self.xray_size))
-        unit = self.inferer(image[None, None].to(self.device), self.network)
-        return unit_to_volume(unit[0], self.spacing, self.hu_window), image
+        image = self.preprocess(xray)
+        return self.generate_from_view(image, progress, **options), image[0, 0]
 
     def predict_files(self, files: Sequence[str], output_dir: str, previews: bool = True) -> list[str]:
         """Write ``<output_dir>/<case>_ct.nii.gz`` (+ montage PNG and axial GIF) per X-ray; returns NIfTI paths.

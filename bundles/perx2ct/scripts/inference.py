@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from bundles.perx2ct.scripts.data import load_view_perx2ct
-from common.checkpoint import network_state, unwrap
+from common.checkpoint import build_for_inference, load_weights, network_state, record_of, unwrap
 from common.checkpoint import read_checkpoint as common_read_checkpoint
 from common.datalist import case_id
-from common.errors import InputError, require_file
+from common.errors import InputError
 from common.intensity import get_window
 from common.io import load_volume, save_volume
 from common.volume import Volume
@@ -37,6 +37,27 @@ FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "h5": ".h5", "npy": ".npy"}
 def read_checkpoint(path: str) -> dict:
     """The network state dict of a bundle checkpoint (:func:`common.checkpoint.read_checkpoint`)."""
     return network_state(common_read_checkpoint(path), path)
+
+
+def legacy_geometry(state: dict, config_files: Sequence[str] | None, bundle_root: str) -> dict:
+    """Config overrides for a checkpoint without a record: spacing and DRR geometry from the network's buffers."""
+    out: dict = {}
+    if "spacing_mm" in state:
+        out["spacing"] = [float(v) for v in state["spacing_mm"]]
+    if "geometry_mm" in state:
+        from common.checkpoint import read_config
+
+        files = config_files or [os.path.join(bundle_root, "configs", "inference.json")]
+        size = int(read_config(files)["image_size"])
+        sad, sid, dh, dw = (float(v) for v in state["geometry_mm"])
+        out["geometry"] = {
+            "name": "checkpoint",
+            "sad": sad,
+            "sid": sid,
+            "detector_pixels": [size, size],
+            "detector_size_mm": [dh, dw],
+        }
+    return out
 
 
 class PerX2CTInference:
@@ -89,43 +110,42 @@ class PerX2CTInference:
         reference_drr: str | np.ndarray | None = None,
         **overrides,
     ) -> PerX2CTInference:
-        """Build the network from the bundle's ``inference.json`` (+ overlays such as ``cpu_tiny.json``) and load weights.
+        """The trained network of ``checkpoint`` (default ``<bundle_root>/models/model.pt``), ready to predict.
 
-        Spacing and DRR geometry come from the checkpoint (the network stores them), so the model always
-        decodes the geometry it was trained on. ``overrides`` set config ids (e.g. ``chunk_size``).
+        The network is built from the checkpoint's record (:func:`common.checkpoint.build_for_inference`), so
+        it always has the size, spacing and DRR geometry it was trained with. ``config_files``
+        (``inference.json`` + overlays such as ``cpu_tiny.json``) and ``overrides`` (config ids, e.g.
+        ``network_def#chunk_size``) are checked against the record: a contradiction (another volume size,
+        another HU window...) is refused with the differing values named; ``chunk_size`` may differ. A
+        checkpoint saved before records is built from ``config_files`` (default: the bundle's
+        ``inference.json``) with a warning, spacing and geometry taken from the weights' buffers.
         """
-        from monai.bundle import ConfigParser
-
         bundle_root = os.fspath(bundle_root)
-        if config_files is None:
-            config_files = [os.path.join(bundle_root, "configs", "inference.json")]
         checkpoint = checkpoint or os.path.join(bundle_root, "models", "model.pt")
-        state = read_checkpoint(checkpoint)
-        parser = ConfigParser()
-        parser.read_config([require_file(f) for f in config_files])
-        parser["bundle_root"] = bundle_root
-        if "spacing_mm" in state:
-            parser["spacing"] = [float(v) for v in state["spacing_mm"]]
-        if "geometry_mm" in state:
-            sad, sid, dh, dw = (float(v) for v in state["geometry_mm"])
-            size = int(parser["image_size"])
-            parser["geometry"] = {
-                "name": "checkpoint",
-                "sad": sad,
-                "sid": sid,
-                "detector_pixels": [size, size],
-                "detector_size_mm": [dh, dw],
-            }
-        for key, value in overrides.items():
-            parser[key] = value
-        network = parser.get_parsed_content("network_def", instantiate=True)
-        network.load_state_dict(state)
-        window = parser.get("hu_window", "xray2ct")
-        views = parser.get("predictor#views", None)
+        contents = common_read_checkpoint(checkpoint)
+        record = record_of(contents)
+        if record is None:  # old checkpoints: the network's buffers know spacing and geometry
+            state = network_state(contents, checkpoint)
+            overrides = {**legacy_geometry(state, config_files, bundle_root), **overrides}
+        network, record, parser = build_for_inference(
+            checkpoint,
+            config_files=config_files,
+            default_config_files=[os.path.join(bundle_root, "configs", "inference.json")],
+            expected_bundle="perx2ct",
+            data_arguments=("spacing", "geometry"),
+            runtime_arguments=("chunk_size",),
+            input_ids=("hu_window",),
+            overrides=overrides,
+            checkpoint=contents,
+            settings={"bundle_root": bundle_root},
+        )
+        window = ((record or {}).get("inputs") or {}).get("hu_window") or parser.get("hu_window", "xray2ct")
+        views = parser.get("predictor#views", None) if parser is not None else None
         return cls(network, device=device, amp=amp, window=window, reference_drr=reference_drr, views=views)
 
     def load_checkpoint(self, path: str) -> PerX2CTInference:
-        unwrap(self.network).load_state_dict(read_checkpoint(path))
+        """Load weights into the config-built network (``inference.json``); a contradicting record is refused."""
+        load_weights(self.network, path, expected_bundle="perx2ct")
         return self
 
     # -- properties -----------------------------------------------------------------------------

@@ -666,7 +666,10 @@ def main(
     if isinstance(config_files, str):
         config_files = [config_files]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = PerX2CTInference.from_bundle(bundle_root or BUNDLE_ROOT, checkpoint, config_files, device)
+    try:  # built from the checkpoint's record; a config that contradicts it is refused
+        predictor = PerX2CTInference.from_bundle(bundle_root or BUNDLE_ROOT, checkpoint, config_files, device)
+    except InputError as e:
+        sys.exit(f"cannot start the server: {e}")
     return serve(predictor, host, port, key, max_clients=max_clients, idle_timeout=idle_timeout)
 
 

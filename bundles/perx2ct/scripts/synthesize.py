@@ -11,7 +11,7 @@
 killed job resumes) and a row in ``projections_synth.csv`` (``uid``, ``volume``, ``frontal``,
 ``lateral``; ``volume`` is the file name inside ``output_dir``). ``<name>`` is the uid itself when it is
 a plain file name (letters, digits, ``.``, ``_``, ``-``); any other uid (``../../x``, ``sub/dir``, spaces)
-is mapped to a safe name plus a hash of the uid (:func:`safe_uid_name`), so every output stays inside
+is mapped to a safe name plus a hash of the uid (:func:`common.datalist.safe_case_name`), so every output stays inside
 ``output_dir``. Any failure for one uid (no frontal or lateral view, an unreadable or oversized image
 such as a PNG declaring 60000 x 60000 pixels, an inference error) is listed with its reason in
 ``skipped.csv`` / ``skipped.json`` and the batch goes on; only Ctrl-C stops it. Sharding: uids
@@ -22,36 +22,20 @@ task / torchrun rank); per-part CSVs are suffixed ``.part<k>of<n>`` when sharded
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text, remove_partial_files
+from common.datalist import safe_case_name as safe_uid_name
 from common.errors import InputError, require_file
 
 SUFFIXES = {"h5": ".h5", "nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy"}
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
 logger = logging.getLogger(__name__)
-
-
-def safe_uid_name(uid: str) -> str:
-    """A file-name stem for ``uid`` that cannot leave the output folder.
-
-    A uid made of letters, digits, ``.``, ``_`` and ``-`` (not starting with ``.`` or ``-``, at most 120
-    characters) is kept as is; anything else becomes its sanitised form plus the first 12 hex digits of
-    the uid's SHA-256 (``../../escaped`` -> ``escaped-<hash>``), so distinct uids keep distinct files.
-    """
-    uid = str(uid)
-    if _SAFE_NAME.fullmatch(uid):
-        return uid
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", uid).strip("-._")[:80] or "uid"
-    return f"{clean}-{hashlib.sha256(uid.encode()).hexdigest()[:12]}"
 
 
 def read_uids(reports_csv: str) -> list[str]:

@@ -1,36 +1,98 @@
-"""Single-case inference: a PA + lateral pair -> one NIfTI per stage (HU, spacing = FOV / size) + previews."""
+"""Python inference API: a PA + lateral pair -> one CT per stage (HU, spacing = FOV / size) + previews.
+
+    from bundles.progressive_cascade.scripts.inference import CascadePredictor
+    cascade = CascadePredictor.from_checkpoint("models/stage3_model.pt")        # built from its record
+    volumes = cascade.predict_volumes("patient-PA.png", "patient-L.png")        # {"stage1": Volume, ...}
+
+Volumes are canonical RAS centred on the isocentre (origin 0, as the DRR geometry). Radiographs (PNG, JPEG,
+DICOM) are brought to the model domain by :func:`common.xray.load_view`; the dataset's DRR NIfTI files go
+through the config's ``preprocessing`` chain (the same result on DRRs, ``tests/test_pipeline.py``).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bundles.progressive_cascade.scripts.evaluation import save_stage_montage
-from common.checkpoint import load_weights, unwrap
+from common.checkpoint import build_for_inference, load_weights, unwrap
+from common.drr import DRRGeometry, get_geometry
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.io import save_volume
 from common.preview import save_slice_gif
 from common.volume import Volume
+from common.xray import NIFTI_SUFFIXES, load_view
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CascadePredictor:
     """Callable ``(pa_file, lateral_file, output_dir, case_id) -> {name: path}``.
 
-    Volumes are canonical RAS centred on the isocentre (origin 0, as the DRR geometry), with spacing
-    ``fov_mm / size`` per stage. Writes ``<case>_stage<k>.nii.gz``, ``<case>_ct.nii.gz`` (last stage),
-    ``<case>_stages.png`` (all stages beside the X-rays) and ``<case>_axial.gif``.
+    Writes ``<case>_stage<k>.nii.gz``, ``<case>_ct.nii.gz`` (last stage), ``<case>_stages.png`` (all stages
+    beside the X-rays) and ``<case>_axial.gif``. Only the stages the checkpoint trained (``network.stage``)
+    are run: a stage-1 checkpoint's later stages are untrained.
     """
 
-    def __init__(self, network, preprocessing, fov_mm: Sequence[float], device="cpu", hu_window: str = "xray2ct"):
-        """``preprocessing``: the config's X-ray transform chain (``{"pa", "lateral"}`` paths -> (1, S, S) each)."""
-        self.network = network.eval()
+    def __init__(
+        self,
+        network,
+        preprocessing: Callable | None,
+        fov_mm: Sequence[float],
+        device="cpu",
+        hu_window: str | dict = "xray2ct",
+        geometry: str | dict | DRRGeometry | None = None,
+    ):
+        """``preprocessing``: the config's X-ray transform chain (``{"pa", "lateral"}`` DRR paths -> (1, S, S)
+        each; None: :func:`common.xray.load_view` for every input). ``geometry``: the DRR camera of the
+        training X-rays (for DRR-consistency scores)."""
         self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
         self.fov_mm = tuple(float(f) for f in fov_mm)
         self.window = get_window(hu_window)
         self.transform = preprocessing
+        self.geometry = None if geometry is None else get_geometry(geometry)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str,
+        config_files: Sequence[str] | None = None,
+        device: str | torch.device = "cpu",
+        bundle_root: str = BUNDLE_ROOT,
+        **overrides,
+    ) -> CascadePredictor:
+        """The cascade of ``checkpoint`` built from its record (stage, sizes, FOV, geometry), weights loaded.
+
+        ``config_files`` / ``overrides`` are checked against the record (:func:`common.checkpoint.build_for_inference`);
+        a checkpoint without a record is built from them (default: ``inference.json``) with a warning.
+        """
+        network, record, parser = build_for_inference(
+            checkpoint,
+            config_files=config_files,
+            default_config_files=[os.path.join(bundle_root, "configs", "inference.json")],
+            expected_bundle="progressive_cascade",
+            data_arguments=("geometry", "fov_mm"),
+            runtime_arguments=("gradient_checkpointing",),
+            input_ids=("hu_window",),
+            overrides=overrides,
+            settings={"bundle_root": bundle_root},
+            device=device,
+        )
+        inputs = (record or {}).get("inputs") or {}
+        definition = (record or {}).get("network_def") or {}
+        stage = int(inputs.get("stage") or parser.get_parsed_content("stage"))
+        unwrap(network).set_stage(stage)
+        fov_mm = definition.get("fov_mm") or inputs.get("fov_mm") or parser.get_parsed_content("fov_mm")
+        geometry = definition.get("geometry") or inputs.get("geometry") or parser.get_parsed_content("geometry")
+        parser["xray_size"] = int(unwrap(network).xray_size)  # the chain resizes to the network's input
+        preprocessing = parser.get_parsed_content("preprocessing")
+        window = inputs.get("hu_window") or parser.get("hu_window", "xray2ct")
+        return cls(network, preprocessing, fov_mm, device, window, geometry)
 
     @staticmethod
     def check_inputs(pa_file: str | None, lateral_file: str | None) -> None:
@@ -42,31 +104,84 @@ class CascadePredictor:
 
     def load_checkpoint(self, path: str) -> CascadePredictor:
         """Load a cascade checkpoint (:func:`common.checkpoint.load_weights`: the record is checked)."""
-        load_weights(self.network, path, expected_bundle="progressive_cascade")
+        record = load_weights(self.network, path, expected_bundle="progressive_cascade")
+        stage = ((record or {}).get("inputs") or {}).get("stage")
+        if stage:
+            unwrap(self.network).set_stage(int(stage))
         self.network.eval()
         return self
 
-    @torch.no_grad()
-    def predict(self, pa_file: str, lateral_file: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every stage's output (B=1, unit window, clamped) and the model-ready X-rays (1, 2, S, S)."""
-        data = self.transform({"pa": require_file(pa_file), "lateral": require_file(lateral_file)})
-        xrays = torch.cat((data["pa"], data["lateral"]), dim=0)[None].to(self.device)
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def net(self) -> torch.nn.Module:
+        return unwrap(self.network)
+
+    @property
+    def stage(self) -> int:
+        """The last trained stage (outputs of stages 1..stage)."""
+        return int(self.net.stage)
+
+    @property
+    def xray_size(self) -> int:
+        return int(self.net.xray_size)
+
+    @property
+    def volume_sizes(self) -> tuple[int, ...]:
+        return tuple(self.net.volume_sizes[: self.stage])
+
+    def spacing(self, size: int) -> tuple[float, float, float]:
+        """Voxel spacing (mm) of a cubic stage output of ``size`` voxels: the FOV divided by the size."""
+        return tuple(f / int(size) for f in self.fov_mm)  # type: ignore[return-value]
+
+    # -- inference ------------------------------------------------------------------------------
+    def preprocess(self, pa, lateral) -> torch.Tensor:
+        """Two radiographs (paths or 2D arrays) -> (1, 2, S, S) float32 in [0, 1], on CPU."""
+        if pa is None or lateral is None:
+            raise InputError(None, "the cascade needs both a PA (frontal) and a lateral radiograph")
+        paths = [isinstance(v, (str, os.PathLike)) for v in (pa, lateral)]
+        drrs = all(paths) and all(os.fspath(v).lower().endswith(NIFTI_SUFFIXES) for v in (pa, lateral))
+        if drrs and self.transform is not None:
+            data = self.transform({"pa": require_file(pa), "lateral": require_file(lateral)})
+            xrays = torch.cat((data["pa"], data["lateral"]), dim=0)[None].float()
+        else:
+            views = [load_view(pa, self.xray_size, "pa"), load_view(lateral, self.xray_size, "lateral")]
+            xrays = torch.from_numpy(np.stack(views))[None]
         if not torch.isfinite(xrays).all():
-            raise InputError(pa_file, "X-ray contains NaN or infinite values")
-        return [o.clamp(0.0, 1.0) for o in unwrap(self.network).forward_all(xrays)], xrays
+            raise InputError(None, "X-ray contains NaN or infinite values")
+        return xrays
+
+    @torch.no_grad()
+    def predict_views(self, xrays: torch.Tensor) -> list[torch.Tensor]:
+        """(1, 2, S, S) -> every trained stage's output (1, 1, N_k, N_k, N_k) in the unit window, clamped, CPU."""
+        outputs = self.net.forward_all(xrays.to(self.device, torch.float32), upto=self.stage)
+        return [o.clamp(0.0, 1.0).float().cpu() for o in outputs]
+
+    def to_volumes(self, outputs: Sequence[torch.Tensor]) -> dict[str, Volume]:
+        """Stage outputs -> ``{"stage1": Volume, ...}`` in HU (canonical RAS, spacing FOV / size)."""
+        volumes = {}
+        for k, out in enumerate(outputs, start=1):
+            hu = self.window.from_unit(out[0, 0].numpy())
+            volumes[f"stage{k}"] = Volume.from_spacing(hu.astype(np.float32), self.spacing(hu.shape[0]))
+        return volumes
+
+    def predict(self, pa_file: str, lateral_file: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every trained stage's output (B=1, unit window, clamped) and the model-ready X-rays (1, 2, S, S)."""
+        xrays = self.preprocess(pa_file, lateral_file)
+        return self.predict_views(xrays), xrays
+
+    def predict_volumes(self, pa, lateral) -> dict[str, Volume]:
+        """A PA + lateral pair (paths or arrays) -> ``{"stage1": Volume, ..., "stage<n>": Volume}`` in HU."""
+        return self.to_volumes(self.predict_views(self.preprocess(pa, lateral)))
 
     def __call__(
         self, pa_file: str, lateral_file: str, output_dir: str, case_id: str = "case"
     ) -> dict[str, str]:
         self.check_inputs(pa_file, lateral_file)
         outputs, xrays = self.predict(pa_file, lateral_file)
+        volumes = self.to_volumes(outputs)
         written: dict[str, str] = {}
-        volumes = {}
-        for k, out in enumerate(outputs, start=1):
-            hu = self.window.from_unit(out[0, 0].float().cpu().numpy())
-            vol = Volume.from_spacing(hu, tuple(f / n for f, n in zip(self.fov_mm, hu.shape)))
-            volumes[f"stage{k}"] = vol
-            written[f"stage{k}"] = save_volume(vol, os.path.join(output_dir, f"{case_id}_stage{k}.nii.gz"))
+        for name, vol in volumes.items():
+            written[name] = save_volume(vol, os.path.join(output_dir, f"{case_id}_{name}.nii.gz"))
         written["ct"] = save_volume(vol, os.path.join(output_dir, f"{case_id}_ct.nii.gz"))
         preds = {f"stage{k}": o for k, o in enumerate(outputs, start=1)}
         written["montage"] = save_stage_montage(
