@@ -36,8 +36,11 @@ class PEClassifierInference:
         device: str | torch.device = "cpu",
         threshold: float | None = None,
         record: dict | None = None,
+        ct_key: str = "ct",
     ):
+        """``ct_transform`` reads a CT file path under ``ct_key`` (inference.json's ``ct_key``)."""
         self.device = torch.device(device)
+        self.ct_key = ct_key
         self.network = network.to(self.device).eval()
         self.modality = modality
         self.ct_transform = ct_transform
@@ -83,7 +86,8 @@ class PEClassifierInference:
         ct_transform = Compose(parser.get_parsed_content("ct_transforms")) if modality != "xray" else None
         threshold = threshold_from_report(threshold_report) if threshold_report else None
         xray_size = parser.get_parsed_content("xray_size")
-        return cls(network, modality, ct_transform, xray_size, device, threshold, record)
+        ct_key = parser.get_parsed_content("ct_key") if "ct_key" in parser else "ct"
+        return cls(network, modality, ct_transform, xray_size, device, threshold, record, ct_key=ct_key)
 
     @property
     def training_prevalence(self) -> float | None:
@@ -97,8 +101,8 @@ class PEClassifierInference:
         return {"ct": ("ct",), "xray": ("xray",), "fusion": ("ct", "xray")}[self.modality]
 
     def _ct(self, ct: str | os.PathLike) -> torch.Tensor:
-        data = self.ct_transform({"ct": os.fspath(ct)})
-        return torch.as_tensor(data["ct"]).as_subclass(torch.Tensor).float()[None]
+        data = self.ct_transform({self.ct_key: os.fspath(ct)})
+        return torch.as_tensor(data[self.ct_key]).as_subclass(torch.Tensor).float()[None]
 
     def _xray(self, xray) -> torch.Tensor:
         return torch.from_numpy(load_view(xray, self.xray_size, "xray"))[None, None]
