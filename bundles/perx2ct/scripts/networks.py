@@ -120,8 +120,6 @@ class XrayEncoder(nn.Module):
     a 3x3 conv + BN + ReLU maps to ``latent_dim`` only when layer2's width differs (ResNet-101: 512 = 512,
     so none). ``in_channels`` 3 repeats a grey X-ray to 3 channels; ``normalization="imagenet"`` then
     standardises it with ImageNet's mean/std, as the released model does before its first convolution.
-    ``max_pool`` False drops the stem's max-pool (stride 4 instead of 8: finer feature maps from small
-    CPU-size X-rays; not in the paper).
     """
 
     def __init__(
@@ -133,7 +131,6 @@ class XrayEncoder(nn.Module):
         in_channels: int = 1,
         normalization: str | None = None,
         bias_downsample: bool = False,
-        max_pool: bool = True,
     ):
         super().__init__()
         if normalization not in (None, "imagenet"):
@@ -151,8 +148,7 @@ class XrayEncoder(nn.Module):
             bias_downsample=bool(bias_downsample),
         )
         self.in_channels = int(in_channels)
-        stem = [resnet.conv1, resnet.bn1, resnet.act] + ([resnet.maxpool] if max_pool else [])
-        self.stem = nn.Sequential(*stem)
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.act, resnet.maxpool)
         self.layer1, self.layer2 = resnet.layer1, resnet.layer2
         expansion = 4 if block == "bottleneck" else 1
         feat_ch = int(block_inplanes[1]) * expansion
@@ -172,7 +168,7 @@ class XrayEncoder(nn.Module):
             self.input_mean = self.input_std = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1 or in_channels, H, W) -> (B, latent_dim, H/8, W/8) (H/4, W/4 without the max-pool)."""
+        """(B, 1 or in_channels, H, W) -> (B, latent_dim, H/8, W/8)."""
         if x.shape[1] == 1 and self.in_channels > 1:
             x = x.expand(-1, self.in_channels, -1, -1)
         if self.input_mean is not None:
@@ -195,8 +191,6 @@ class PerX2CTNet(nn.Module):
         shared_encoder: one encoder for both views (paper) or one per view.
         encoder_in_channels / encoder_normalization: 3 and ``"imagenet"`` reproduce the released model's
             input (grey repeated to RGB, ImageNet mean/std); 1 and None feed the grey image as is.
-        encoder_max_pool: False drops the encoder stem's max-pool (feature maps at 1/4 of the X-ray size
-            instead of 1/8; CPU sizes, not the paper).
         decoder_channels: decoder widths from fine to coarse (paper: 128, 256, 512); N = F * 2^(len-1).
         decoder_res_blocks: res blocks per decoder level (paper: 3).
         attention: self-attention at the coarsest decoder level and in the middle block (taming decoder).
@@ -226,7 +220,6 @@ class PerX2CTNet(nn.Module):
         encoder_in_channels: int = 1,
         encoder_normalization: str | None = None,
         encoder_bias_downsample: bool = False,
-        encoder_max_pool: bool = True,
         latent_dim: int = 512,
         pe_multires: int = 10,
         decoder_channels: Sequence[int] = (128, 256, 512),
@@ -278,7 +271,7 @@ class PerX2CTNet(nn.Module):
         def make_encoder() -> XrayEncoder:
             return XrayEncoder(
                 encoder_block, encoder_layers, encoder_inplanes, latent_dim, encoder_in_channels,
-                encoder_normalization, encoder_bias_downsample, encoder_max_pool,
+                encoder_normalization, encoder_bias_downsample,
             )  # fmt: skip
 
         self.shared_encoder = bool(shared_encoder)
