@@ -7,7 +7,9 @@ Data (``data_prep.phantom``, per-patient splits; no case is in two splits):
 
 * ``phantoms``: 48 phantom chests (32^3 at 12 mm, PA + lateral DRRs 64^2 in the ``perx2ct`` geometry, half
   of them with pulmonary emboli), split 24 training / 12 validation / 12 test, as ``benchmarks/learning.py``;
-* ``phantoms_4d``: 24 phantom breathing cycles (4 phases, 32^3 at 12 mm): average CT -> end-inhale phase.
+* ``phantoms_4d``: 24 phantom breathing cycles (4 phases, 32^3 at 12 mm): average CT -> end-inhale phase;
+* ``phantoms_pe``: CTPA crops (32^3 at 4 mm around the central pulmonary arteries) of 48 patients, each with
+  and without 3 emboli (``data_prep.phantom.make_pe_dataset``): 24 training / 8 validation / 16 test patients.
 
 Each bundle trains with ``train.json + configs/cpu_small.json`` (the recipes, chosen on the validation split)
 and is evaluated with ``evaluate.json`` on the **test** split through ``monai.bundle run``, in a subprocess
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 PHANTOMS = dict(n_cases=48, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=64, seed=0)
 PHANTOMS_4D = dict(n_cases=24, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=32, n_phases=4, seed=1)
+PHANTOMS_PE = dict(n_patients=(24, 8, 16), size=32, spacing=4.0, emboli=3, geometry="x2ctgan", drr_pixels=32)
 IMAGE_METRIC, PE_METRIC = "psnr_xray2ct", "auc"
 
 # bundle -> (dataset, training runs (overrides each), extra evaluation overrides, headline metric)
@@ -44,7 +47,7 @@ STEPS: dict[str, dict] = {
     "progressive_cascade": {"data": "phantoms", "train": [{"stage": s} for s in (1, 2, 3)], "metric": IMAGE_METRIC},
     "latent_ddpm": {"data": "phantoms", "train": [{}], "metric": IMAGE_METRIC, "after": "vqgan_3d_patch"},
     "pix2pix_phase": {"data": "phantoms_4d", "train": [{}], "metric": IMAGE_METRIC},
-    "pe_classifier": {"data": "phantoms", "train": [{}], "metric": PE_METRIC},
+    "pe_classifier": {"data": "phantoms_pe", "train": [{}], "metric": PE_METRIC},
 }
 LANES = (  # two lanes of about equal length; latent_ddpm needs the VQ-GAN of the same lane
     ("vqgan_3d_patch", "latent_ddpm", "pix2pix_phase"),
@@ -53,11 +56,12 @@ LANES = (  # two lanes of about equal length; latent_ddpm needs the VQ-GAN of th
 
 
 def make_datasets(out: Path) -> dict[str, Path]:
-    from data_prep.phantom import make_phantom_dataset
+    from data_prep.phantom import make_pe_dataset, make_phantom_dataset
 
-    roots = {"phantoms": out / "data" / "phantoms", "phantoms_4d": out / "data" / "phantoms_4d"}
+    roots = {name: out / "data" / name for name in ("phantoms", "phantoms_4d", "phantoms_pe")}
     make_phantom_dataset(roots["phantoms"], **PHANTOMS)
     make_phantom_dataset(roots["phantoms_4d"], **PHANTOMS_4D)
+    make_pe_dataset(roots["phantoms_pe"], **PHANTOMS_PE)
     return roots
 
 
@@ -118,6 +122,8 @@ def run_bundle(name: str, out: Path, data: dict[str, Path], threads: int) -> dic
         model_metrics=model, baseline_metrics=baseline, report=str(work / "eval" / "metrics_report.json"),
         previews=sorted(str(p) for p in (work / "eval").rglob("*.png")),
     )  # fmt: skip
+    if name == "vqgan_3d_patch":  # a collapsed codebook (one code) decodes one fixed volume: show it
+        row["codebook"] = {k: model.get(k) for k in ("codebook_usage", "perplexity")}
     if name == "pe_classifier":
         xray_only = report.get("comparisons", {}).get("xray_only", {}).get("metrics", {})
         row["xray_only"] = {k: xray_only.get(k) for k in ("auc", "accuracy")}
@@ -138,6 +144,8 @@ def format_row(r: dict) -> str:
         text += f"\n{'':<21}accuracy {acc['model']:.3f} vs {acc['baseline']:.3f}"
         if r["xray_only"].get("auc") is not None:
             text += f"; X-ray-only classifier AUC {r['xray_only']['auc']:.3f}, accuracy {r['xray_only']['accuracy']:.3f}"
+    if r["bundle"] == "vqgan_3d_patch" and r.get("codebook", {}).get("codebook_usage") is not None:
+        text += f"  codebook usage {r['codebook']['codebook_usage']:.2f}"
     if r["smoke_test"]:
         text += "  [SMOKE TEST: training cases]"
     return text
@@ -178,7 +186,8 @@ def main(out: str = "outputs/demo", only: tuple | str = (), skip: tuple | str = 
         "lanes": len(queues),
         "threads_per_lane": threads,
         "datasets": {"phantoms": {**PHANTOMS, "root": str(data["phantoms"])},
-                     "phantoms_4d": {**PHANTOMS_4D, "root": str(data["phantoms_4d"])}},  # fmt: skip
+                     "phantoms_4d": {**PHANTOMS_4D, "root": str(data["phantoms_4d"])},
+                     "phantoms_pe": {**PHANTOMS_PE, "root": str(data["phantoms_pe"])}},  # fmt: skip
         "conventions": {
             IMAGE_METRIC: "PSNR, HU [-1024, 2048] -> [0, 1], data range 1, per volume, mean over the test cases",
             PE_METRIC: "ROC AUC over the test cases (prevalence baseline: 0.5 by construction)",
@@ -188,7 +197,7 @@ def main(out: str = "outputs/demo", only: tuple | str = (), skip: tuple | str = 
     from common.atomic import atomic_write_text
 
     atomic_write_text(out_path / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
-    print(f"\n[demo] model vs baseline on unseen test cases (per bundle: metric, split, n cases):")
+    print("\n[demo] model vs baseline on unseen test cases (per bundle: metric, split, n cases):")
     for r in results:
         print("  " + format_row(r))
     print(f"[demo] done in {summary['seconds'] / 60:.1f} min ({len(queues)} lane(s) x {threads} thread(s); load "
