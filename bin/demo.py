@@ -7,7 +7,7 @@ Data (``data_prep.phantom``, per-patient splits; no case is in two splits):
 
 * ``phantoms``: 48 phantom chests (32^3 at 12 mm, PA + lateral DRRs 64^2 in the ``perx2ct`` geometry, half
   of them with pulmonary emboli), split 24 training / 12 validation / 12 test, as ``benchmarks/learning.py``;
-* ``phantoms_4d``: 24 phantom breathing cycles (4 phases, 32^3 at 12 mm): average CT -> end-inhale phase;
+* ``phantoms_4d``: 64 phantom breathing cycles (32 training / 16 validation / 16 test) (4 phases, 32^3 at 12 mm): average CT -> end-inhale phase;
 * ``phantoms_pe``: CTPA crops (32^3 at 4 mm around the central pulmonary arteries) of 48 patients, each with
   and without 3 emboli (``data_prep.phantom.make_pe_dataset``): 24 training / 8 validation / 16 test patients.
 
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PHANTOMS = dict(n_cases=48, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=64, seed=0)
-PHANTOMS_4D = dict(n_cases=24, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=32, n_phases=4, seed=1)
+PHANTOMS_4D = dict(n_cases=64, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=32, n_phases=4, seed=1)
 PHANTOMS_PE = dict(n_patients=(24, 8, 16), size=32, spacing=4.0, emboli=3, geometry="x2ctgan", drr_pixels=32)
 IMAGE_METRIC, PE_METRIC = "psnr_xray2ct", "auc"
 
