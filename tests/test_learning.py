@@ -215,3 +215,51 @@ def test_tiny_xray_to_ct_model_beats_the_mean_ct_on_unseen_phantoms(tmp_path):
     assert report["split"] == "test" and not report["smoke_test"] and report["n_cases"] >= 6
     assert report["baseline"]["name"] == "mean_training_ct"
     assert report["difference"]["psnr_xray2ct"] >= MIN_MARGIN_DB, report["difference"]
+
+
+# ------------------------------------------------------------------------------------- pix2pix residual, PE data, demo
+def test_residual_phase_generator_starts_at_the_copy_baseline_and_learns():
+    """``residual``: the untrained generator returns its input (the copy-input baseline) and still trains."""
+    from bundles.pix2pix_phase.scripts.networks import PhaseGenerator
+
+    torch.manual_seed(0)
+    net = PhaseGenerator(32, base_channels=8, residual=True)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.equal(net(x), x)
+    loss = (net(x) - x.flip(-1)).abs().mean()
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None) > 0
+    assert not torch.equal(PhaseGenerator(32, base_channels=8)(x), x)  # the pix2pix default: tanh(UNet(x))
+
+
+def test_pe_dataset_pairs_each_patient_with_and_without_emboli_in_one_split(tmp_path):
+    from data_prep.phantom import make_pe_dataset
+
+    meta = json.loads(Path(make_pe_dataset(tmp_path, n_patients=(2, 1, 1), size=16, drr_pixels=16)).read_text())
+    patients = {s: {e["patient"] for e in meta[s]} for s in ("training", "validation", "test")}
+    assert [len(meta[s]) for s in ("training", "validation", "test")] == [4, 2, 2]
+    assert not (patients["training"] & patients["test"]) and not (patients["validation"] & patients["test"])
+    for entry in meta["training"] + meta["test"]:
+        label = json.loads((tmp_path / entry["id"] / "label.json").read_text())
+        assert label["pe"] == entry["label"] == int(entry["id"].endswith("pe1"))
+        assert (tmp_path / entry["pa"]).is_file() and (tmp_path / entry["ct"]).is_file()
+
+
+def test_demo_runs_every_bundle_with_a_cpu_small_recipe():
+    """bin/demo.py covers the six bundles, each once in a lane, each with its cpu_small overlay."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", BUNDLES.parent / "bin" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert set(demo.STEPS) == {p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file()}
+    lanes = [n for lane in demo.LANES for n in lane]
+    assert sorted(lanes) == sorted(demo.STEPS)
+    assert [n for n in demo.LANES[0] if n in ("vqgan_3d_patch", "latent_ddpm")] == ["vqgan_3d_patch", "latent_ddpm"]
+    for name in demo.STEPS:
+        assert (BUNDLES / name / "configs" / "cpu_small.json").is_file(), name
+    row = {"bundle": "perx2ct", "status": "ok", "metric": "psnr_xray2ct", "split": "test", "n_cases": 12,
+           "model": 25.0, "baseline": 23.0, "difference": 2.0, "baseline_name": "mean_training_ct",
+           "seconds": 60.0, "smoke_test": False}  # fmt: skip
+    assert "test" in demo.format_row(row) and "+2.000" in demo.format_row(row)
+    assert "SMOKE TEST" in demo.format_row({**row, "smoke_test": True})
