@@ -159,11 +159,13 @@ def _vqgan_latents(ckpt: Path, cases: list[dict]) -> torch.Tensor:
 
 
 def test_vqgan_cpu_small_encoder_does_not_collapse(phantom_pairs, tmp_path):
-    """The cpu_small VQ-GAN's encoder keeps telling cases apart after training.
+    """The cpu_small VQ-GAN's encoder keeps telling cases apart after training (its latents vary).
 
-    At lr_g 0.002 the ReLU encoder died within ~60 steps: its output was one constant vector (std 0 over cases
-    and space), one code was used and the decoder learned a fixed volume that only looked like learning (it
-    beat box x4 because it was a mean CT). 0.0005 keeps >90 % of the codes in use.
+    At lr_g 0.002 (the earlier recipe) the ReLU encoder died on the 24-phantom demo set within ~60 steps: its
+    output was one constant vector (std exactly 0 over cases and space), one code was used, and the decoder
+    learned one fixed volume that only looked like learning (it beat box x4 by being a mean CT). The collapse is
+    stochastic: on this 4-case fixture 0.002 did not collapse in 80 or 160 steps, so this test guards the
+    property, not that run; the demo's summary prints the codebook usage of the real run.
     """
     from monai.bundle import run
 
