@@ -185,7 +185,7 @@ ONE_STAGE = {  # the cpu_small cascade cut to its first stage (8^3): the cheapes
     "network_def#refiner_channels": [[16, 32]], "network_def#stage": 1, "stage": 1, "val_interval": 40,
     "save_interval": 40,
 }  # fmt: skip
-MIN_MARGIN_DB = 1.0  # measured on unseen phantoms: seeds 0, 1, 2 -> see the test's docstring
+MIN_MARGIN_DB = 1.0  # measured on the 8 test phantoms of dataset seeds 0 / 1 / 2: +6.8 / +4.4 / +5.3 dB
 
 
 def cascade_stage1_margin(root: Path, work: Path) -> dict:
@@ -206,8 +206,9 @@ def test_tiny_xray_to_ct_model_beats_the_mean_ct_on_unseen_phantoms(tmp_path):
     """The regression test of issue 12: a tiny X-ray -> CT model (the cascade's first stage, 8^3 from PA +
     lateral DRRs, mean-CT prior) beats the mean training CT by >= 1 dB PSNR on test phantoms it never saw.
 
-    32 phantoms (16 training / 8 validation / 8 test, per patient), 40 epochs. Margin measured for dataset
-    seeds 0 / 1 / 2: see MIN_MARGIN_DB's comment.
+    32 phantoms (16 training / 8 validation / 8 test, per patient), 40 epochs (160 steps). Margins measured for
+    dataset seeds 0 / 1 / 2: +6.8 / +4.4 / +5.3 dB (model 38.4 / 36.7 / 37.6 dB vs mean CT 31.5 / 32.3 / 32.3 dB,
+    PSNR xray2ct at 8^3), so the 1 dB threshold holds with room.
     """
     from data_prep.phantom import make_phantom_dataset
 
