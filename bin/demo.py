@@ -108,8 +108,9 @@ def run_bundle(name: str, out: Path, data: dict[str, Path], threads: int) -> dic
             xray = {**base, "modality": "xray", "bundle_root": str(work / "xray_only"),
                     "output_dir": str(work / "xray_only" / "eval")}  # fmt: skip
             bundle_run("training", configs(name, "train.json", "cpu_small.json"), xray, log, threads)
-            bundle_run("evaluating", files, {**xray, "eval_split": "test"}, log, threads)
-            evaluate["xray_report"] = xray["output_dir"]
+            bundle_run("evaluating", files, {**xray, "eval_split": "test", "source": "phantom DRR (X-ray only)"}, log,
+                       threads)  # fmt: skip
+            evaluate.update(xray_report=xray["output_dir"], source="phantom CTPA crops")  # not "real CTPA"
         bundle_run("evaluating", files, evaluate, log, threads)
         report = json.loads((work / "eval" / "metrics_report.json").read_text())
     except Exception as e:  # one failing bundle must not hide the others
