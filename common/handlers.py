@@ -12,6 +12,8 @@
 
   ``smoke_test`` is true when evaluated cases are in the training split: such a figure is not a quality
   figure. :func:`write_json` is the one writer (atomic; NaN and infinities are written as ``null``).
+  With ``previews`` it also draws, for the first cases, the model beside the baseline and the ground truth
+  (``<preview_dir>/<case>.png``, :func:`save_comparison_png`): the picture of the numbers.
 * :class:`CTPair` is the output transform of the ignite CT metrics configs wire (``PeakSignalToNoiseRatio``,
   ``IgniteMetricHandler(SSIMMetric)``, ``MeanAbsoluteError``...): network intensities -> [0, 1] in the
   xray2ct window, or HU.
@@ -149,6 +151,10 @@ class MetricsReport:
         set_metrics: engine metrics over the whole set (e.g. codebook usage) copied into the model's metrics.
         training_cases: ids of the training split (evaluated training cases make the report a smoke test).
         conventions, extra: merged into the report (conventions default to :data:`common.metrics.CONVENTIONS`).
+        previews, preview_dir, preview_window: montages (:func:`save_comparison_png`) of the first ``previews``
+            cases in ``preview_dir`` (default ``<report folder>/previews``), display window ``preview_window``;
+            their paths are listed in the report (``previews``). ``spacing`` (mm) sizes them when the case's
+            datalist item has no ``spacing`` (default 1 mm).
     """
 
     def __init__(
@@ -169,6 +175,10 @@ class MetricsReport:
         conventions: Mapping | None = None,
         extra: Mapping | None = None,
         progress: bool = True,
+        previews: int = 0,
+        preview_dir: str | os.PathLike | None = None,
+        preview_window: str = "lung",
+        spacing: Sequence[float] | None = None,
     ):
         self.path = os.fspath(path)
         self.bundle, self.split = bundle, split
@@ -186,6 +196,11 @@ class MetricsReport:
             self.conventions.update(getattr(metric, "conventions", {}) or {})
         self.extra = dict(extra or {})
         self.progress = progress
+        self.previews = int(previews)
+        self.preview_dir = os.fspath(preview_dir) if preview_dir else os.path.join(os.path.dirname(self.path), "previews")
+        self.preview_window = preview_window
+        self.spacing = None if spacing is None else [float(v) for v in spacing]
+        self.written: list[str] = []
         self.cases: list[dict] = []
         self.report: dict | None = None
         self._bar = None
@@ -196,7 +211,7 @@ class MetricsReport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def _started(self, engine: Engine) -> None:
-        self.cases = []
+        self.cases, self.written = [], []
         if self.progress:
             self._bar = tqdm(total=engine.state.epoch_length, desc=f"evaluate {self.bundle}", unit="batch")
 
@@ -222,11 +237,15 @@ class MetricsReport:
         streams, primary = self._streams(out)
         model: dict[str, float] = {}
         baseline: dict[str, float] = {}
+        shown: dict = {}
         for suffix, (pred, label) in streams.items():
             model.update(self._score(pred, label, context, suffix))
+            guess = None
             if self.baseline is not None:
                 guess = self.baseline(label, out, item)
                 baseline.update(self._score(guess, label, context, suffix))
+            if suffix == (primary or ""):
+                shown = {"pred": pred, "label": label, "baseline": guess}
         if primary is not None:
             for values in (model, baseline):
                 values.update({k[: -len(primary)]: v for k, v in list(values.items()) if k.endswith(primary)})
@@ -236,7 +255,19 @@ class MetricsReport:
         case = {"id": case_id(item, index) if item else case_id(out, index), "model": model}
         if self.baseline is not None:
             case["baseline"] = baseline
+        if len(self.written) < self.previews and shown:
+            self.written.append(self._preview(case["id"], shown, out.get(self.image_key), item))
         return case
+
+    def _preview(self, case: str, shown: Mapping, image, item: Mapping) -> str:
+        spacing = (item or {}).get("spacing", self.spacing)
+        volumes = {"model": _hu(self.to_hu, shown["pred"])}
+        if shown["baseline"] is not None:
+            name = getattr(self.baseline, "name", type(self.baseline).__name__)
+            volumes[f"baseline ({name})"] = _hu(self.to_hu, shown["baseline"])
+        volumes["ground truth"] = _hu(self.to_hu, shown["label"])
+        path = os.path.join(self.preview_dir, f"{case}.png")
+        return save_comparison_png(path, volumes, image, spacing, self.preview_window)
 
     def _collect(self, engine: Engine) -> None:
         outputs = split_batch(engine.state.output)
@@ -264,11 +295,38 @@ class MetricsReport:
                 "metrics": None,
             }
         extra = {"engine_metrics": engine_metrics, **self.extra}
+        if self.previews:
+            extra["previews"] = list(self.written)
         self.report = build_report(
             self.bundle, self.split, self.cases, model, baseline, self.conventions, self.training_cases, extra
         )
         write_json(self.path, self.report)
         logger.info("metrics report: %s", self.path)
+
+
+def save_comparison_png(
+    path: str | os.PathLike,
+    volumes: Mapping[str, torch.Tensor],
+    image=None,
+    spacing: Sequence[float] | None = None,
+    window: str = "lung",
+) -> str:
+    """A montage: one row per HU volume (C, X, Y, Z) or (X, Y, Z) (model, baseline, ground truth...), and
+    the network input's radiographs as a last row when it is a stack of 2D images (PA, or PA + lateral)."""
+    from common.preview import save_montage_png
+    from common.volume import Volume
+
+    def volume(x) -> Volume:
+        array = torch.as_tensor(x).reshape(-1, *torch.as_tensor(x).shape[-3:])[0].numpy()
+        sp = [float(v) for v in np.asarray(spacing, dtype=float).reshape(-1)[:3]] if spacing is not None else None
+        return Volume.from_spacing(array, sp if sp and len(sp) == 3 else (1.0, 1.0, 1.0))
+
+    xrays = None
+    if image is not None:
+        img = torch.as_tensor(image).as_subclass(torch.Tensor).detach().float().cpu()
+        if img.ndim == 3 and img.shape[0] in (1, 2):  # (views, H, W): the X-ray input of an X-ray -> CT model
+            xrays = {name: img[k].numpy() for k, name in enumerate(("PA", "lateral")[: img.shape[0]])}
+    return save_montage_png(path, {name: volume(v) for name, v in volumes.items()}, xrays, window=window)
 
 
 # ----------------------------------------------------------------------------------------------- ignite metrics

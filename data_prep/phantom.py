@@ -51,6 +51,7 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -433,3 +434,54 @@ if __name__ == "__main__":
     import fire
 
     fire.Fire(make_phantom_dataset)
+
+
+def make_pe_dataset(
+    root: str | os.PathLike,
+    n_patients: Sequence[int] = (24, 8, 16),
+    size: int = 32,
+    spacing: float = 4.0,
+    emboli: int = 3,
+    geometry: str = "x2ctgan",
+    drr_pixels: int = 32,
+    seed: int = 300,
+) -> str:
+    """A pulmonary-embolism dataset: CTPA crops around the central pulmonary arteries; returns dataset.json's path.
+
+    Each patient (a phantom seed) appears twice, without and with ``emboli`` clots (7 mm spheres of +40 HU in
+    350 HU arteries), so the two cases differ only by the emboli and a classifier must find them rather than
+    memorise anatomy. ``size``^3 voxels at ``spacing`` mm (32 at 4 mm: a 128 mm field of view at the origin,
+    where the trunk and hila lie); at whole-chest 12 mm spacing an embolus is one voxel and not learnable by a
+    CPU-size network. ``n_patients`` = training, validation, test patients: the splits are per patient.
+    PA/lateral DRRs of the crop are written too (an X-ray-only classifier sees no clot: its baseline role).
+    Resumable like :func:`make_phantom_dataset`.
+    """
+    from data_prep.build_pairs import case_entry, case_is_done, write_case
+
+    root = os.fspath(root)
+    shape = (int(size),) * 3
+    splits: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    patient = int(seed)
+    for split, n in zip(splits, n_patients):
+        for _ in range(int(n)):
+            for pe in (0, 1):
+                case = f"patient{patient:04d}_pe{pe}"
+                if not case_is_done(root, case, extra_files=["label.json"]):
+                    ct, labels = make_phantom(shape, float(spacing), seed=patient, emboli=emboli * pe)
+                    label = {"pe": int(labels["pe"]), "n_emboli": int(labels["n_emboli"]), "seed": patient}
+                    write_case(root, case, ct, geometry, drr_pixels, label=label)
+                entry = case_entry(root, case, (float(spacing),) * 3, label=pe)
+                entry["patient"] = f"patient{patient:04d}"
+                splits[split].append(entry)
+            patient += 1
+    meta = {
+        "description": "phantom CTPA crops with and without pulmonary emboli (data_prep.phantom.make_pe_dataset)",
+        **splits,
+        "spacing": [float(spacing)] * 3,
+        "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
+    }
+    path = os.path.join(root, "dataset.json")
+    from common.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(meta, indent=2))
+    return path

@@ -161,6 +161,24 @@ def test_metrics_report_per_stage_and_other_baselines():
     assert resized(torch.zeros(1, 4, 4, 4)).shape == (1, 4, 4, 4) and float(resized(torch.zeros(1, 4, 4, 4)).min()) == 1.0
 
 
+def test_metrics_report_previews_show_model_baseline_and_truth(tmp_path):
+    """``previews`` draws the first cases' model, baseline and ground truth rows (+ the X-ray input)."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    label = {"stage1": torch.rand(1, 8, 8, 8), "stage2": torch.rand(1, 16, 16, 16)}
+    out = {"pred": {k: v.clamp(0.1, 0.9) for k, v in label.items()}, "label": label, "image": torch.rand(2, 16, 16)}
+    report = MetricsReport(
+        tmp_path / "metrics_report.json", "demo", "test", [CTMetrics(win_size=5)], BoxDownUp(2), previews=1,
+        progress=False,
+    )  # fmt: skip
+    report.score_case(out, {"id": "p1", "spacing": [10.0, 10.0, 10.0]}, 0)
+    report.score_case(out, {"id": "p2"}, 1)
+    assert report.written == [str(tmp_path / "previews" / "p1.png")]  # one preview asked for
+    with Image.open(report.written[0]) as image:  # 4 rows: model, baseline, ground truth, the two X-rays
+        assert image.height > 3.5 * image.width / 3 and image.width > 3 * 200
+
+
 def test_stop_on_non_finite_loss_names_the_batch_cases():
     """One NaN voxel makes the loss NaN: training stops with an error naming the cases (ignite's
     TerminateOnNan would stop silently and the run would exit 0)."""

@@ -44,7 +44,12 @@ def unet_channels(n_down: int, base_channels: int = 64, max_multiplier: int = 8)
 
 
 class PhaseGenerator(nn.Module):
-    """U-Net generator sized to the slice: ``tanh(UNet(x))``, input and output in [-1, 1]."""
+    """U-Net generator sized to the slice: ``tanh(UNet(x))``, input and output in [-1, 1] (B, C, H, W).
+
+    ``residual`` (not in pix2pix; the CPU overlay's choice): ``clamp(x + UNet(x), -1, 1)`` with the U-Net's last
+    convolution zero-initialised, so the untrained generator is the copy-input baseline and training learns
+    only the difference between the average CT and the phase (a breathing shift), which a short CPU run can.
+    """
 
     def __init__(
         self,
@@ -55,8 +60,10 @@ class PhaseGenerator(nn.Module):
         max_downsamplings: int = 8,
         norm: str = "instance",
         dropout: float = 0.0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
+        self.residual = bool(residual)
         n_down = count_downsamplings(image_size, max_downsamplings)
         self.n_down = n_down
         self.unet = UNet(
@@ -73,7 +80,15 @@ class PhaseGenerator(nn.Module):
             dropout=dropout,
         )
 
+        if self.residual:
+            last = [m for m in self.unet.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            return (x + self.unet(x)).clamp(-1.0, 1.0)
         return torch.tanh(self.unet(x))
 
 
