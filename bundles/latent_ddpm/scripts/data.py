@@ -13,6 +13,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.engines.utils import DiffusionPrepareBatch
 from monai.transforms import MapTransform
 
 from common.checkpoint import read_record
@@ -43,6 +44,39 @@ class LoadXrayd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = torch.from_numpy(load_view(d[key], self.size, str(key)))[None]
         return d
+
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class TargetPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's ``DiffusionPrepareBatch`` with the training target of the scheduler's ``prediction_type``.
+
+    ``"epsilon"``: the noise (MONAI's default); ``"v_prediction"``: ``scheduler.get_velocity`` (as MONAI's
+    ``VPredictionPrepareBatch``); ``"sample"``: the clean latent x0 itself, which MONAI's engines lack. An x0
+    model's error reaches the DDIM sample unamplified, where an epsilon model's error is multiplied by
+    ``sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t)`` (~100 at t = T) when the sampler turns it into x0.
+    """
+
+    def __init__(
+        self, scheduler, num_train_timesteps: int, condition_name: str | None = None, prediction_type: str = "epsilon"
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if getattr(scheduler, "prediction_type", prediction_type) != prediction_type:
+            raise ValueError(
+                f"the scheduler predicts {scheduler.prediction_type!r} but the target is {prediction_type!r}"
+            )
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "sample":
+            return images
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return noise
 
 
 def read_latent_datalist(path: str | os.PathLike) -> dict:

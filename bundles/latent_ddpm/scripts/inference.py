@@ -39,6 +39,7 @@ def make_scheduler(
     schedule: str = "scaled_linear_beta",
     beta_start: float = 0.0015,
     beta_end: float = 0.0195,
+    prediction_type: str = "epsilon",
 ):
     """DDPM or DDIM with the training schedule; sampling steps set. Latents are not clipped to [-1, 1].
 
@@ -59,6 +60,7 @@ def make_scheduler(
         beta_start=beta_start * scale,
         beta_end=beta_end * scale,
         clip_sample=False,
+        prediction_type=prediction_type,
     )
     if kind == "ddpm":
         scheduler = DDPMScheduler(**common)
@@ -272,6 +274,8 @@ class LatentCTGenerator:
             codec = parser.get_parsed_content("codec_inferer")
         if space.get("num_train_timesteps"):
             parser["num_train_timesteps"] = int(space["num_train_timesteps"])
+        # the target the network was trained on; checkpoints from before it was recorded predicted noise
+        parser["prediction_type"] = str(space.get("prediction_type", "epsilon"))
         inferer = LatentCTSampler(
             vqgan,
             space,
