@@ -13,8 +13,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundles.latent_ddpm.scripts.data import TargetPrepareBatch
+from bundles.latent_ddpm.scripts.data import TargetPrepareBatch, check_prediction_type
 from bundles.latent_ddpm.scripts.inference import make_scheduler, sample_latents
+from common.errors import InputError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "bundles", "latent_ddpm", "configs")
 SHAPE = (4, 4, 4, 4)
@@ -51,11 +52,18 @@ def test_cpu_small_trains_and_samples_x0():
     images, target, _, _ = prepare(_batch())
     torch.testing.assert_close(target, images)
     evaluate = ConfigParser()
-    evaluate.read_config([os.path.join(CONFIGS, n) for n in ("train.json", "evaluate.json", "cpu_small.json")])
-    evaluate["latent_space"] = {"prediction_type": "sample"}  # what the checkpoint records
+    evaluate.read_config(
+        [os.path.join(CONFIGS, n) for n in ("train.json", "evaluate.json", "cpu_small.json")]
+    )
     assert evaluate.get_parsed_content("sampling_scheduler").prediction_type == "sample"
-    evaluate["latent_space"] = {}  # a checkpoint from before prediction_type was recorded predicted noise
-    assert evaluate.get_parsed_content("sampling_scheduler").prediction_type == "epsilon"
+
+
+def test_sampling_another_target_than_the_checkpoint_learnt_is_refused():
+    check_prediction_type({"prediction_type": "sample"}, "sample", "model.pt")
+    with pytest.raises(InputError, match="trained with prediction_type 'sample'"):
+        check_prediction_type({"prediction_type": "sample"}, "epsilon", "model.pt")
+    with pytest.raises(InputError, match="'epsilon'"):  # records from before prediction_type: noise models
+        check_prediction_type({}, "sample", "model.pt")
 
 
 class _Oracle(torch.nn.Module):

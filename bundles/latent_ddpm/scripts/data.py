@@ -181,6 +181,18 @@ def check_codec(space: Mapping, vqgan_checkpoint: str | os.PathLike) -> None:
         )
 
 
+def check_prediction_type(space: Mapping, prediction_type: str, checkpoint: str | os.PathLike) -> None:
+    """Refuse to sample a network as another target than it learnt (``space["prediction_type"]``; records from
+    before it was recorded are epsilon): an x0 model read as a noise model, or back, samples garbage."""
+    learnt = str(space.get("prediction_type", "epsilon"))
+    if learnt != prediction_type:
+        raise InputError(
+            checkpoint,
+            f"was trained with prediction_type {learnt!r}, but the config samples {prediction_type!r}: "
+            f"set prediction_type {learnt!r} (the overlay it was trained with)",
+        )
+
+
 def inference_inputs(
     input_path: str | os.PathLike | None, datalist_file: str | os.PathLike, split: str = "test", key: str = "pa"
 ) -> list[str]:
