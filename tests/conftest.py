@@ -18,11 +18,9 @@ torch.set_num_threads(1)
 @pytest.fixture
 def free_port() -> int:
     """A TCP port free on loopback now (DDP rendezvous): fixed ports collide when suites run side by side."""
-    import socket
+    from helpers import free_port as find_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return find_free_port()
 
 
 @pytest.fixture(scope="session")

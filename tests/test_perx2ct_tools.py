@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 
 from bundles.perx2ct.scripts.inference import PerX2CTInference
 from bundles.perx2ct.scripts.networks import PerX2CTNet
@@ -183,12 +184,6 @@ def test_synthesize_keeps_outputs_inside_output_dir(tmp_path, collection, predic
     assert safe_uid_name("sub/dir") != safe_uid_name("sub-dir") and safe_uid_name("a.b_c-1") == "a.b_c-1"
     again = synthesize(output_dir=str(out), format="h5", predictor=predictor, **kw)  # resume finds them
     assert again["already_done"] == 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 KEY = "test-key-0123456789abcdef"

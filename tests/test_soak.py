@@ -23,16 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 SCALE = float(os.environ.get("XRAY2CT_SOAK_SCALE", "1"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 180) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import free_port, wait_for_job  # noqa: E402
 
 from common.drr import DRRGeometry  # noqa: E402
 from common.errors import InputError  # noqa: E402
@@ -39,13 +40,7 @@ def png_bytes(size=(96, 80)) -> bytes:
 
 
 def wait(client: TestClient, job_id: str, polls: int = 1200) -> dict:
-    """Poll until the job finishes (a bounded loop, not a timing assertion)."""
-    for _ in range(polls):
-        status = client.get(f"/api/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never finished: {status}")
+    return wait_for_job(client, job_id, polls)
 
 
 # ----------------------------------------------------------------------------------------------- real tiny model
@@ -439,15 +434,11 @@ def test_deflated_dicom_bomb_refused(client):
 @pytest.fixture()
 def live_server(tmp_path):
     """The app with a stand-in model behind uvicorn on 127.0.0.1 (a real HTTP/1.1 socket)."""
-    import socket
-
     import uvicorn
 
     model = GatedModel().entry()
     app = create_app({model.name: model}, workdir=str(tmp_path), max_upload_bytes=2_000_000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -13,13 +13,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -41,12 +41,6 @@ FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage", "--window-size=1400,1100",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, what: str, polls: int = 600, pause: float = 0.1):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import math
-import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import wait_for_job  # noqa: E402
 
 from common.errors import InputError  # noqa: E402
 from common.io import load_volume  # noqa: E402
@@ -24,13 +24,7 @@ KINDS = ("perx2ct", "progressive_cascade", "latent_ddpm")
 
 
 def wait(client: TestClient, job_id: str, polls: int = 2400) -> dict:
-    """Poll until the job finishes (a bounded loop, not a timing assertion)."""
-    for _ in range(polls):
-        status = client.get(f"/api/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never finished: {status}")
+    return wait_for_job(client, job_id, polls)
 
 
 @pytest.fixture(scope="module")
