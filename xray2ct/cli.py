@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "X-ray(s) -> CT, previews, DRR consistency, PE probability, one report per case (batch, resumable)",
     ),
     "xray2ct-web": ("webapp.__main__", "serve", "the web demo"),
+    "xray2ct-slurm-train": ("xray2ct.slurm", "_CLI", "SLURM training job for any bundle (multi-GPU, multi-node, requeue + resume)"),
     "xray2ct-web-demo-checkpoint": (
         "webapp.demo_checkpoint",
         "make_random_checkpoint",
@@ -88,6 +89,7 @@ perx2ct_synthesize_ddp = _entry("xray2ct-perx2ct-synthesize-ddp")
 perx2ct_server = _entry("xray2ct-perx2ct-server")
 pe_compare = _entry("xray2ct-pe-compare")
 pipeline = _entry("xray2ct-pipeline")
+slurm_train = _entry("xray2ct-slurm-train")
 web = _entry("xray2ct-web")
 web_demo_checkpoint = _entry("xray2ct-web-demo-checkpoint")
 demo_vqgan_3d_patch = _entry("xray2ct-demo-vqgan-3d-patch")
