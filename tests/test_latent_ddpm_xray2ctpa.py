@@ -411,3 +411,34 @@ def test_overlay_reproduces_the_paper_settings(tmp_path, monkeypatch):
     assert isinstance(loss, EpsilonPerceptualLoss) and loss.perceptual_weight == 0.01 and loss.l1_weight == 1.0
     assert loss.prepare_batch is parser.get_parsed_content("prepare_batch")
     assert loss.perceptual is not None
+
+
+@pytest.mark.slow
+def test_overlay_trains_through_monai_bundle_and_infers(phantom_pairs, tmp_path, monkeypatch):
+    """One epoch of train.json + cpu_tiny.json + xray2ctpa_encoder.json (small stand-in tower, random
+    RadImageNet network), then inference.json with the overlay (the checkpoint record must agree with it)."""
+    from monai.bundle import run
+
+    from bundles.latent_ddpm.scripts.demo import random_vqgan
+    from common.checkpoint import read_record
+
+    path, _ = tower_file(tmp_path)
+    monkeypatch.setattr(torch.hub, "load", lambda repo, model, **kw: RadImageNetResNet50())
+    monkeypatch.setattr(torch.hub, "set_dir", lambda d: None)
+    common = dict(
+        dataset_dir=str(phantom_pairs["root"]), bundle_root=str(REPO / "bundles" / "latent_ddpm"),
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"),
+        vqgan_checkpoint=random_vqgan(str(tmp_path / "vqgan.pt")), max_epochs=1, sampling_steps=2,
+        logging_file=str(CONFIGS / "logging.conf"), meta_file=str(CONFIGS / "metadata.json"),
+    )  # fmt: skip
+    small = {f"network_def#image_embedding#{k}": v for k, v in SMALL.items() if k != "embed_dim"}
+    files = [str(CONFIGS / n) for n in ("train.json", "cpu_tiny.json", "xray2ctpa_encoder.json")]
+    with pytest.warns(UserWarning, match="cache_dir"):
+        run("training", config_file=files, biomedclip_weights=str(path), **small, **common)
+    record = read_record(tmp_path / "models" / "model.pt")
+    assert record["inputs"]["prediction_type"] == "epsilon"
+    assert record["network_def"]["xray_tokens"] is False
+    assert record["network_def"]["image_embedding"]["trainable"] is True
+    files = [str(CONFIGS / n) for n in ("inference.json", "cpu_tiny.json", "xray2ctpa_encoder.json")]
+    run("inference", config_file=files, biomedclip_weights=str(path), **small, **common)  # the record must agree
+    assert len(list((tmp_path / "out" / "predictions").glob("*_ct.nii.gz"))) == 2
