@@ -9,6 +9,7 @@ torch), at random weights, then loaded into our MONAI-ViT tower and compared wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -416,7 +417,7 @@ def test_overlay_reproduces_the_paper_settings(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_overlay_trains_through_monai_bundle_and_infers(phantom_pairs, tmp_path, monkeypatch):
     """One epoch of train.json + cpu_tiny.json + xray2ctpa_encoder.json (small stand-in tower, random
-    RadImageNet network), then inference.json with the overlay (the checkpoint record must agree with it)."""
+    RadImageNet network), evaluate.json and inference.json with the overlay (the checkpoint record must agree with it)."""
     from monai.bundle import run
 
     from bundles.latent_ddpm.scripts.demo import random_vqgan
@@ -439,6 +440,10 @@ def test_overlay_trains_through_monai_bundle_and_infers(phantom_pairs, tmp_path,
     assert record["inputs"]["prediction_type"] == "epsilon"
     assert record["network_def"]["xray_tokens"] is False
     assert record["network_def"]["image_embedding"]["trainable"] is True
+    files = [str(CONFIGS / n) for n in ("train.json", "evaluate.json", "cpu_tiny.json", "xray2ctpa_encoder.json")]
+    run("evaluating", config_file=files, biomedclip_weights=str(path), perceptual_weight=0.0, **small, **common)
+    report = json.loads((tmp_path / "out" / "metrics_report.json").read_text())
+    assert report["n_cases"] == 2 and "psnr_xray2ct" in report["metrics"]
     files = [str(CONFIGS / n) for n in ("inference.json", "cpu_tiny.json", "xray2ctpa_encoder.json")]
     run("inference", config_file=files, biomedclip_weights=str(path), **small, **common)  # the record must agree
     assert len(list((tmp_path / "out" / "predictions").glob("*_ct.nii.gz"))) == 2
