@@ -70,8 +70,11 @@ class TargetPrepareBatch(DiffusionPrepareBatch):
             )
         self.scheduler = scheduler
         self.prediction_type = prediction_type
+        self.last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        # kept for losses that need more than (pred, target), e.g. X-ray2CTPA's LPIPS on the rebuilt x0
+        self.last_batch = (images, noise, timesteps)
         if self.prediction_type == "sample":
             return images
         if self.prediction_type == "v_prediction":
