@@ -200,10 +200,50 @@ def _load_nifti(path: str, max_voxels: int | None = None) -> Volume:
     return Volume(np.asarray(array), img.affine)
 
 
+HDF5_LAYOUTS = {h5py.h5d.COMPACT: "compact", h5py.h5d.CONTIGUOUS: "contiguous", h5py.h5d.CHUNKED: "chunked"}
+
+
+def _check_hdf5_link(f: h5py.File, path: str) -> None:
+    """``ct`` must be a hard link: an external or soft link would open another file or name.
+
+    Checked before ``f[H5_KEY]`` is touched, since resolving an external link already opens its file.
+    """
+    link = f.get(H5_KEY, getlink=True)
+    if link is None:
+        raise InputError(path, f"HDF5 file has no '{H5_KEY}' dataset (found: {list(f.keys())})")
+    if not isinstance(link, h5py.HardLink):
+        target = getattr(link, "filename", None) or getattr(link, "path", None)
+        raise InputError(
+            path,
+            f"HDF5 '{H5_KEY}' is a {type(link).__name__} to {target!r}: only data stored in the file is read",
+        )
+
+
+def _check_hdf5_storage(ds: h5py.Dataset, path: str) -> None:
+    """Only bytes stored inside this file: HDF5 can point a dataset at any other file on the host.
+
+    External storage (raw bytes of e.g. /etc/shadow read as voxels) and virtual datasets (mapped from
+    other files) are refused; compact, contiguous and chunked layouts are kept.
+    """
+    if ds.external:
+        files = sorted({os.fsdecode(e[0]) for e in ds.external})
+        raise InputError(path, f"HDF5 dataset '{H5_KEY}' is stored in external file(s) {files}: refused")
+    if ds.is_virtual:
+        raise InputError(
+            path, f"HDF5 dataset '{H5_KEY}' is a virtual dataset mapped from other files: refused"
+        )
+    layout = ds.id.get_create_plist().get_layout()
+    if layout not in HDF5_LAYOUTS:
+        raise InputError(
+            path, f"HDF5 dataset '{H5_KEY}' has storage layout {layout}: only compact, contiguous or chunked"
+        )
+
+
 def _check_hdf5_dataset(ds, path: str, max_voxels: int | None) -> None:
     """Every byte of the dataset must be stored: unwritten chunks or space would read as fill values."""
     if not isinstance(ds, h5py.Dataset):
         raise InputError(path, f"'{H5_KEY}' is an HDF5 group, not a dataset")
+    _check_hdf5_storage(ds, path)
     count = check_voxel_count(path, ds.shape, max_voxels)
     nbytes = count * ds.dtype.itemsize
     stored = int(ds.id.get_storage_size())
@@ -230,8 +270,7 @@ def _check_hdf5_dataset(ds, path: str, max_voxels: int | None) -> None:
 
 def _load_hdf5(path: str, max_voxels: int | None = None) -> Volume:
     with h5py.File(path, "r") as f:
-        if H5_KEY not in f:
-            raise InputError(path, f"HDF5 file has no '{H5_KEY}' dataset (found: {list(f.keys())})")
+        _check_hdf5_link(f, path)
         ds = f[H5_KEY]
         _check_hdf5_dataset(ds, path, max_voxels)
         array = ds[()]
