@@ -199,14 +199,11 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
 
 
 def _load_nifti(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    import nibabel as nib
-
-    from common.io import check_nifti_header
+    from common.io import load_nifti_image, read_nifti_header
 
     try:
-        img = nib.load(path)
-        check_pixel_count(path, img.shape, what="NIfTI image")
-        check_nifti_header(img, path)
+        check_pixel_count(path, read_nifti_header(path)["shape"], what="NIfTI image")
+        img = load_nifti_image(path)
         array = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:2])
     except InputError:

@@ -65,7 +65,7 @@ from tqdm import tqdm
 from common.atomic import atomic_path, atomic_write_text, is_partial_file, remove_partial_files
 from common.errors import InputError, require_file
 from common.intensity import XRAY2CT, hu_to_mu
-from common.io import load_volume, save_volume
+from common.io import load_nifti_image, load_volume, save_volume
 from common.volume import Volume
 
 CT_FILE, PA_FILE, LATERAL_FILE, LABEL_FILE = "ct.nii.gz", "pa.nii.gz", "lateral.nii.gz", "label.json"
@@ -221,7 +221,7 @@ def load_ct(path: str | os.PathLike) -> Volume:
     vol = None
     if path.lower().endswith((".nii", ".nii.gz")):
         try:
-            img = nib.load(path)
+            img = load_nifti_image(path)
             proxy = img.dataobj
             slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
             if (

@@ -84,3 +84,94 @@ def test_hdf5_data_inside_the_file_still_loads(tmp_path, layout):
         f["ct"].attrs["affine"] = np.eye(4)
     np.testing.assert_array_equal(load_volume(compact).array, array)
     assert os.path.getsize(compact) < 4096
+
+
+# ------------------------------------------------------------------------ item 3: NIfTI header extensions
+EXT_MB = 64  # inflated extension bytes of the forged files; main held all of them in memory
+
+
+def _forged_nifti(path, vox_offset: int, esize: int, filler_mb: int = EXT_MB) -> str:
+    """A 4^3 float32 .nii.gz whose extension area holds ``filler_mb`` MiB of zeros (about 64 KiB of gzip)."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = vox_offset
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header.binaryblock + b"\x01\x00\x00\x00" + np.array([esize, 6], "<i4").tobytes())
+        zeros = bytes(1 << 20)
+        for _ in range(filler_mb):
+            f.write(zeros)
+        f.write(np.ones(64, np.float32).tobytes())
+    return str(path)
+
+
+FORGED_NIFTI = {
+    # an honest 64 MiB extension: nib.load reads it whole
+    "big_extension": (
+        lambda p: _forged_nifti(p, 352 + 8 + EXT_MB * 2**20, 8 + EXT_MB * 2**20),
+        "over the limit",
+    ),
+    # a small vox_offset but an extension declaring 64 MiB: nibabel trusts esize
+    "lying_esize": (lambda p: _forged_nifti(p, 352 + 16, 8 + EXT_MB * 2**20), "declares"),
+    # esize 0: nibabel reads fileobj.read(-8), i.e. the whole rest of the file
+    "esize_zero": (lambda p: _forged_nifti(p, 352 + 16, 0), "declares 0 bytes"),
+    # extension flag with vox_offset inside the header: nibabel reads extensions to the end of the file
+    "offset_in_header": (lambda p: _forged_nifti(p, 0, 16), "inside the header"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGED_NIFTI))
+def test_nifti_extensions_refused_before_nibabel_reads_them(tmp_path, name):
+    import tracemalloc
+
+    from common.xray import load_xray
+
+    make, problem = FORGED_NIFTI[name]
+    path = make(tmp_path / f"{name}.nii.gz")
+    assert os.path.getsize(path) < 2**20
+    for load in (load_volume, load_xray):
+        tracemalloc.start()
+        try:
+            with pytest.raises(InputError, match=problem) as err:
+                load(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(path) in str(err.value)
+        assert peak < 4 * 2**20, f"{name}: {peak / 2**20:.1f} MiB traced before the refusal"
+
+
+def test_nifti_with_small_extension_and_nifti2_still_load(tmp_path):
+    import nibabel as nib
+
+    array = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    img = nib.Nifti1Image(array, np.diag([0.5, 0.7, 2.0, 1.0]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"scanner notes " * 100))
+    for suffix in (".nii", ".nii.gz"):
+        nib.save(img, tmp_path / f"ext{suffix}")
+        np.testing.assert_array_equal(load_volume(tmp_path / f"ext{suffix}").array, array)
+    nib.save(nib.Nifti2Image(array, np.diag([0.5, 0.7, 2.0, 1.0])), tmp_path / "two.nii.gz")
+    vol = load_volume(tmp_path / "two.nii.gz")
+    np.testing.assert_array_equal(vol.array, array)
+    np.testing.assert_allclose(vol.spacing, (0.5, 0.7, 2.0))
+
+
+def test_nifti2_header_dims_checked_before_nib_load(tmp_path):
+    import nibabel as nib
+
+    from common.io import read_nifti_header
+
+    hdr = nib.Nifti2Header()
+    hdr.set_data_shape((4, 4, 4))
+    raw = bytearray(hdr.binaryblock + bytes(4))
+    raw[16 : 16 + 64] = np.array([3, 2**40, 2**40, 1, 1, 1, 1, 1], "<i8").tobytes()
+    (tmp_path / "huge.nii").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="over the limit"):
+        read_nifti_header(tmp_path / "huge.nii")
+    (tmp_path / "junk.nii").write_bytes(b"\x00" * 600)
+    with pytest.raises(InputError, match="not a NIfTI"):
+        load_volume(tmp_path / "junk.nii")
