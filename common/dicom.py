@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from common.atomic import is_partial_file
 from common.errors import InputError
-from common.volume import Volume
+from common.volume import ORTHOGONALITY_TOL, Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -229,9 +229,9 @@ def series_geometry(
     )
     iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
     row_dir, col_dir = iop[:3], iop[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3:
+    if max(abs(np.linalg.norm(row_dir) - 1), abs(np.linalg.norm(col_dir) - 1)) > ORTHOGONALITY_TOL:
         raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} is not made of unit vectors")
-    if abs(row_dir @ col_dir) > 1e-3:
+    if abs(row_dir @ col_dir) > ORTHOGONALITY_TOL:
         raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} has non-orthogonal directions")
     normal = np.cross(row_dir, col_dir)
     positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])

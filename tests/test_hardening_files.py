@@ -175,3 +175,66 @@ def test_nifti2_header_dims_checked_before_nib_load(tmp_path):
     (tmp_path / "junk.nii").write_bytes(b"\x00" * 600)
     with pytest.raises(InputError, match="not a NIfTI"):
         load_volume(tmp_path / "junk.nii")
+
+
+# ------------------------------------------------------------------------------ item 11: sheared affines
+def _affine(columns) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(columns, dtype=np.float64).T  # one row per array axis here
+    affine[:3, 3] = (-10.0, 20.0, 30.0)
+    return affine
+
+
+BAD_AFFINES = {
+    "sheared_10deg": _affine([[1.0, 0, 0], [np.sin(np.radians(10)), np.cos(np.radians(10)), 0], [0, 0, 2.5]]),
+    "rank_deficient": _affine([[0.7, 0, 0], [0.7, 0, 0], [0, 0, 2.5]]),
+    "shear_2e-3": _affine([[1.0, 0, 0], [0, 1.0, 0], [0.005, 0, 2.5]]),  # |cos| = 0.002
+}
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".h5", ".npy"])
+@pytest.mark.parametrize("name", sorted(BAD_AFFINES))
+def test_sheared_or_rank_deficient_affine_refused(tmp_path, suffix, name):
+    """main loaded these as valid CTs: Volume.validate checked only that the spacing is positive."""
+    import nibabel as nib
+
+    from common.io import _geometry_dict, sidecar_path
+
+    array = np.zeros((4, 5, 6), np.float32)
+    array[1, 2, 3] = 1.0
+    affine = BAD_AFFINES[name]
+    path = tmp_path / f"{name}{suffix}"
+    if suffix == ".nii.gz":
+        img = nib.Nifti1Image(array, affine)
+        img.set_sform(affine, code=1)
+        nib.save(img, path)
+    elif suffix == ".h5":
+        with h5py.File(path, "w") as f:
+            f.create_dataset("ct", data=array).attrs["affine"] = affine
+    else:
+        np.save(path, array)
+        meta = _geometry_dict(Volume.from_spacing(array))
+        meta["affine"] = affine.tolist()
+        open(sidecar_path(path), "w").write(__import__("json").dumps(meta))
+    with pytest.raises(InputError, match="not orthogonal") as err:
+        load_volume(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(InputError, match="not orthogonal"):
+        save_volume(Volume(array, affine), tmp_path / f"out{suffix}")
+
+
+def test_real_geometry_rounding_still_loads(tmp_path):
+    """Oblique scanner geometry survives float32 storage (NIfTI sform) and 4-decimal DICOM cosines."""
+    import nibabel as nib
+
+    t = np.radians(17.0)
+    rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = np.round(rotation, 4) @ np.diag([0.703125, 0.703125, 1.25])
+    affine[:3, 3] = (-180.3, -170.9, 1234.5)
+    array = np.random.default_rng(1).normal(size=(4, 5, 6)).astype(np.float32)
+    img = nib.Nifti1Image(array, affine.astype(np.float32))
+    img.set_sform(affine.astype(np.float32), code=1)
+    nib.save(img, tmp_path / "oblique.nii.gz")
+    vol = load_volume(tmp_path / "oblique.nii.gz")
+    np.testing.assert_allclose(vol.affine, affine, rtol=0, atol=2e-4)  # float32 of 1234.5 mm: ~6e-5
