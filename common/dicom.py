@@ -375,6 +375,35 @@ def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
         raise InputError(path, f"cannot read deflated DICOM ({type(e).__name__}: {e})") from e
 
 
+def declared_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes ``ds.pixel_array`` will hold: rows x columns x frames x samples x (BitsAllocated / 8).
+
+    Read from the header, so it is known before decoding: an RLE or JPEG file's size says nothing about it
+    (a 4 MB RLE file can declare 8192^2 32-bit pixels: 256 MiB, and a float64 copy each step after).
+    Bit-packed 1-bit data decodes to one byte per pixel.
+    """
+    bits = int(ds.get("BitsAllocated") or 8)
+    per_sample = 1 if bits <= 8 else -(-bits // 8)
+    dims = (ds.get("Rows"), ds.get("Columns"), ds.get("NumberOfFrames") or 1, ds.get("SamplesPerPixel") or 1)
+    count = 1
+    for d in dims:
+        count *= max(0, int(d or 0))
+    return count * per_sample
+
+
+def check_pixel_bytes(path: str | None, ds: pydicom.Dataset, max_bytes: int) -> int:
+    """:func:`declared_pixel_bytes`, or :class:`InputError` naming ``path`` when over ``max_bytes``."""
+    nbytes = declared_pixel_bytes(ds)
+    if nbytes > max_bytes:
+        raise InputError(
+            path,
+            f"DICOM pixel data of {ds.get('Rows')} x {ds.get('Columns')} pixels, {ds.get('NumberOfFrames') or 1} "
+            f"frame(s), {ds.get('SamplesPerPixel') or 1} sample(s) of {ds.get('BitsAllocated')} bits decodes to "
+            f"{nbytes / 2**20:,.0f} MiB, over the limit of {max_bytes / 2**20:,.0f} MiB",
+        )
+    return nbytes
+
+
 class _NotDicom(Exception):
     pass
 

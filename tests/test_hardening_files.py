@@ -304,3 +304,98 @@ def test_pe_predictions_csv_cells_are_not_formulas(tmp_path):
     _write_predictions(path, [FORMULA, "case_2"], np.array([1, 0]), np.array([0.9, 0.1]), 0.5)
     lines = open(path).read().splitlines()
     assert lines[1].startswith("\"'=HYPERLINK") and lines[2] == "case_2,0.100000,0,0"
+
+
+# ---------------------------------------------------------------------- item 9: DICOM decode memory by bits
+def _dx_dataset(path, pixels: np.ndarray):
+    """A digital X-ray DICOM dataset (16 bits allocated) holding ``pixels`` (uint16, (rows, cols))."""
+    import pydicom
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, (ds.Rows, ds.Columns) = "DX", pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def _forged_rle_dicom(path, side: int = 8192, bits: int = 32) -> str:
+    """A small RLE DICOM whose header declares ``side``^2 pixels of ``bits`` bits (the decoder allocates it)."""
+    import pydicom
+
+    ds = _dx_dataset(path, np.arange(80, dtype=np.uint16).reshape(8, 10))
+    ds.compress(pydicom.uid.RLELossless)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def test_dicom_pixel_bytes_bounded_before_decoding(tmp_path):
+    """main decoded a 32-bit 8192^2 RLE radiograph (256 MiB, then float64 copies: 2 GB in the web app)."""
+    import tracemalloc
+
+    from common.xray import load_xray
+
+    path = _forged_rle_dicom(tmp_path / "rle32.dcm")
+    assert os.path.getsize(path) < 4096
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="32 bits decodes to 256 MiB, over the limit of 128 MiB") as err:
+            load_xray(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.path == path and peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_dicom_upload_bounded_by_bits_and_named(tmp_path):
+    """The web app's upload check counted pixels only; its refusal now names the upload."""
+    import io
+
+    from webapp.uploads import save_upload
+
+    data = open(_forged_rle_dicom(tmp_path / "rle32.dcm"), "rb").read()
+    with pytest.raises(InputError, match="256 MiB") as err:
+        save_upload(io.BytesIO(data), "PA X-ray (chest.dcm)", str(tmp_path), "pa")
+    assert str(err.value).startswith("PA X-ray (chest.dcm): ")
+    assert not list(tmp_path.glob("pa*")) and not list(tmp_path.glob(".pa*"))  # nothing left behind
+
+
+def test_dicom_float32_path_matches_pydicom_luts(tmp_path):
+    """The in-place float32 rescale and window give pydicom's float64 result after min/max scaling."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from common.xray import load_xray
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 4096, (40, 50)).astype(np.uint16)
+    cases = {
+        "plain": {},
+        "rescale": {"RescaleSlope": 2, "RescaleIntercept": -1024},
+        "window": {"RescaleSlope": 1, "RescaleIntercept": -1024, "WindowCenter": 400, "WindowWidth": 1500},
+        "exact": {"WindowCenter": 2000, "WindowWidth": 1000, "VOILUTFunction": "LINEAR_EXACT"},
+        "sigmoid": {"WindowCenter": 2000, "WindowWidth": 1000, "VOILUTFunction": "SIGMOID"},
+        "mono1": {"WindowCenter": 2000, "WindowWidth": 3000, "PhotometricInterpretation": "MONOCHROME1"},
+    }
+    for name, tags in cases.items():
+        path = tmp_path / f"{name}.dcm"
+        ds = _dx_dataset(path, pixels)
+        ds.BitsStored, ds.HighBit = 12, 11
+        for key, value in tags.items():
+            setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+        ref = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+        if "WindowCenter" in ds:
+            ref = np.asarray(apply_voi_lut(ref, ds), dtype=np.float64)
+        if name == "mono1":
+            ref = ref.max() - ref
+        ref = (ref - ref.min()) / (ref.max() - ref.min())
+        image, _ = load_xray(path)
+        # float32 steps on values below 2**13: relative rounding 2**-24 per step, a few steps
+        np.testing.assert_allclose(image, ref, rtol=0, atol=1e-6, err_msg=name)
