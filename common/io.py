@@ -52,7 +52,7 @@ def volume_format(path: str | os.PathLike) -> str:
         return "hdf5"
     if p.endswith(NPY_SUFFIXES):
         return "npy"
-    if os.path.isdir(p):
+    if os.path.isdir(path):  # the path as given: folder names may have capitals
         return "dicom"
     raise InputError(
         path, "unknown volume format (expected .nii, .nii.gz, .h5, .hdf5, .npy or a DICOM folder)"

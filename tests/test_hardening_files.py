@@ -399,3 +399,90 @@ def test_dicom_float32_path_matches_pydicom_luts(tmp_path):
         image, _ = load_xray(path)
         # float32 steps on values below 2**13: relative rounding 2**-24 per step, a few steps
         np.testing.assert_allclose(image, ref, rtol=0, atol=1e-6, err_msg=name)
+
+
+# --------------------------------------------------------------------- item 13: patient ids in shared outputs
+IDENTIFIERS = {"PatientName": "DOE^JANE", "PatientBirthDate": "19450317", "PatientID": "HOSP-12345"}
+
+
+def _identified_series(shared_data, folder, series_number: int) -> str:
+    """The 20-slice abdomen series re-tagged as a named patient's (name, birth date, hospital id, study date)."""
+    import pydicom
+
+    folder.mkdir(parents=True)
+    uid = pydicom.uid.generate_uid()
+    for src in sorted((shared_data / "dicom" / "abdomen_ct_20slices").iterdir()):
+        ds = pydicom.dcmread(src)
+        for tag, value in IDENTIFIERS.items():
+            setattr(ds, tag, value)
+        ds.StudyDate, ds.SeriesNumber, ds.SeriesInstanceUID = "20240102", series_number, uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / src.name)
+    return str(folder)
+
+
+def _all_output_bytes(root) -> bytes:
+    import gzip
+
+    blob = b""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob += path.name.encode() + (gzip.decompress(data) if path.suffix == ".gz" else data)
+    return blob + " ".join(str(p) for p in root.rglob("*")).encode()
+
+
+@pytest.mark.slow
+def test_build_pairs_pseudonymises_dicom_cases(shared_data, tmp_path, monkeypatch):
+    """main named the cases after their folders and wrote the PatientID into datalist, case.json and report."""
+    import json
+    import stat
+
+    from data_prep.build_pairs import build_pairs, pseudonym_files
+
+    monkeypatch.delenv("XRAY2CT_PSEUDONYM_KEY", raising=False)
+    inputs = tmp_path / "inputs"
+    for k in (1, 2):  # two series of one patient, in folders named after her
+        _identified_series(shared_data, inputs / f"HOSP-12345_DOE_JANE_{k}", k)
+    out = tmp_path / "dataset"
+    summary = build_pairs(str(inputs), str(out), size=16, spacing=24.0, drr_pixels=8, val_fraction=0.5)
+    assert len(summary["written"]) == 2, summary["failed"]
+    assert all(c.startswith("ct-") for c in summary["written"])
+    blob = _all_output_bytes(out)
+    for needle in [*IDENTIFIERS.values(), "DOE", "JANE", "1945", "20240102", "HOSP"]:
+        assert needle.encode() not in blob, f"{needle} found in the outputs"
+    datalist = json.loads((out / "dataset.json").read_text())
+    entries = [e for split in ("training", "validation", "test") for e in datalist.get(split, [])]
+    assert len(entries) == 2 and len({e["patient"] for e in entries}) == 1  # one patient, one split
+    assert entries[0]["patient"].startswith("pt-")
+    key_file, map_file = pseudonym_files(out)
+    for private in (key_file, map_file):
+        assert private.parent == out.parent and stat.S_IMODE(private.stat().st_mode) == 0o600
+    mapping = json.loads(map_file.read_text())
+    assert {v["id"] for v in mapping["cases"].values()} == {"HOSP-12345_DOE_JANE_1", "HOSP-12345_DOE_JANE_2"}
+    assert mapping["patients"] == {entries[0]["patient"]: "HOSP-12345"}
+    # the same key gives the same pseudonyms: a rerun resumes instead of rebuilding
+    again = build_pairs(str(inputs), str(out), size=16, spacing=24.0, drr_pixels=8, val_fraction=0.5)
+    assert sorted(again["skipped_existing"]) == sorted(summary["written"])
+    raw = build_pairs(str(inputs), str(tmp_path / "raw"), size=16, spacing=24.0, drr_pixels=8, raw_ids=True)
+    assert sorted(raw["skipped_existing"] + raw["written"]) == [
+        "HOSP-12345_DOE_JANE_1",
+        "HOSP-12345_DOE_JANE_2",
+    ]
+    assert b"DOE^JANE" not in _all_output_bytes(tmp_path / "raw")  # names and birth dates: never copied
+
+
+def test_pseudonym_key_file_must_be_private(tmp_path, monkeypatch):
+    from common.pseudonym import load_or_create_key, pseudonym
+
+    monkeypatch.delenv("XRAY2CT_PSEUDONYM_KEY", raising=False)
+    key_file = tmp_path / "k"
+    key = load_or_create_key(key_file)
+    assert load_or_create_key(key_file) == key and len(key) == 64
+    os.chmod(key_file, 0o644)
+    with pytest.raises(InputError, match="others may read it"):
+        load_or_create_key(key_file)
+    monkeypatch.setenv("XRAY2CT_PSEUDONYM_KEY", "short")
+    with pytest.raises(InputError, match="at least 16"):
+        load_or_create_key(key_file)
+    a, b = pseudonym(b"k" * 16, "patient", "123456"), pseudonym(b"j" * 16, "patient", "123456")
+    assert a != b and len(a) == 16 and pseudonym(b"k" * 16, "series", "123456") != a
