@@ -41,13 +41,20 @@ def load_or_create_key(key_file: str | os.PathLike) -> bytes:
         if len(key) < MIN_KEY_BYTES:
             raise InputError(None, f"${KEY_ENV} is {len(key)} bytes; use at least {MIN_KEY_BYTES}")
         return key
-    path = os.fspath(key_file)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_private_key(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    path = os.path.abspath(os.fspath(key_file))
+    if not os.path.lexists(path):
+        # written whole to a 0600 temporary file, then linked into place: a parallel part of the same build
+        # either wins the link or reads the finished key of the one that did, never an empty file
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".part", dir=os.path.dirname(path)
+        )
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.remove(tmp)
     return _read_private_key(path)
 
 
