@@ -240,9 +240,9 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
     """
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
+        from common.io import load_nifti_image
 
-        img = nib.load(path)
+        img = load_nifti_image(path)
         shape = tuple(int(s) for s in img.shape)
         bad = _check_array_slabs(img.dataobj, shape) if check_values else 0
     elif lower.endswith(".npy"):

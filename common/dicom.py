@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from common.atomic import is_partial_file
 from common.errors import InputError
-from common.volume import Volume
+from common.volume import ORTHOGONALITY_TOL, Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -229,9 +229,9 @@ def series_geometry(
     )
     iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
     row_dir, col_dir = iop[:3], iop[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3:
+    if max(abs(np.linalg.norm(row_dir) - 1), abs(np.linalg.norm(col_dir) - 1)) > ORTHOGONALITY_TOL:
         raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} is not made of unit vectors")
-    if abs(row_dir @ col_dir) > 1e-3:
+    if abs(row_dir @ col_dir) > ORTHOGONALITY_TOL:
         raise InputError(files[0], f"ImageOrientationPatient {iop.tolist()} has non-orthogonal directions")
     normal = np.cross(row_dir, col_dir)
     positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
@@ -373,6 +373,35 @@ def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
                     chunk = inflater.unconsumed_tail
     except (OSError, zlib.error) as e:
         raise InputError(path, f"cannot read deflated DICOM ({type(e).__name__}: {e})") from e
+
+
+def declared_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes ``ds.pixel_array`` will hold: rows x columns x frames x samples x (BitsAllocated / 8).
+
+    Read from the header, so it is known before decoding: an RLE or JPEG file's size says nothing about it
+    (a 4 MB RLE file can declare 8192^2 32-bit pixels: 256 MiB, and a float64 copy each step after).
+    Bit-packed 1-bit data decodes to one byte per pixel.
+    """
+    bits = int(ds.get("BitsAllocated") or 8)
+    per_sample = 1 if bits <= 8 else -(-bits // 8)
+    dims = (ds.get("Rows"), ds.get("Columns"), ds.get("NumberOfFrames") or 1, ds.get("SamplesPerPixel") or 1)
+    count = 1
+    for d in dims:
+        count *= max(0, int(d or 0))
+    return count * per_sample
+
+
+def check_pixel_bytes(path: str | None, ds: pydicom.Dataset, max_bytes: int) -> int:
+    """:func:`declared_pixel_bytes`, or :class:`InputError` naming ``path`` when over ``max_bytes``."""
+    nbytes = declared_pixel_bytes(ds)
+    if nbytes > max_bytes:
+        raise InputError(
+            path,
+            f"DICOM pixel data of {ds.get('Rows')} x {ds.get('Columns')} pixels, {ds.get('NumberOfFrames') or 1} "
+            f"frame(s), {ds.get('SamplesPerPixel') or 1} sample(s) of {ds.get('BitsAllocated')} bits decodes to "
+            f"{nbytes / 2**20:,.0f} MiB, over the limit of {max_bytes / 2**20:,.0f} MiB",
+        )
+    return nbytes
 
 
 class _NotDicom(Exception):

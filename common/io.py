@@ -17,9 +17,11 @@ costs gigabytes of memory.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
+import struct
 
 import h5py
 import nibabel as nib
@@ -35,6 +37,8 @@ NPY_SUFFIXES = (".npy",)
 H5_KEY = "ct"
 MAX_VOXELS = int(os.environ.get("XRAY2CT_MAX_VOXELS", 1024**3))  # 4 GiB as float32; a 512^2 x 4000 CT fits
 DEFLATE_MAX_RATIO = 1032  # deflate's hard limit on the inflated / compressed size ratio
+# NIfTI header extensions (comments, AFNI/CIFTI XML, DICOM tags) are kilobytes; nibabel reads them whole.
+MAX_NIFTI_EXTENSION_BYTES = int(os.environ.get("XRAY2CT_MAX_NIFTI_EXTENSION_BYTES", 1 << 20))
 
 
 def volume_format(path: str | os.PathLike) -> str:
@@ -48,7 +52,7 @@ def volume_format(path: str | os.PathLike) -> str:
         return "hdf5"
     if p.endswith(NPY_SUFFIXES):
         return "npy"
-    if os.path.isdir(p):
+    if os.path.isdir(path):  # the path as given: folder names may have capitals
         return "dicom"
     raise InputError(
         path, "unknown volume format (expected .nii, .nii.gz, .h5, .hdf5, .npy or a DICOM folder)"
@@ -170,6 +174,86 @@ def check_payload_fits(path: str, offset: int, nbytes: int, compressed: bool) ->
         )
 
 
+def read_nifti_header(
+    path: str | os.PathLike, max_voxels: int | None = None, max_extension_bytes: int | None = None
+) -> dict:
+    """Check a .nii/.nii.gz header ourselves, before ``nib.load`` reads (and inflates) its extensions.
+
+    ``nib.load`` reads every header extension into memory before any check of ours can run, and trusts
+    each extension's declared size: a 1.2 MB ``.nii.gz`` with a 1.2 GB extension costs 1.2 GB, an
+    extension size below 8 or a ``vox_offset`` inside the header makes it read the whole file. Here the
+    348-byte NIfTI-1 (540-byte NIfTI-2) header is read (gzip: only its first bytes are inflated),
+    ``dim`` is checked against ``max_voxels``, and the extensions must fit in ``vox_offset`` and in
+    ``max_extension_bytes`` (default :data:`MAX_NIFTI_EXTENSION_BYTES`, ``XRAY2CT_MAX_NIFTI_EXTENSION_BYTES``).
+    Returns ``{"version", "shape", "vox_offset", "extension_bytes"}``; :class:`InputError` naming the file.
+    """
+    path = os.fspath(path)
+    limit = MAX_NIFTI_EXTENSION_BYTES if max_extension_bytes is None else int(max_extension_bytes)
+    opener = gzip.open if path.lower().endswith(".gz") else open  # as nibabel chooses: by the suffix
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(544)
+            version, endian, size = _nifti_version(head, path)
+            if version == 1:
+                ndim, *dims = struct.unpack_from(endian + "8h", head, 40)
+                vox_offset = float(struct.unpack_from(endian + "f", head, 108)[0])
+            else:
+                ndim, *dims = struct.unpack_from(endian + "8q", head, 16)
+                vox_offset = float(struct.unpack_from(endian + "q", head, 168)[0])
+            if not 1 <= ndim <= 7:
+                raise InputError(path, f"NIfTI header dim[0] = {ndim}: not 1 to 7 dimensions")
+            shape = tuple(int(d) for d in dims[:ndim])
+            check_voxel_count(path, shape, max_voxels)
+            if not math.isfinite(vox_offset) or vox_offset < 0:
+                raise InputError(path, f"NIfTI vox_offset {vox_offset} is not a non-negative number")
+            flag = head[size : size + 4]
+            extension_bytes = 0
+            if len(flag) == 4 and flag[0] != 0:
+                extension_bytes = int(vox_offset) - (size + 4)
+                if extension_bytes < 0:
+                    raise InputError(
+                        path,
+                        f"NIfTI header announces extensions but vox_offset {vox_offset:.0f} lies inside the "
+                        "header (nibabel would read the whole file as extensions)",
+                    )
+                if extension_bytes > limit:
+                    raise InputError(
+                        path,
+                        f"NIfTI header extensions take {extension_bytes:,} bytes, over the limit of {limit:,} "
+                        "(XRAY2CT_MAX_NIFTI_EXTENSION_BYTES raises it for genuine files)",
+                    )
+                _check_nifti_extensions(
+                    head[size + 4 :] + fh.read(extension_bytes), extension_bytes, endian, path
+                )
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise InputError(path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    return {"version": version, "shape": shape, "vox_offset": vox_offset, "extension_bytes": extension_bytes}
+
+
+def _nifti_version(head: bytes, path: str) -> tuple[int, str, int]:
+    """(1 or 2, struct byte order, header size) from ``sizeof_hdr``, in either byte order."""
+    if len(head) >= 4:
+        for endian in "<>":
+            sizeof_hdr = struct.unpack_from(endian + "i", head)[0]
+            if sizeof_hdr in (348, 540) and len(head) >= sizeof_hdr:
+                return (1 if sizeof_hdr == 348 else 2), endian, sizeof_hdr
+    raise InputError(path, f"not a NIfTI-1/2 file: no 348- or 540-byte header in the first {len(head)} bytes")
+
+
+def _check_nifti_extensions(block: bytes, size: int, endian: str, path: str) -> None:
+    """Walk the extensions as nibabel does (``esize`` includes its 8-byte head); each must fit in ``size``."""
+    pos = 0
+    while size >= 16:  # nibabel's loop condition
+        if pos + 8 > len(block):
+            raise InputError(path, "NIfTI header extension is truncated")
+        esize = struct.unpack_from(endian + "i", block, pos)[0]
+        if esize < 8 or esize > size:
+            raise InputError(
+                path, f"NIfTI header extension declares {esize} bytes where {size} remain before the data"
+            )
+        pos, size = pos + esize, size - esize
+
+
 def check_nifti_header(img, path: str, max_voxels: int | None = None) -> None:
     """Declared shape of a loaded (not yet read) NIfTI image against the limit and the file size."""
     shape = img.shape
@@ -181,9 +265,19 @@ def check_nifti_header(img, path: str, max_voxels: int | None = None) -> None:
     )
 
 
-def _load_nifti(path: str, max_voxels: int | None = None) -> Volume:
+def load_nifti_image(path: str, max_voxels: int | None = None):
+    """``nib.load`` of a file of unknown origin: its raw header checked first, its declared size after.
+
+    Voxels stay unread (``img.dataobj`` is a proxy). :class:`InputError` naming the file.
+    """
+    read_nifti_header(path, max_voxels)
     img = nib.load(path)
     check_nifti_header(img, path, max_voxels)
+    return img
+
+
+def _load_nifti(path: str, max_voxels: int | None = None) -> Volume:
+    img = load_nifti_image(path, max_voxels)
     array = np.asanyarray(img.dataobj)
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -200,10 +294,50 @@ def _load_nifti(path: str, max_voxels: int | None = None) -> Volume:
     return Volume(np.asarray(array), img.affine)
 
 
+HDF5_LAYOUTS = {h5py.h5d.COMPACT: "compact", h5py.h5d.CONTIGUOUS: "contiguous", h5py.h5d.CHUNKED: "chunked"}
+
+
+def _check_hdf5_link(f: h5py.File, path: str) -> None:
+    """``ct`` must be a hard link: an external or soft link would open another file or name.
+
+    Checked before ``f[H5_KEY]`` is touched, since resolving an external link already opens its file.
+    """
+    link = f.get(H5_KEY, getlink=True)
+    if link is None:
+        raise InputError(path, f"HDF5 file has no '{H5_KEY}' dataset (found: {list(f.keys())})")
+    if not isinstance(link, h5py.HardLink):
+        target = getattr(link, "filename", None) or getattr(link, "path", None)
+        raise InputError(
+            path,
+            f"HDF5 '{H5_KEY}' is a {type(link).__name__} to {target!r}: only data stored in the file is read",
+        )
+
+
+def _check_hdf5_storage(ds: h5py.Dataset, path: str) -> None:
+    """Only bytes stored inside this file: HDF5 can point a dataset at any other file on the host.
+
+    External storage (raw bytes of e.g. /etc/shadow read as voxels) and virtual datasets (mapped from
+    other files) are refused; compact, contiguous and chunked layouts are kept.
+    """
+    if ds.external:
+        files = sorted({os.fsdecode(e[0]) for e in ds.external})
+        raise InputError(path, f"HDF5 dataset '{H5_KEY}' is stored in external file(s) {files}: refused")
+    if ds.is_virtual:
+        raise InputError(
+            path, f"HDF5 dataset '{H5_KEY}' is a virtual dataset mapped from other files: refused"
+        )
+    layout = ds.id.get_create_plist().get_layout()
+    if layout not in HDF5_LAYOUTS:
+        raise InputError(
+            path, f"HDF5 dataset '{H5_KEY}' has storage layout {layout}: only compact, contiguous or chunked"
+        )
+
+
 def _check_hdf5_dataset(ds, path: str, max_voxels: int | None) -> None:
     """Every byte of the dataset must be stored: unwritten chunks or space would read as fill values."""
     if not isinstance(ds, h5py.Dataset):
         raise InputError(path, f"'{H5_KEY}' is an HDF5 group, not a dataset")
+    _check_hdf5_storage(ds, path)
     count = check_voxel_count(path, ds.shape, max_voxels)
     nbytes = count * ds.dtype.itemsize
     stored = int(ds.id.get_storage_size())
@@ -230,8 +364,7 @@ def _check_hdf5_dataset(ds, path: str, max_voxels: int | None) -> None:
 
 def _load_hdf5(path: str, max_voxels: int | None = None) -> Volume:
     with h5py.File(path, "r") as f:
-        if H5_KEY not in f:
-            raise InputError(path, f"HDF5 file has no '{H5_KEY}' dataset (found: {list(f.keys())})")
+        _check_hdf5_link(f, path)
         ds = f[H5_KEY]
         _check_hdf5_dataset(ds, path, max_voxels)
         array = ds[()]

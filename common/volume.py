@@ -14,6 +14,12 @@ import numpy as np
 
 from common.errors import InputError
 
+# Largest |cosine| between two axes of an affine (and |norm - 1| of a direction) accepted as orthogonal.
+# Rounding of real scanner geometry stays far below it: float32 sform rows in NIfTI ~4e-7, DICOM
+# ImageOrientationPatient decimal strings at 4 decimals ~2e-4 (common.dicom applies the same 1e-3 to them),
+# while a shear of 1e-3 moves the far edge of a 512-voxel axis by half a voxel.
+ORTHOGONALITY_TOL = 1e-3
+
 
 @dataclasses.dataclass
 class Volume:
@@ -81,6 +87,13 @@ class Volume:
             raise InputError(source, f"voxel spacing must be positive and finite, got {tuple(spacing)}")
         if not np.all(np.isfinite(self.affine)):
             raise InputError(source, "affine contains NaN or infinity")
+        cosines = np.abs(self.direction.T @ self.direction - np.eye(3)).max()
+        if not cosines <= ORTHOGONALITY_TOL:
+            raise InputError(
+                source,
+                f"affine axes are not orthogonal (|cos| between axes up to {cosines:.3g}, tolerance "
+                f"{ORTHOGONALITY_TOL:g}): a sheared or rank-deficient affine; resample to an orthogonal grid",
+            )
         if (
             not allow_nan
             and np.issubdtype(self.array.dtype, np.floating)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_PIXELS = int(os.environ.get("XRAY2CT_MAX_XRAY_PIXELS", 8192 * 8192))  # larger than any detector
+# Decoded DICOM pixel bytes (rows x columns x frames x samples x bits allocated / 8): 16 bits at MAX_PIXELS.
+# A 32-bit 8192^2 radiograph would decode to 256 MiB before the float copies of the LUT steps.
+MAX_DECODED_BYTES = int(os.environ.get("XRAY2CT_MAX_XRAY_DECODED_BYTES", 2 * MAX_PIXELS))
 
 
 def check_pixel_count(path: str | None, shape, max_pixels: int | None = None, what: str = "image") -> int:
@@ -151,7 +155,7 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    from common.dicom import check_inflated_size
+    from common.dicom import check_inflated_size, check_pixel_bytes, rescale
 
     check_inflated_size(path)
     try:
@@ -162,6 +166,7 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
         extra = (frames,) if frames > 1 else ()
         extra += (samples,) if samples > 1 else ()
         check_pixel_count(path, (int(ds.Rows), int(ds.Columns), *extra), what="DICOM image")
+        check_pixel_bytes(path, ds, MAX_DECODED_BYTES)
         raw = ds.pixel_array
     except InputError:
         raise
@@ -179,13 +184,64 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
         raw = _to_gray(raw, path)
     if raw.ndim != 2:
         raise InputError(path, f"expected a single-frame 2D radiograph, got pixel data of shape {raw.shape}")
-    image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        image = np.asarray(apply_voi_lut(image, ds), dtype=np.float64)
+    # float32 and in place where the file allows it (plain rescale, linear window): pydicom's LUT functions
+    # return float64 copies, four bytes more per pixel at every step (2.1 GB peak for a 16-bit 8192^2 image)
+    if "ModalityLUTSequence" in ds:
+        image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    else:
+        slope, intercept = rescale(ds, path)
+        image = raw.astype(np.float32)
+        del raw
+        if slope != 1.0:
+            image *= np.float32(slope)
+        if intercept != 0.0:
+            image += np.float32(intercept)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and not _linear_window(image, ds)):
+        image = np.asarray(apply_voi_lut(image, ds), dtype=np.float32)
     image = _validate(image, path)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        image = image.max() - image  # MONOCHROME1 stores air bright: flip to the usual display
-    return _minmax(image, path), _dicom_spacing(ds)
+        np.negative(image, out=image)  # MONOCHROME1 stores air bright: flip to the usual display
+    return _minmax_inplace(image, path), _dicom_spacing(ds)
+
+
+def _linear_window(image: np.ndarray, ds) -> bool:
+    """DICOM's LINEAR / LINEAR_EXACT VOI window (first center/width) applied in place to a float32 image.
+
+    The result runs 0..1 instead of pydicom's output range; the min/max scaling that follows makes the two
+    equal. False (image untouched) for anything else, which pydicom's ``apply_voi_lut`` then handles.
+    """
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if function not in ("LINEAR", "LINEAR_EXACT") or center is None or width is None:
+        return False
+    try:
+        center, width = (
+            float(v[0] if isinstance(v, Sequence) and not isinstance(v, str) else v) for v in (center, width)
+        )
+    except (TypeError, ValueError, IndexError):
+        return False
+    if not (np.isfinite(center) and np.isfinite(width)):
+        return False
+    if function == "LINEAR":  # PS3.3 C.11.2.1.2.1
+        center, width = center - 0.5, width - 1
+    if width <= 0:
+        return False
+    image -= np.float32(center)
+    image /= np.float32(width)
+    image += np.float32(0.5)
+    np.clip(image, 0.0, 1.0, out=image)
+    return True
+
+
+def _minmax_inplace(image: np.ndarray, path: str | None) -> np.ndarray:
+    """:func:`_minmax` of a float32 array that is not needed afterwards, without a temporary copy."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        raise InputError(path, f"blank image: every pixel equals {lo}")
+    image -= np.float32(lo)
+    image /= np.float32(hi - lo)  # the maximum becomes exactly 1 (x / x), the minimum exactly 0
+    np.clip(image, 0.0, 1.0, out=image)  # hi - lo rounded to float32 may leave 1 + eps
+    return image
 
 
 def _dicom_spacing(ds) -> tuple[float, float] | None:
@@ -199,14 +255,11 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
 
 
 def _load_nifti(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    import nibabel as nib
-
-    from common.io import check_nifti_header
+    from common.io import load_nifti_image, read_nifti_header
 
     try:
-        img = nib.load(path)
-        check_pixel_count(path, img.shape, what="NIfTI image")
-        check_nifti_header(img, path)
+        check_pixel_count(path, read_nifti_header(path)["shape"], what="NIfTI image")
+        img = load_nifti_image(path)
         array = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:2])
     except InputError:
@@ -278,13 +331,19 @@ def preprocess_xray(
     and optional histogram matching to ``reference`` (a DRR from the training set, any size), which
     removes most of the contrast difference between detector processing and simulated DRRs.
     """
-    if isinstance(image, (str, os.PathLike)):
-        image, _ = load_xray(image)
-    image = _validate(np.asarray(image, dtype=np.float32), None)
+    source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    if source is not None:
+        image, _ = load_xray(source)
+    image = _validate(np.asarray(image, dtype=np.float32), source)
     if not np.all(np.isfinite(image)):
-        raise InputError(None, "image contains NaN or infinite values")
-    out = percentile_normalise(image, percentiles) if percentiles is not None else np.clip(image, 0.0, 1.0)
-    out = square(out, square_mode, fill=0.0)
+        raise InputError(source, "image contains NaN or infinite values")
+    try:
+        out = (
+            percentile_normalise(image, percentiles) if percentiles is not None else np.clip(image, 0.0, 1.0)
+        )
+        out = square(out, square_mode, fill=0.0)
+    except InputError as exc:  # name the file these steps did not know
+        raise InputError(exc.path or source, exc.problem) from None
     if int(size) < 2:
         raise ValueError(f"size must be >= 2, got {size}")
     mode = "area" if out.shape[0] >= size else "bilinear"

@@ -45,7 +45,7 @@ from common.dicom import (
     series_warnings,
 )
 from common.errors import InputError
-from common.io import NIFTI_SUFFIXES, check_nifti_header
+from common.io import NIFTI_SUFFIXES, check_nifti_header, read_nifti_header
 
 HEADER_CHECKS = [
     "DICOM headers: readable, not truncated (uncompressed pixel data length), geometry tags present",
@@ -143,6 +143,7 @@ def describe_nifti(path: str, root: str) -> dict:
     row = {"path": os.path.relpath(path, root), "shape": None, "spacing": None, "orientation": None}
     row.update({"min": None, "max": None, "n_nonfinite": None, "problem": None})
     try:
+        read_nifti_header(path, max_voxels=2**62)  # header extensions before nib.load; size below
         img = nib.load(path)
         row["shape"] = [int(s) for s in img.shape]
         check_nifti_header(img, path)

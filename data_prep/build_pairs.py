@@ -40,6 +40,11 @@ CLI::
         [--split_file perx2ct [--unlisted_split training]] [--renderer plastimatch | --attenuation plastimatch]
     python -m data_prep.build_pairs merge <out_root>
 
+Privacy: DICOM series get pseudonymous case ids ``ct-<hmac>`` and patients ``pt-<hmac>`` (HMAC-SHA256 keyed
+by ``$XRAY2CT_PSEUDONYM_KEY`` or ``<out_root>.pseudonym-key``, mode 0600); the mapping back is written only to
+``<out_root>.pseudonyms.json`` (0600) beside the dataset folder. ``--raw_ids`` keeps folder names and PatientIDs.
+No other DICOM tag (PatientName, PatientBirthDate, ...) is copied into any output.
+
 DRRs: ``--renderer xray2ct`` (default, :mod:`common.drr`) or ``plastimatch`` (optional package, the renderer
 of X2CT-GAN/PerX2CT, same geometry and orientation). ``--attenuation plastimatch`` keeps our fast projector
 but converts HU to attenuation as plastimatch does (HU <= -800 counts as air): DRRs like the papers'.
@@ -65,7 +70,7 @@ from tqdm import tqdm
 from common.atomic import atomic_path, atomic_write_text, is_partial_file, remove_partial_files
 from common.errors import InputError, require_file
 from common.intensity import XRAY2CT, hu_to_mu
-from common.io import load_volume, save_volume
+from common.io import load_nifti_image, load_volume, save_volume
 from common.volume import Volume
 
 CT_FILE, PA_FILE, LATERAL_FILE, LABEL_FILE = "ct.nii.gz", "pa.nii.gz", "lateral.nii.gz", "label.json"
@@ -221,7 +226,7 @@ def load_ct(path: str | os.PathLike) -> Volume:
     vol = None
     if path.lower().endswith((".nii", ".nii.gz")):
         try:
-            img = nib.load(path)
+            img = load_nifti_image(path)
             proxy = img.dataobj
             slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
             if (
@@ -533,7 +538,9 @@ def dicom_identity(path: str | os.PathLike) -> dict:
     patient = str(ds.get("PatientID", "") or "").strip()
     date = str(ds.get("StudyDate", "") or "").strip()
     series = str(ds.get("SeriesNumber", "") or "").strip()
-    out = {"patient": patient} if patient else {}
+    out: dict = {"dicom": True, "series_uid": str(ds.get("SeriesInstanceUID", "") or "").strip()}
+    if patient:
+        out["patient"] = patient
     if patient and date and series:
         out["dicom_key"] = f"{patient}.{date}.{series}"
     return out
@@ -602,6 +609,8 @@ def plan_cases(
             item.update(patient=case, patient_source="case")
         if "dicom_key" in info:
             item["dicom_key"] = info["dicom_key"]
+        if info.get("dicom"):
+            item.update(dicom=True, series_uid=info["series_uid"])
         cases.append(item)
     if unmatched:
         source = f"--patients {patients}" if csv_map is not None else f"--group_by {group_by!r}"
@@ -632,6 +641,7 @@ def plan_cases(
             else:
                 plan["excluded"].append(
                     {"id": item["id"], "path": item["path"], "reason": "not in split file"}
+                    | ({"dicom": True, "series_uid": item["series_uid"]} if item.get("dicom") else {})
                 )
             continue
         matched[listed_id] = item["path"]
@@ -649,6 +659,81 @@ def plan_cases(
         + [e["id"] for e in plan["excluded"]],
     }
     return plan
+
+
+# ------------------------------------------------------------------------------------- pseudonyms
+def pseudonym_files(out_root: str | os.PathLike) -> tuple[Path, Path]:
+    """(key file, mapping file) beside the dataset folder, never inside it (the folder is what gets shared)."""
+    root = Path(os.path.abspath(out_root))
+    return root.parent / f"{root.name}.pseudonym-key", root.parent / f"{root.name}.pseudonyms.json"
+
+
+def _pseudonymise(plan: dict, root: Path) -> dict:
+    """``{pseudonym: real path}`` plus ``""``: the pseudonymised plan; the mapping file updated. {} if no DICOM."""
+    from common.pseudonym import load_or_create_key, write_private_json
+
+    if not any(c.get("dicom") for c in plan["cases"] + plan["excluded"]):
+        return {}
+    key_file, map_file = pseudonym_files(root)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    plan, private = pseudonymise_plan(plan, load_or_create_key(key_file))
+    known = json.loads(map_file.read_text()) if map_file.is_file() else {}
+    for part in ("cases", "patients"):
+        private[part] = {**known.get(part, {}), **private[part]}
+    private["note"] = "pseudonym -> original identifiers: private, never share (data_prep.build_pairs)"
+    write_private_json(map_file, private)
+    return {new: info["path"] for new, info in private["cases"].items()} | {"": plan}
+
+
+def pseudonymise_plan(plan: dict, key: bytes) -> tuple[dict, dict]:
+    """The plan with every DICOM-derived identifier replaced by a keyed pseudonym, and the mapping back.
+
+    DICOM cases get id ``ct-<hmac of the SeriesInstanceUID (else the folder name)>`` and patient
+    ``pt-<hmac of the patient key>`` (whichever source chose it: one patient keeps one pseudonym, so the
+    per-patient split still groups the scans); their ``path`` becomes ``dicom:<id>`` and ``dicom_key`` /
+    ``listed_id`` (PatientID.StudyDate.SeriesNumber) leave the plan. Returns ``(plan, private)`` where
+    ``private`` maps each pseudonym to the original id, path, patient and keys (written only to the 0600 file).
+    Other inputs (files whose names the user chose) keep their ids.
+    """
+    from common.pseudonym import pseudonym
+
+    out = json.loads(json.dumps(plan))
+    private: dict = {"cases": {}, "patients": {}}
+    renamed: dict[str, str] = {}
+    taken = {c["id"] for c in out["cases"] if not c.get("dicom")}
+    for item in out["cases"]:
+        if not item.get("dicom"):
+            continue
+        base = pseudonym(key, "series", item.get("series_uid") or item["id"], "ct-")
+        new, k = base, 1
+        while new in taken:  # the same series twice (copied folders): keep both, like find_inputs
+            k += 1
+            new = f"{base}_{k}"
+        taken.add(new)
+        patient = pseudonym(key, "patient", item["patient"], "pt-")
+        private["patients"][patient] = item["patient"]
+        private["cases"][new] = {k2: item[k2] for k2 in ("id", "path", "patient", "dicom_key", "listed_id",
+                                                          "series_uid") if k2 in item}  # fmt: skip
+        renamed[item["id"]] = new
+        item.update(
+            id=new,
+            patient=patient,
+            path=f"dicom:{new}",
+            patient_source=f"{item['patient_source']}, pseudonym",
+        )
+        if "listed_id" in item:
+            item["listed_id"] = new  # listed in the split file; which listed id is private
+        for k2 in ("dicom_key", "series_uid", "dicom"):
+            item.pop(k2, None)
+    for entry in out["excluded"]:
+        if entry.pop("dicom", False):
+            new = pseudonym(key, "series", entry.pop("series_uid", None) or entry["id"], "ct-")
+            private["cases"][new] = {"id": entry["id"], "path": entry["path"], "excluded": entry["reason"]}
+            renamed[entry["id"]] = new
+            entry.update(id=new, path=f"dicom:{new}")
+    if out.get("split_file"):
+        out["split_file"]["unlisted"] = [renamed.get(c, c) for c in out["split_file"]["unlisted"]]
+    return out, private
 
 
 # ------------------------------------------------------------------------------------- settings / resume
@@ -743,7 +828,8 @@ def _init_worker(threads: int) -> None:
 def process_case(job: dict) -> dict:
     """Build one case (runs in a worker process); never raises for bad input, returns a result dict."""
     root, case, path = Path(job["root"]), job["id"], job["path"]
-    result = {"id": case, "path": path}
+    source = job.get("source", path)  # what outputs may say: a DICOM folder's path can name the patient
+    result = {"id": case, "path": source}
     t_start = time.perf_counter()
     timings: dict = {}
     try:
@@ -768,7 +854,7 @@ def process_case(job: dict) -> dict:
         timings["total"] = time.perf_counter() - t_start
         meta = {
             "id": case,
-            "source": str(path),
+            "source": str(source),
             "patient": job["patient"],
             "settings": job["settings_fp"],
             "seconds": {k: round(v, 4) for k, v in timings.items()},
@@ -777,9 +863,11 @@ def process_case(job: dict) -> dict:
         atomic_write_text(case_dir(root, case) / CASE_META_FILE, json.dumps(meta, indent=2))
         result.update(status="written", seconds=meta["seconds"])
     except CASE_ERRORS as e:
-        result.update(status="failed", error=str(e))
+        result.update(status="failed", error=str(e).replace(str(path), str(source)))
     except Exception as e:  # anything else about one case must not stop the batch either
-        result.update(status="failed", error=f"{path}: {type(e).__name__}: {e}")
+        result.update(
+            status="failed", error=f"{source}: {type(e).__name__}: {e}".replace(str(path), str(source))
+        )
     return result
 
 
@@ -859,8 +947,13 @@ def build_pairs(
     unlisted_split: str | None = None,
     renderer: str = "xray2ct",
     attenuation: str = "xray2ct",
+    raw_ids: bool = False,
 ) -> dict:
     """Convert CTs to the paired dataset layout; returns (and writes to build_report.json) a summary.
+
+    DICOM series get pseudonymous case and patient ids (:func:`pseudonymise_plan`; key and mapping in
+    ``<out_root>.pseudonym-key`` / ``<out_root>.pseudonyms.json`` beside the folder, mode 0600) unless
+    ``raw_ids``: then their folder names and PatientIDs go into the datalist and reports as they are.
 
     With ``total_parts > 1`` this run builds its part only and writes ``parts/part_<i>_of_<n>.json``; the
     datalist is written once every part has finished (by the last one, or by :func:`merge_parts`), and the
@@ -874,6 +967,9 @@ def build_pairs(
     settings = build_settings(size3, spacing3, geometry, drr_pixels, renderer, attenuation)
     settings_fp = fingerprint(settings)
     plan = plan_cases(inputs, group_by, patients, split_file, unlisted_split)
+    sources = _pseudonymise(plan, root) if not raw_ids else {}
+    if sources:
+        plan = sources.pop("")
     check_settings(root, settings, overwrite)
     mine = sorted(plan["cases"], key=lambda c: c["id"])[part_index::total_parts]
 
@@ -885,7 +981,8 @@ def build_pairs(
                 res["preview"] = _preview_from_files(root, item["id"])
             results.append(res)
             continue
-        jobs.append(dict(root=str(root), id=item["id"], path=item["path"], patient=item["patient"],
+        jobs.append(dict(root=str(root), id=item["id"], path=sources.get(item["id"], item["path"]),
+                         source=item["path"], patient=item["patient"],
                          size=size3, spacing=spacing3, geometry=geometry, drr_pixels=int(drr_pixels),
                          renderer=renderer, attenuation=settings["attenuation"], previews=bool(previews),
                          settings_fp=settings_fp))  # fmt: skip

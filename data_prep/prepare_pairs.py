@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_path, atomic_write_text
 from common.errors import InputError
+from common.io import read_nifti_header
 
 NIFTI_GLOB = "*.nii*"
 DEFAULT_PHASE_GLOB = "*Gated 0.0A*.nii*"
@@ -44,6 +45,7 @@ def _match(folder: str, pattern: str) -> list[str]:
 def header_geometry(path: str) -> dict:
     """Shape, spacing and orientation codes from a NIfTI header (voxels are not read)."""
     try:
+        read_nifti_header(path)
         img = nib.load(path)
     except PermissionError:
         raise

@@ -182,7 +182,7 @@ def test_previews(inputs, tmp_path):
 
 def test_dicom_series_input(shared_data, tmp_path):
     dicom = shared_data / "dicom" / "abdomen_ct_20slices"
-    summary = build_pairs(str(dicom), str(tmp_path), size=32, spacing=12.0, drr_pixels=16)
+    summary = build_pairs(str(dicom), str(tmp_path), size=32, spacing=12.0, drr_pixels=16, raw_ids=True)
     assert summary["written"] == ["abdomen_ct_20slices"], summary["failed"]
     ct = load_volume(tmp_path / "abdomen_ct_20slices" / "ct.nii.gz")
     assert ct.shape == (32, 32, 32) and ct.orientation == "RAS"

@@ -125,6 +125,8 @@ def create_app(
             return [m.preprocess(paths[0], lateral if m.needs_lateral else None) for m in chosen]
         except InputError as exc:  # name the upload, not the server's temporary path
             name = next((n for p, n in uploads if exc.path == p), None)
+            if name is None and exc.path is None:  # a step after loading that knew no file
+                name = " / ".join(n for _, n in uploads)
             raise HTTPException(400, f"{name}: {exc.problem}" if name else str(exc)) from None
         finally:
             decode_slots.release()

@@ -45,7 +45,8 @@ def image_size(path: str, fmt: str, name: str, max_inflated_bytes: int) -> tuple
     if fmt == "dicom":
         import pydicom
 
-        from common.dicom import check_inflated_size
+        from common.dicom import check_inflated_size, check_pixel_bytes
+        from common.xray import MAX_DECODED_BYTES
 
         try:
             check_inflated_size(path, max_inflated_bytes)
@@ -54,7 +55,10 @@ def image_size(path: str, fmt: str, name: str, max_inflated_bytes: int) -> tuple
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             frames = int(ds.get("NumberOfFrames") or 1) * int(ds.get("SamplesPerPixel") or 1)
+            check_pixel_bytes(name, ds, MAX_DECODED_BYTES)  # bits allocated count too: 32-bit RLE
             return int(ds.Rows) * frames, int(ds.Columns)
+        except InputError:
+            raise
         except Exception as exc:  # pydicom raises many types for truncated or odd files
             raise InputError(name, f"not a readable DICOM image ({type(exc).__name__})") from None
     try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import logging
 import os
 import time
@@ -45,6 +44,7 @@ from common.errors import InputError, require_file
 from common.handlers import write_json
 from common.io import save_volume
 from common.preview import save_montage_png, save_slice_gif
+from common.tables import csv_text
 from common.volume import Volume
 from xray2ct.models import (
     DRR_SCORE_CONVENTION,
@@ -436,11 +436,8 @@ def run_batch(
         rows.append(row)
     summary = {**counts, "output_dir": os.path.abspath(output_dir), "cases_detail": rows}
     write_json(os.path.join(output_dir, SUMMARY), summary)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "error"])
-    writer.writeheader()
-    writer.writerows({"case": r["case"], "error": r["error"]} for r in rows if r["status"] == "failed")
-    atomic_write_text(os.path.join(output_dir, "errors.csv"), buffer.getvalue())
+    failed = [r for r in rows if r["status"] == "failed"]
+    atomic_write_text(os.path.join(output_dir, "errors.csv"), csv_text(failed, ["case", "error"]))
     return summary
 
 

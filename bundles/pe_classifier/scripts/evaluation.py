@@ -13,8 +13,6 @@ probabilities together (MONAI's ``ClassificationSaver`` writes predictions keyed
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -37,6 +35,7 @@ from common.classification_metrics import (
 from common.datalist import case_id, split_batch
 from common.errors import InputError
 from common.handlers import build_report, write_json
+from common.tables import csv_text
 
 FALLBACK_THRESHOLD = 0.5
 PREVALENCE = "prevalence"
@@ -282,10 +281,9 @@ def write_predictions(
 
 
 def _write_predictions(path: str, ids, labels, probs, threshold: float) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "probability", "predicted", *(["label"] if labels is not None else [])])
+    rows = []
     for i, case in enumerate(ids):
         row = [case, f"{probs[i]:.6f}", int(probs[i] >= threshold)]
-        writer.writerow(row + ([int(labels[i])] if labels is not None else []))
-    atomic_write_text(path, buf.getvalue())
+        rows.append(row + ([int(labels[i])] if labels is not None else []))
+    fields = ["id", "probability", "predicted", *(["label"] if labels is not None else [])]
+    atomic_write_text(path, csv_text(rows, fields, lineterminator="\n"))  # ids made spreadsheet-safe

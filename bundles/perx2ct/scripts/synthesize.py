@@ -22,7 +22,6 @@ task / torchrun rank); per-part CSVs are suffixed ``.part<k>of<n>`` when sharded
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from common.atomic import atomic_write_text, remove_partial_files
 from common.datalist import safe_case_name as safe_uid_name
 from common.errors import InputError, require_file
+from common.tables import csv_text
 
 SUFFIXES = {"h5": ".h5", "nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy"}
 logger = logging.getLogger(__name__)
@@ -71,11 +71,7 @@ def select_part(
 
 
 def _csv_text(rows: list[dict], fields: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    return csv_text(rows, fields)  # uids and reasons made spreadsheet-safe
 
 
 def synthesize(
