@@ -284,8 +284,7 @@ class MetricsReport:
         if not self.metrics:
             raise ValueError("MetricsReport needs at least one metric")
         self.baseline = baseline
-        self.all_baselines = [b for b in [baseline, *(baselines or [])] if b is not None]
-        self.baseline_names = [getattr(b, "name", type(b).__name__) for b in self.all_baselines]
+        self.extra_baselines = list(baselines or [])
         if len(set(self.baseline_names)) != len(self.baseline_names):
             raise ValueError(f"baselines need distinct names, got {self.baseline_names}")
         self.training_sources = list(training_sources or [])
@@ -308,6 +307,15 @@ class MetricsReport:
         self.cases: list[dict] = []
         self.report: dict | None = None
         self._bar = None
+
+    @property
+    def all_baselines(self) -> list[Callable]:
+        """``baseline`` (when given) first, then ``baselines``."""
+        return [b for b in [self.baseline, *self.extra_baselines] if b is not None]
+
+    @property
+    def baseline_names(self) -> list[str]:
+        return [getattr(b, "name", type(b).__name__) for b in self.all_baselines]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._started)
@@ -340,12 +348,13 @@ class MetricsReport:
         context = {"image": out.get(self.image_key), "item": item}
         streams, primary = self._streams(out)
         model: dict[str, float] = {}
-        guessed: dict[str, dict[str, float]] = {name: {} for name in self.baseline_names}
+        names = self.baseline_names
+        guessed: dict[str, dict[str, float]] = {name: {} for name in names}
         shown: dict = {}
         for suffix, (pred, label) in streams.items():
             model.update(self._score(pred, label, context, suffix))
             guesses = {}
-            for name, predictor in zip(self.baseline_names, self.all_baselines):
+            for name, predictor in zip(names, self.all_baselines):
                 guesses[name] = predictor(label, out, item)
                 guessed[name].update(self._score(guesses[name], label, context, suffix))
             if suffix == (primary or ""):
@@ -353,7 +362,7 @@ class MetricsReport:
         if primary is not None:
             for values in (model, *guessed.values()):
                 values.update({k[: -len(primary)]: v for k, v in list(values.items()) if k.endswith(primary)})
-        baseline = guessed[self.baseline_names[0]] if self.baseline is not None else {}
+        baseline = guessed[names[0]] if self.baseline is not None else {}
         for suffix, key in self.extra_predictions.items():
             if out.get(key) is not None:
                 model.update(self._score(out[key], out[self.label_key], context, suffix))

@@ -190,3 +190,19 @@ def test_extent_scaled_mean_ct_by_hand(tmp_path):
     # Y: a whole-voxel (10 mm) posterior shift: body at 5..8
     line = hu[7, :, 8]
     assert np.allclose(line[5:9], 0.0, atol=1e-3) and np.allclose(line[[4, 9]], -1024.0, atol=1e-3)
+
+
+def test_learning_table_shows_both_baselines_with_intervals():
+    from benchmarks.learning import _format_baselines_table
+
+    ci = {"estimate": 1.0, "low": 0.5, "high": 1.5}
+    row = {
+        "model": "perx2ct", "data": "cohort", "model_metrics": {"lung_dice": 0.8},
+        "baselines": {
+            name: {"metrics": {"lung_dice": 0.6}, "difference_ci": {"psnr_xray2ct": ci, "lung_dice": ci}}
+            for name in ("mean_training_ct", "extent_scaled_mean_ct")
+        },
+        "same_source": True, "same_source_note": SAME_SOURCE_NOTE,
+    }  # fmt: skip
+    text = _format_baselines_table([row])
+    assert text.count("+1.00 [+0.50, +1.50]") == 4 and "extent_scaled_mean_ct" in text and "same-source" in text
