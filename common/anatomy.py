@@ -14,12 +14,14 @@ CT's PSNR headroom is the outline), so every X-ray -> CT report also scores the 
     The volume error is ``|V_pred - V_true|`` in mL (1 mL = 1000 mm^3) and in % of ``V_true``.
 ``heart_dice``, ``heart_centroid_error_mm`` (only where the case has a label map)
     The true heart is the label map's :data:`ANATOMY_LABELS` ``heart``. A predicted CT has no labels, so its
-    heart is segmented by a rule (:func:`heart_mask`): the largest 3D component of mediastinal soft tissue,
-    ``HEART_HU`` (-200 to 400 HU: myocardium and blood with or without contrast, below bone) inside the
-    body, not lung, within each axial slice's convex hull of the lungs. The rule also catches the great
-    vessels and paraspinal muscle, so even the true CT does not reach Dice 1: compare model and baselines,
-    which go through the same rule. The centroid error is the distance in mm between the two masks'
-    centres of mass (voxel index x spacing).
+    heart is segmented by a rule (:func:`heart_mask`): voxels of ``HEART_HU`` (20 to 700 HU: myocardium and
+    blood with or without contrast; above fat, below cortical bone) inside the body that have lung on both
+    sides along the right-left axis in their row (the mediastinum) and lie anterior to the lungs' centre,
+    opened by ``HEART_OPENING_MM`` (5 mm: cuts thin bridges to the chest wall and liver), largest 3D
+    component. It also catches the great vessels, mediastinal muscle and the liver dome, so even the true CT
+    does not reach Dice 1 (the example chest CT, LIDC-IDRI-0001, against its TotalSegmentator heart: Dice
+    0.71 and centroid 16 mm apart at 2.8 x 2.8 x 5 mm, 0.62 and 28 mm at 4.9 x 4.9 x 5 mm): compare model
+    and baselines, which go through the same rule. The centroid error is the distance in mm between the two masks' centres of mass.
 
 Where a case has a label map (datalist key ``label``: a NIfTI on the same grid as ``ct``, values
 :data:`ANATOMY_LABELS`), the true body and lungs come from it (``label > 0``, ``label == 2``) instead of
@@ -47,7 +49,8 @@ ANATOMY_LABELS: dict[str, int] = {"outside": 0, "body": 1, "lung": 2, "heart": 3
 
 BODY_HU = -500.0
 LUNG_HU = -400.0
-HEART_HU = (-200.0, 400.0)
+HEART_HU = (20.0, 700.0)
+HEART_OPENING_MM = 5.0
 
 ANATOMY_CONVENTIONS = {
     "anatomy": {
@@ -55,9 +58,9 @@ ANATOMY_CONVENTIONS = {
         "body": f"HU > {BODY_HU:g}, largest 3D connected component, holes filled per axial slice "
         "(label map: label > 0)",
         "lung": f"HU < {LUNG_HU:g} inside the filled body (label map: label == {ANATOMY_LABELS['lung']})",
-        "heart": f"label map: label == {ANATOMY_LABELS['heart']}; prediction: largest 3D component of "
-        f"{HEART_HU[0]:g}..{HEART_HU[1]:g} HU inside the body, not lung, within each axial slice's convex hull "
-        "of the lungs (also catches great vessels: the true CT does not score 1)",
+        "heart": f"label map: label == {ANATOMY_LABELS['heart']}; prediction: {HEART_HU[0]:g}..{HEART_HU[1]:g} HU "
+        "inside the body with lung on both sides along right-left and anterior to the lungs' centre, opened by "
+        f"{HEART_OPENING_MM:g} mm, largest 3D component (also catches great vessels: the true CT does not score 1)",
         "volume_error": "|V_pred - V_true| in mL and in % of V_true",
         "keys": [
             "body_dice",
@@ -94,18 +97,24 @@ def lung_mask(hu: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
     return (body_mask(hu) if body is None else body) & (hu < LUNG_HU)
 
 
-def heart_mask(hu: np.ndarray, body: np.ndarray | None = None, lung: np.ndarray | None = None) -> np.ndarray:
-    """(X, Y, Z) bool: the rule-based heart of a CT without labels (module docstring)."""
-    from skimage.morphology import convex_hull_image
-
+def heart_mask(
+    hu: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    body: np.ndarray | None = None,
+    lung: np.ndarray | None = None,
+) -> np.ndarray:
+    """(X, Y, Z) bool: the rule-based heart of a CT without labels (module docstring); ``spacing`` in mm."""
     hu = np.asarray(hu)
     body = body_mask(hu) if body is None else body
     lung = lung_mask(hu, body) if lung is None else lung
-    between = np.zeros_like(body)
-    for z in range(hu.shape[2]):
-        if lung[:, :, z].sum() >= 3:
-            between[:, :, z] = convex_hull_image(lung[:, :, z])
-    soft = body & ~lung & between & (hu >= HEART_HU[0]) & (hu <= HEART_HU[1])
+    if not lung.any():
+        return np.zeros_like(body)
+    # lung on both sides along X (right-left) in the same (Y, Z) row: the mediastinum
+    between = np.maximum.accumulate(lung, axis=0) & np.maximum.accumulate(lung[::-1], axis=0)[::-1] & ~lung
+    anterior = np.arange(hu.shape[1])[None, :, None] > np.argwhere(lung)[:, 1].mean()  # RAS: +Y anterior
+    soft = body & between & anterior & (hu >= HEART_HU[0]) & (hu <= HEART_HU[1])
+    iterations = max(1, int(round(HEART_OPENING_MM / float(np.mean(np.asarray(spacing, dtype=float)[:2])))))
+    soft = ndimage.binary_opening(soft, iterations=iterations)
     return _largest_component(soft) if soft.any() else soft
 
 
@@ -153,7 +162,7 @@ def anatomy_metrics(
     }
     if labels is not None:
         t_heart = labels == ANATOMY_LABELS["heart"]
-        p_heart = heart_mask(pred_hu, p_body, p_lung)
+        p_heart = heart_mask(pred_hu, spacing, p_body, p_lung)
         out["heart_dice"] = dice(p_heart, t_heart)
         out["heart_centroid_error_mm"] = float(
             np.linalg.norm(centroid_mm(p_heart, spacing) - centroid_mm(t_heart, spacing))

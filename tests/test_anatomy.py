@@ -69,36 +69,41 @@ def test_anatomy_metrics_by_hand(name, pred, expected):
     assert "heart_dice" not in got  # heart metrics need a label map
 
 
+HEART_SPACING = (5.0, 5.0, 4.0)  # 5 mm in-plane: the 5 mm opening is one iteration of the 6-neighbour cross
+
+
 def _labelled_chest():
-    """(12, 8, 4) HU and labels: lungs at x 2:4 and 8:10, soft tissue between them, heart label x 5:8."""
-    hu = np.full((12, 8, 4), -1000.0, np.float32)
+    """(14, 10, 5) HU and labels: 40 HU body, lungs at x 2:5 and 9:12 (y 2:8), heart label x 6:9, y 5:8."""
+    hu = np.full((14, 10, 5), -1000.0, np.float32)
     labels = np.zeros(hu.shape, np.int16)
-    hu[1:11, 1:7, :] = 0.0
-    labels[1:11, 1:7, :] = ANATOMY_LABELS["body"]
-    for xs in (slice(2, 4), slice(8, 10)):
-        hu[xs, 2:6, :] = -800.0
-        labels[xs, 2:6, :] = ANATOMY_LABELS["lung"]
-    labels[5:8, 2:6, :] = ANATOMY_LABELS["heart"]  # 3*4*4 = 48 voxels, centroid x = 6
+    hu[1:13, 1:9, :] = 40.0
+    labels[1:13, 1:9, :] = ANATOMY_LABELS["body"]
+    for xs in (slice(2, 5), slice(9, 12)):
+        hu[xs, 2:8, :] = -800.0
+        labels[xs, 2:8, :] = ANATOMY_LABELS["lung"]
+    labels[6:9, 5:8, :] = ANATOMY_LABELS["heart"]  # 3*3*5 = 45 voxels, centroid x = 7
     return hu, labels
 
 
 def test_heart_metrics_with_labels():
     hu, labels = _labelled_chest()
-    got = anatomy_metrics(hu, hu, SPACING, labels)
-    # rule heart: non-lung soft tissue inside the lungs' convex hull (x 2..9, y 2..5) = x 4:8, y 2:6 = 64 voxels,
-    # centroid x = 5.5; the label's 48 voxels all inside it: Dice 96 / 112, centroid 0.5 voxel x 2 mm apart
-    assert got["heart_dice"] == pytest.approx(96 / 112, rel=1e-12)
-    assert got["heart_centroid_error_mm"] == pytest.approx(1.0, rel=1e-12)
+    got = anatomy_metrics(hu, hu, HEART_SPACING, labels)
+    # rule: between the lungs x 5:9, anterior to the lungs' centre (y > 4.5) y 5:8, all 5 slices: a 4x3x5 box.
+    # Opening by the cross: eroded core x 6..7, y 6, z 1..3 (6 voxels); the crosses back give 12 (x arms,
+    # x 5..8 at y 6) + 12 (y arms, y 5 and 7) + 4 (z arms, z 0 and 4) = 28 voxels, centroid x 6.5.
+    # Overlap with the label (x 6..8): 9 + 12 + 4 = 25: Dice 50 / 73; centroids 0.5 voxel x 5 mm apart.
+    assert got["heart_dice"] == pytest.approx(50 / 73, rel=1e-12)
+    assert got["heart_centroid_error_mm"] == pytest.approx(2.5, rel=1e-12)
     assert got["body_dice"] == 1.0 and got["lung_dice"] == 1.0
 
 
 def test_label_map_from_item_and_bad_values(tmp_path):
     hu, labels = _labelled_chest()
     path = tmp_path / "label.nii.gz"
-    nib.save(nib.Nifti1Image(labels, np.diag([*SPACING, 1.0])), path)
-    metric = AnatomyMetrics(spacing=SPACING)
+    nib.save(nib.Nifti1Image(labels, np.diag([*HEART_SPACING, 1.0])), path)
+    metric = AnatomyMetrics(spacing=HEART_SPACING)
     got = metric(torch.from_numpy(hu)[None], torch.from_numpy(hu)[None], {"item": {"label": str(path)}})
-    assert got["heart_dice"] == pytest.approx(96 / 112, rel=1e-12)
+    assert got["heart_dice"] == pytest.approx(50 / 73, rel=1e-12)
     # a PE class under the same key is not a label map
     assert "heart_dice" not in metric(torch.from_numpy(hu)[None], torch.from_numpy(hu)[None], {"item": {"label": 1}})
     # nearest resampling to a stage's size keeps the labels' values
