@@ -154,12 +154,20 @@ def build_report(
 
 
 def difference_intervals(
-    cases: Sequence[Mapping], name: str | None = None, primary: bool = True, bootstrap: Mapping | None = None
+    cases: Sequence[Mapping],
+    name: str | None = None,
+    primary: bool = True,
+    bootstrap: Mapping | None = None,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, dict]:
-    """{metric: paired bootstrap CI (dict) of model - baseline ``name``} over ``cases`` (:data:`BOOTSTRAP`)."""
+    """{metric: paired bootstrap CI (dict) of model - baseline ``name``} over ``cases`` (:data:`BOOTSTRAP`).
+
+    ``keys``: only these metrics (the report's summary differences; per-case values such as a PE
+    probability are not a difference the report states).
+    """
     settings = {**BOOTSTRAP, **dict(bootstrap or {})}
     rows = [(c.get("model", {}), _baseline_values(c, name, primary)) for c in cases]
-    names = list(dict.fromkeys(k for m, b in rows for k in m if k in b))
+    names = list(dict.fromkeys(k for m, b in rows for k in m if k in b and (keys is None or k in keys)))
     out = {}
     for key in names:
         diffs = [_float(m[key]) - _float(b[key]) for m, b in rows if key in m and key in b]
@@ -196,7 +204,7 @@ def _baseline_blocks(cases, model, baseline, baselines, bootstrap) -> dict:
             values = [_baseline_values(c, name, k == 0) for c in cases]
             metrics = mean_metrics([v for v in values if v])
         block = {"description": entry.get("description", ""), "metrics": dict(metrics), **compare(model, metrics)}
-        block["difference_ci"] = difference_intervals(cases, name, k == 0, bootstrap)
+        block["difference_ci"] = difference_intervals(cases, name, k == 0, bootstrap, list(block["difference"]))
         blocks[name] = block
     first = next(iter(blocks.values()))
     settings = {**BOOTSTRAP, **dict(bootstrap or {})}
