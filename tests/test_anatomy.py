@@ -211,3 +211,24 @@ def test_learning_table_shows_both_baselines_with_intervals():
     }  # fmt: skip
     text = _format_baselines_table([row])
     assert text.count("+1.00 [+0.50, +1.50]") == 4 and "extent_scaled_mean_ct" in text and "same-source" in text
+
+
+def test_metrics_report_scores_every_baseline_and_records_the_source():
+    from common.baselines import BoxDownUp, MeanTrainingCT
+    from common.handlers import MetricsReport
+    from common.metrics import CTMetrics
+
+    mean = MeanTrainingCT(paths=[])
+    mean._mean = np.full((8, 8, 8), -1000.0, np.float32)
+    report = MetricsReport(
+        "unused.json", "demo", "test", [CTMetrics(win_size=3), AnatomyMetrics(spacing=(5.0, 5.0, 5.0))], mean,
+        baselines=[BoxDownUp(2)], training_sources=["patient_a"], progress=False,
+    )  # fmt: skip
+    label = torch.from_numpy((chest(lung=(slice(0, 0),) * 3)[:, :, :6].repeat(2, axis=2)[:, :, :8] + 1024.0) / 3072.0)
+    out = {"pred": label.clone()[None], "label": label[None], "image": torch.rand(2, 8, 8)}
+    case = report.score_case(out, {"id": "c1", "source": "patient_a"}, 0)
+    assert set(case["baselines"]) == {"mean_training_ct", "box_down_up"} and case["source"] == "patient_a"
+    assert case["baseline"] == case["baselines"]["mean_training_ct"] and case["model"]["body_dice"] == 1.0
+    built = build_report("demo", "test", [case], baseline={"name": "mean_training_ct"},
+                         baselines=[{"name": n} for n in report.baseline_names], training_sources=["patient_a"])  # fmt: skip
+    assert built["same_source"] is True and set(built["baselines"]) == {"mean_training_ct", "box_down_up"}
