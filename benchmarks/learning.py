@@ -286,6 +286,32 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ci(ci: dict | None) -> str:
+    if not ci or ci.get("estimate") is None:
+        return "n/a"
+    low, high = ci.get("low"), ci.get("high")
+    bounds = "n/a" if low is None or high is None else f"{low:+.2f}, {high:+.2f}"
+    return f"{ci['estimate']:+.2f} [{bounds}]"
+
+
+def _format_baselines_table(rows: list[dict]) -> str:
+    """Model minus each baseline with paired bootstrap 95 % intervals over the cases, and lung Dice."""
+    head = (f"{'model':<22}{'data':<16}{'baseline':<24}{'PSNR diff dB [95% CI]':>28}{'lung Dice':>11}"
+            f"{'base':>7}{'lung Dice diff [95% CI]':>28}")  # fmt: skip
+    lines = ["model - baseline, paired percentile bootstrap 95 % intervals over the test cases (2000 resamples)",
+             head, "-" * len(head)]  # fmt: skip
+    for r in rows:
+        for name, b in (r.get("baselines") or {}).items():
+            ci = b.get("difference_ci", {})
+            lung_m, lung_b = r["model_metrics"].get("lung_dice"), b["metrics"].get("lung_dice")
+            lung = f"{lung_m:>11.3f}{lung_b:>7.3f}" if lung_m is not None and lung_b is not None else f"{'n/a':>18}"
+            lines.append(f"{r['model']:<22}{r['data']:<16}{name:<24}{_ci(ci.get(METRIC)):>28}{lung}"
+                         f"{_ci(ci.get('lung_dice')):>28}")  # fmt: skip
+        if r.get("same_source"):
+            lines.append(f"{'':<38}same-source: {r.get('same_source_note', '')}")
+    return "\n".join(lines)
+
+
 def _row(key: str, model: str, data: str, threads: int, res: dict) -> dict:
     report = res["report"]
     return {
@@ -299,6 +325,8 @@ def _row(key: str, model: str, data: str, threads: int, res: dict) -> dict:
         **{k: res[k] for k in ("wall_s", "cpu_s", "train_wall_s", "train_cpu_s", "eval_wall_s", "eval_cpu_s")},
         **{k: res[k] for k in ("vqgan_ceiling_psnr", "checkpoint") if k in res},
         **{k: report[k] for k in ("latent_factor",) if k in report},
+        "baselines": report.get("baselines", {}), "same_source": report.get("same_source"),
+        "same_source_note": report.get("same_source_note"),
     }  # fmt: skip
 
 
@@ -388,9 +416,11 @@ def main(
         results[key] = res
         table_rows.append(_row(key, model, data, threads, res))
         print(_format_table(table_rows[-1:]), flush=True)
+        print(_format_baselines_table(table_rows[-1:]), flush=True)
         write_report()
     report = write_report()
     print("\n" + _format_table(table_rows))
+    print("\n" + _format_baselines_table(table_rows))
     print(f"\n[learning] {report['total_wall_s'] / 60:.1f} min wall in all (budget {BUDGET_MIN:.0f}), "
           f"{report['total_cpu_s'] / 60:.1f} CPU min on {threads} threads; load average "
           f"{load_before[0]:.1f} -> {report['load_average_after'][0]:.1f}; JSON: {out_path}")  # fmt: skip
@@ -411,6 +441,7 @@ def merge_reports(paths: list[str], out: str) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(merged, indent=2, default=float) + "\n")
     print(_format_table(rows))
+    print("\n" + _format_baselines_table(rows))
     print(f"\n[learning] merged {len(paths)} runs: {merged['total_wall_s'] / 60:.1f} min wall, "
           f"{merged['total_cpu_s'] / 60:.1f} CPU min in all; JSON: {out_path}")  # fmt: skip
     return merged

@@ -229,10 +229,13 @@ class MeanTrainingCT:
         return self._mean
 
     def __call__(self, label: torch.Tensor, output=None, item=None) -> torch.Tensor:
+        return self._prediction(torch.from_numpy(self.volume_hu), label)
+
+    def _prediction(self, hu: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """(X, Y, Z) HU -> a prediction like ``label`` in the network's intensities, resized to its shape."""
         from common.intensity import get_window
 
         window = get_window(self.window)
-        hu = torch.from_numpy(self.volume_hu)
         network = window.to_symmetric(hu) if self.symmetric else window.to_unit(hu)
         size = tuple(int(s) for s in torch.as_tensor(label).shape[-3:])
         volume = network[None, None].float()
@@ -273,3 +276,177 @@ class CopyInput:
         if tuple(image.shape) != tuple(torch.as_tensor(label).shape):
             raise InputError(None, f"input {tuple(image.shape)} and target {tuple(label.shape)} differ in shape")
         return image
+
+
+# ----------------------------------------------------------------------------------------------- X-ray extent
+EXTENT_SCALED_MEAN_CT = "extent_scaled_mean_ct"
+DESCRIPTIONS[EXTENT_SCALED_MEAN_CT] = (
+    "the mean training CT scaled and shifted, per axis, so its body matches the body extent seen in the case's "
+    "X-rays (PA: left-right width and superior-inferior height; lateral: anterior-posterior depth) relative to "
+    "the training cases' X-rays; uses the X-rays crudely: a model must beat it too, or it has only learnt the outline"
+)
+
+# DRR intensity 1 - exp(-L / 4) (common.drr.drr_to_image) above 0.1 <=> line integral L > 0.42, about 2 cm of
+# water (mu ~ 0.02 / mm) along the ray: inside the body's silhouette. Air outside the body gives 0.
+BODY_XRAY_THRESHOLD = 0.1
+
+# (view, image axis) -> volume axis (canonical RAS X=0, Y=1, Z=2) the image axis measures. Detector images
+# are displayed as a radiologist reads them (common.drr): PA column 0 = patient right (+X), row 0 = superior
+# (+Z); lateral column 0 = anterior (+Y). So world offset = -(pixel - centre) * isocentre pixel size.
+_EXTENT_AXES = {("pa", 1): 0, ("pa", 0): 2, ("lateral", 1): 1}
+
+
+def body_extent(image, threshold: float = BODY_XRAY_THRESHOLD) -> tuple[tuple[float, float] | None, ...]:
+    """(H, W) X-ray in [0, 1] -> per image axis (rows, cols) ``(first, last)`` pixel of the body silhouette.
+
+    ``None`` for an axis where nothing exceeds ``threshold`` or the silhouette touches the image border
+    (the body is cut by the detector: its extent is not seen, so it is not measured).
+    """
+    mask = np.asarray(image, dtype=np.float32) > threshold
+    out: list[tuple[float, float] | None] = []
+    for axis in (0, 1):
+        hit = np.nonzero(mask.any(axis=1 - axis))[0]
+        if hit.size == 0 or hit[0] == 0 or hit[-1] == mask.shape[axis] - 1:
+            out.append(None)
+        else:
+            out.append((float(hit[0]), float(hit[-1])))
+    return tuple(out)
+
+
+def extent_to_mm(first_last: tuple[float, float], n_pixels: int, pixel_mm: float) -> tuple[float, float]:
+    """A silhouette's ``(first, last)`` pixels on an ``n_pixels`` axis -> ``(centre, width)`` in mm.
+
+    Mapping: the detector pixel size divided by the magnification ``SID / SAD`` (``pixel_mm``, the pixel as
+    seen at the isocentre), centre measured from the image centre, width = (last - first + 1) pixels. Its
+    sign follows the image axis (see ``_EXTENT_AXES`` for the world direction). Cone-beam parallax (the
+    near side is magnified more) is ignored: the baseline scales by ratios of widths in the same geometry,
+    in which it cancels to first order.
+    """
+    first, last = first_last
+    return ((first + last) / 2.0 - (n_pixels - 1) / 2.0) * pixel_mm, (last - first + 1.0) * pixel_mm
+
+
+class ExtentScaledMeanCT(MeanTrainingCT):
+    """:class:`MeanTrainingCT` scaled and shifted to the body extent seen in the case's X-rays.
+
+    The case's X-rays are the network input ``output[image_key]`` ((V, H, W) in [0, 1], channels ``views``
+    in order); the training cases' are read from their datalist items (``view_keys``: view -> item key) at
+    the same size. Per volume axis with a silhouette measured in the case and in the training X-rays
+    (:func:`body_extent`, mapped to mm at the isocentre with ``geometry``, :func:`extent_to_mm`):
+    ``scale = case width / mean training width`` and the mean CT is resampled (trilinear, air outside) so
+    that its point at the training centre moves to the case's centre and distances from it grow by
+    ``scale``. Axes that are not seen (no lateral view, a body cut by the detector) keep scale 1, shift 0.
+    The factors of the last case are in ``last_transform``.
+    """
+
+    name = EXTENT_SCALED_MEAN_CT
+    description = DESCRIPTIONS[EXTENT_SCALED_MEAN_CT]
+
+    def __init__(
+        self,
+        geometry,
+        datalist: Sequence[Mapping] | None = None,
+        key: str = "ct",
+        views: Sequence[str] = ("pa", "lateral"),
+        view_keys: Mapping[str, str] | None = None,
+        window: str = "xray2ct",
+        symmetric: bool = False,
+        image_key: str = "image",
+        threshold: float = BODY_XRAY_THRESHOLD,
+    ):
+        from common.drr import get_geometry
+
+        super().__init__(datalist, key=key, window=window, symmetric=symmetric)
+        self.geometry = get_geometry(geometry)
+        self.views = tuple(views)
+        unknown = set(self.views) - {"pa", "lateral"}
+        if unknown:
+            raise ValueError(f"views must be 'pa' and/or 'lateral', got {sorted(unknown)}")
+        self.view_keys = dict(view_keys or {v: v for v in self.views})
+        self.items = list(datalist or [])
+        self.image_key, self.threshold = image_key, float(threshold)
+        self._train: dict = {}
+        self._spacing: tuple[float, ...] | None = None
+        self.last_transform: dict | None = None
+
+    def _extents_mm(self, image: np.ndarray, view: str) -> dict[int, tuple[float, float]]:
+        """{volume axis: (centre, width)} mm at the isocentre of one view's (H, W) image."""
+        found = {}
+        magnification = self.geometry.magnification
+        for image_axis, span in enumerate(body_extent(image, self.threshold)):
+            axis = _EXTENT_AXES.get((view, image_axis))
+            if axis is None or span is None:
+                continue
+            pixel_mm = self.geometry.detector_size_mm[image_axis] / image.shape[image_axis] / magnification
+            centre, width = extent_to_mm(span, image.shape[image_axis], pixel_mm)
+            found[axis] = (-centre, width)  # image axes run against the world axes (see _EXTENT_AXES)
+        return found
+
+    def training_extents(self, size: tuple[int, int]) -> dict[int, tuple[float, float]]:
+        """{volume axis: (mean centre, mean width)} mm over the training X-rays seen at ``size``."""
+        if size not in self._train:
+            from common.xray import load_view
+
+            per_axis: dict[int, list[tuple[float, float]]] = {}
+            for item in self.items:
+                for view in self.views:
+                    path = item.get(self.view_keys.get(view, view))
+                    if not isinstance(path, (str, os.PathLike)):
+                        continue
+                    image = load_view(path, int(size[0]))
+                    for axis, value in self._extents_mm(image, view).items():
+                        per_axis.setdefault(axis, []).append(value)
+            self._train[size] = {a: tuple(np.mean(np.asarray(v), axis=0).tolist()) for a, v in per_axis.items()}
+        return self._train[size]
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size (mm) of the training CTs (the first one's header)."""
+        if self._spacing is None:
+            from common.io import load_volume
+
+            if not self.paths:
+                raise InputError(None, "no training CTs for the extent-scaled baseline (empty training split)")
+            self._spacing = load_volume(self.paths[0]).to_canonical().spacing
+        return self._spacing
+
+    def transform_for(self, image) -> dict:
+        """``{"scale": [sx, sy, sz], "shift_mm": [...]}`` of one case's (V, H, W) X-ray input."""
+        image = torch.as_tensor(image).as_subclass(torch.Tensor).detach().float().cpu()
+        image = image.reshape(-1, *image.shape[-2:]).numpy()
+        if image.shape[0] != len(self.views):
+            raise InputError(None, f"expected {len(self.views)} X-ray channel(s) {self.views}, got {image.shape[0]}")
+        train = self.training_extents(tuple(int(s) for s in image.shape[-2:]))
+        scale, shift = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+        for k, view in enumerate(self.views):
+            for axis, (centre, width) in self._extents_mm(image[k], view).items():
+                if axis in train and train[axis][1] > 0:
+                    scale[axis] = width / train[axis][1]
+                    shift[axis] = centre - train[axis][0]
+        return {"scale": scale, "shift_mm": shift, "train_centre_width_mm": {str(a): v for a, v in train.items()}}
+
+    def scaled_hu(self, transform: Mapping) -> torch.Tensor:
+        """The mean training CT (X, Y, Z) HU resampled by ``transform`` (air, -1024 HU, outside)."""
+        from common.intensity import XRAY2CT
+
+        hu = torch.from_numpy(self.volume_hu)
+        fov = [n * s for n, s in zip(hu.shape, self.spacing)]
+        train = transform.get("train_centre_width_mm", {})
+        theta = torch.zeros(1, 3, 4, dtype=torch.float32)
+        # grid_sample's (x, y, z) index (W, H, D) = volume axes (Z, Y, X); normalised u = 2 p / FOV.
+        for row, axis in enumerate((2, 1, 0)):
+            s = float(transform["scale"][axis])
+            c_train = float(train.get(str(axis), (0.0, 0.0))[0])
+            c_case = c_train + float(transform["shift_mm"][axis])
+            theta[0, row, row] = 1.0 / s
+            theta[0, row, 3] = 2.0 * (c_train - c_case / s) / fov[axis]
+        air = float(XRAY2CT.lo)
+        grid = F.affine_grid(theta, [1, 1, *hu.shape], align_corners=False)
+        out = F.grid_sample((hu - air)[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out[0, 0] + air
+
+    def __call__(self, label: torch.Tensor, output: Mapping | None = None, item=None) -> torch.Tensor:
+        if output is None or output.get(self.image_key) is None:
+            raise InputError(None, f"the extent-scaled baseline needs the X-rays (output key {self.image_key!r})")
+        self.last_transform = self.transform_for(output[self.image_key])
+        return self._prediction(self.scaled_hu(self.last_transform), label)

@@ -11,6 +11,8 @@ Conventions
 - Bootstrap: ``n_resamples`` resamples of the cases with replacement (seeded ``numpy`` Generator), percentile
   interval. Resamples that contain a single class have no AUC and are skipped (``n_valid`` says how many
   remained). The vectorised version and :func:`bootstrap_auc_naive` draw the same resamples for the same seed.
+- :func:`bootstrap_mean_ci` is the same resampling (:func:`bootstrap_counts`) for the mean of per-case values;
+  given per-case differences ``model - baseline`` it is the paired bootstrap of the reports' differences.
 """
 
 from __future__ import annotations
@@ -174,6 +176,27 @@ def bootstrap_auc_naive(
         wins = sum(float(np.sum(p > neg)) + 0.5 * float(np.sum(p == neg)) for p in pos)
         aucs.append(wins / (pos.size * neg.size))
     return _percentile_ci(roc_auc(y, s), np.asarray(aucs), confidence, n_resamples, seed)
+
+
+def bootstrap_mean_ci(
+    values, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0, chunk_size: int = 512
+) -> ConfidenceInterval:
+    """Percentile bootstrap CI of the mean of per-case ``values`` (resampling cases with replacement).
+
+    Paired use: ``values = model_i - baseline_i`` per case, so each resample keeps a case's two scores
+    together. Non-finite values are dropped first (``n_valid`` of the result counts resamples, as above);
+    no finite value gives NaN bounds.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if v.size == 0:
+        return _percentile_ci(float("nan"), np.empty(0), confidence, n_resamples, seed)
+    means = [counts @ v / v.size for counts in bootstrap_counts(v.size, n_resamples, seed, chunk_size)]
+    return _percentile_ci(float(v.mean()), np.concatenate(means), confidence, n_resamples, seed)
 
 
 def bootstrap_counts(n: int, n_resamples: int, seed: int, chunk_size: int = 512) -> Iterator[np.ndarray]:

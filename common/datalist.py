@@ -132,6 +132,11 @@ def split_case_ids(datalist_file: str | os.PathLike, split: str) -> list[str]:
     return [case_id(item, i) for i, item in enumerate(load_split(datalist_file, split))]
 
 
+def split_sources(datalist_file: str | os.PathLike, split: str) -> list[str]:
+    """The ``source`` values (the real patient a generated case came from) of one split; absent ones skipped."""
+    return [str(item["source"]) for item in load_split(datalist_file, split) if item.get("source")]
+
+
 # ----------------------------------------------------------------------------------------------- case ids
 def _name_of(path) -> str:
     text = os.path.normpath(str(path))

@@ -7,8 +7,11 @@
 
       {"bundle", "split", "case_ids", "n_cases", "metrics" (= model means), "model" (means),
        "baseline": {"name", "description", "metrics"}, "difference" (model - baseline), "model_better",
-       "cases": [{"id", "model": {...}, "baseline": {...}}], "smoke_test", "training_cases_evaluated",
-       "conventions", "engine_metrics", ...extra}
+       "difference_ci" (paired bootstrap interval of each difference), "baselines": {name: {"description",
+       "metrics", "difference", "model_better", "difference_ci"}} (every baseline, the first one included),
+       "bootstrap" (how the intervals are drawn), "same_source", "same_source_note",
+       "cases": [{"id", "model": {...}, "baseline": {...}, "baselines": {name: {...}}, "source"}],
+       "smoke_test", "training_cases_evaluated", "conventions", "engine_metrics", ...extra}
 
   ``smoke_test`` is true when evaluated cases are in the training split: such a figure is not a quality
   figure. :func:`write_json` is the one writer (atomic; NaN and infinities are written as ``null``).
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write_text
 from common.baselines import compare
+from common.classification_metrics import bootstrap_mean_ci
 from common.datalist import batch_case_ids, case_id, split_batch
 from common.intensity import XRAY2CT
 from common.metrics import CONVENTIONS, network_to_hu
@@ -44,6 +48,20 @@ from common.metrics import CONVENTIONS, network_to_hu
 logger = logging.getLogger(__name__)
 
 NON_FINITE = "NaN and infinite values are written as null"
+
+# Paired percentile bootstrap of every model-minus-baseline difference over the evaluated cases.
+BOOTSTRAP = {"n_resamples": 2000, "confidence": 0.95, "seed": 0}
+BOOTSTRAP_METHOD = (
+    "paired percentile bootstrap over the evaluated cases: resample cases with replacement, mean of the "
+    "per-case differences model - baseline; cases without a finite value of a metric are left out of it"
+)
+SAME_SOURCE_NOTE = (
+    "test cases share a source patient with training cases: they share that patient's vessels and textures, "
+    "so a model can score by copying them; this figure measures how well the X-rays steer the shape, and a "
+    "cross-source figure (other patients, or phantoms) is the one that says the method generalises"
+)
+CROSS_SOURCE_NOTE = "no evaluated case shares a source patient with the training cases (cross-source)"
+NO_SOURCE_NOTE = "the datalist records no source patients (datalist key 'source'): same-source unknown"
 
 
 # ----------------------------------------------------------------------------------------------- JSON
@@ -90,12 +108,19 @@ def build_report(
     conventions: Mapping | None = None,
     training_cases: Sequence[str] | None = None,
     extra: Mapping | None = None,
+    baselines: Sequence[Mapping] | None = None,
+    training_sources: Sequence[str] | None = None,
+    bootstrap: Mapping | None = None,
 ) -> dict:
     """The ``metrics_report.json`` layout (module docstring) from per-case values.
 
-    ``cases``: ``[{"id", "model": {...}, "baseline": {...}}]``; ``model``: the model's summary (default: the
-    mean of the per-case values); ``baseline``: ``{"name", "description", "metrics"}`` (metrics default to
-    the per-case means).
+    ``cases``: ``[{"id", "model": {...}, "baseline": {...}, "baselines": {name: {...}}, "source"}]``;
+    ``model``: the model's summary (default: the mean of the per-case values); ``baseline``: ``{"name",
+    "description", "metrics"}`` (metrics default to the per-case means); ``baselines``: every baseline's
+    ``{"name", "description"}`` (default: ``baseline`` alone), scored from ``case["baselines"][name]`` (the
+    first one also from ``case["baseline"]``), each with :func:`difference_intervals` (``bootstrap``:
+    :data:`BOOTSTRAP` overrides). ``training_sources``: the training split's ``source`` values, for the
+    same-source flag.
     """
     ids = [str(c["id"]) for c in cases]
     model = dict(model) if model is not None else mean_metrics([c.get("model", {}) for c in cases])
@@ -107,6 +132,8 @@ def build_report(
             base["metrics"] = mean_metrics([c.get("baseline", {}) for c in cases if c.get("baseline")])
         report["baseline"] = base
         report.update(compare(model, base["metrics"]))
+    report.update(_baseline_blocks(cases, model, baseline, baselines, bootstrap))
+    report.update(same_source(cases, training_sources))
     seen = sorted(set(ids) & {str(t) for t in (training_cases or ())})
     report["smoke_test"] = bool(seen)
     report["training_cases_evaluated"] = seen
@@ -126,6 +153,78 @@ def build_report(
     return report
 
 
+def difference_intervals(
+    cases: Sequence[Mapping],
+    name: str | None = None,
+    primary: bool = True,
+    bootstrap: Mapping | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, dict]:
+    """{metric: paired bootstrap CI (dict) of model - baseline ``name``} over ``cases`` (:data:`BOOTSTRAP`).
+
+    ``keys``: only these metrics (the report's summary differences; per-case values such as a PE
+    probability are not a difference the report states).
+    """
+    settings = {**BOOTSTRAP, **dict(bootstrap or {})}
+    rows = [(c.get("model", {}), _baseline_values(c, name, primary)) for c in cases]
+    names = list(dict.fromkeys(k for m, b in rows for k in m if k in b and (keys is None or k in keys)))
+    out = {}
+    for key in names:
+        diffs = [_float(m[key]) - _float(b[key]) for m, b in rows if key in m and key in b]
+        ci = bootstrap_mean_ci(diffs, **settings).as_dict()
+        ci["n_cases"] = int(np.sum(np.isfinite(diffs)))
+        out[key] = ci
+    return out
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _baseline_values(case: Mapping, name: str | None, primary: bool) -> Mapping:
+    values = (case.get("baselines") or {}).get(name) if name is not None else None
+    if values is None and primary:
+        values = case.get("baseline")
+    return values or {}
+
+
+def _baseline_blocks(cases, model, baseline, baselines, bootstrap) -> dict:
+    """``difference_ci`` (first baseline), ``baselines`` (every one) and ``bootstrap`` of the report."""
+    entries = list(baselines) if baselines else ([baseline] if baseline is not None else [])
+    if not entries:
+        return {}
+    blocks = {}
+    for k, entry in enumerate(entries):
+        name = str(entry.get("name", f"baseline_{k}"))
+        metrics = entry.get("metrics")
+        if metrics is None:
+            values = [_baseline_values(c, name, k == 0) for c in cases]
+            metrics = mean_metrics([v for v in values if v])
+        block = {"description": entry.get("description", ""), "metrics": dict(metrics), **compare(model, metrics)}
+        block["difference_ci"] = difference_intervals(cases, name, k == 0, bootstrap, list(block["difference"]))
+        blocks[name] = block
+    first = next(iter(blocks.values()))
+    settings = {**BOOTSTRAP, **dict(bootstrap or {})}
+    return {"difference_ci": first["difference_ci"], "baselines": blocks, "bootstrap": {**settings, "method": BOOTSTRAP_METHOD}}
+
+
+def same_source(cases: Sequence[Mapping], training_sources: Sequence[str] | None) -> dict:
+    """``{"same_source": True/False/None, "same_source_note", "shared_sources"}`` from the cases' ``source``."""
+    evaluated = {str(c["source"]) for c in cases if c.get("source")}
+    train = {str(s) for s in (training_sources or ()) if s}
+    if not evaluated or not train:
+        return {"same_source": None, "same_source_note": NO_SOURCE_NOTE, "shared_sources": []}
+    shared = sorted(evaluated & train)
+    return {
+        "same_source": bool(shared),
+        "same_source_note": SAME_SOURCE_NOTE if shared else CROSS_SOURCE_NOTE,
+        "shared_sources": shared,
+    }
+
+
 def _hu(to_hu: Callable, x) -> torch.Tensor:
     t = torch.as_tensor(x).as_subclass(torch.Tensor).detach().float().cpu()
     return to_hu(t)
@@ -143,6 +242,10 @@ class MetricsReport:
             ``conventions`` dict is merged into the report's.
         baseline: a :mod:`common.baselines` predictor, ``baseline(label, output, item)`` -> a prediction like
             ``label`` in network intensities; scored by the same ``metrics``.
+        baselines: further predictors like ``baseline`` (e.g. :class:`common.baselines.ExtentScaledMeanCT`),
+            scored the same way; every baseline gets paired bootstrap intervals (``bootstrap``).
+        training_sources: the training split's ``source`` values (:func:`common.datalist.split_sources`);
+            with the evaluated items' ``source`` they set the report's ``same_source`` flag.
         window, symmetric: the network's intensity convention (``[0, 1]`` or ``[-1, 1]`` of an HU window).
         pred_key, label_key, image_key: keys of the engine output. A ``pred``/``label`` dict (one entry per
             cascade stage) gives metrics ``<name>_<entry>``; its last entry is also reported unsuffixed.
@@ -179,6 +282,9 @@ class MetricsReport:
         preview_dir: str | os.PathLike | None = None,
         preview_window: str = "lung",
         spacing: Sequence[float] | None = None,
+        baselines: Sequence[Callable] | None = None,
+        training_sources: Sequence[str] | None = None,
+        bootstrap: Mapping | None = None,
     ):
         self.path = os.fspath(path)
         self.bundle, self.split = bundle, split
@@ -186,6 +292,11 @@ class MetricsReport:
         if not self.metrics:
             raise ValueError("MetricsReport needs at least one metric")
         self.baseline = baseline
+        self.extra_baselines = list(baselines or [])
+        if len(set(self.baseline_names)) != len(self.baseline_names):
+            raise ValueError(f"baselines need distinct names, got {self.baseline_names}")
+        self.training_sources = list(training_sources or [])
+        self.bootstrap = dict(bootstrap or {})
         self.to_hu = network_to_hu(window, symmetric)
         self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
         self.extra_predictions = dict(extra_predictions or {})
@@ -204,6 +315,15 @@ class MetricsReport:
         self.cases: list[dict] = []
         self.report: dict | None = None
         self._bar = None
+
+    @property
+    def all_baselines(self) -> list[Callable]:
+        """``baseline`` (when given) first, then ``baselines``."""
+        return [b for b in [self.baseline, *self.extra_baselines] if b is not None]
+
+    @property
+    def baseline_names(self) -> list[str]:
+        return [getattr(b, "name", type(b).__name__) for b in self.all_baselines]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._started)
@@ -236,25 +356,34 @@ class MetricsReport:
         context = {"image": out.get(self.image_key), "item": item}
         streams, primary = self._streams(out)
         model: dict[str, float] = {}
-        baseline: dict[str, float] = {}
+        names = self.baseline_names
+        guessed: dict[str, dict[str, float]] = {name: {} for name in names}
         shown: dict = {}
         for suffix, (pred, label) in streams.items():
             model.update(self._score(pred, label, context, suffix))
-            guess = None
-            if self.baseline is not None:
-                guess = self.baseline(label, out, item)
-                baseline.update(self._score(guess, label, context, suffix))
+            guesses = {}
+            for name, predictor in zip(names, self.all_baselines):
+                guesses[name] = predictor(label, out, item)
+                guessed[name].update(self._score(guesses[name], label, context, suffix))
             if suffix == (primary or ""):
-                shown = {"pred": pred, "label": label, "baseline": guess}
+                shown = {"pred": pred, "label": label, "baselines": guesses}
         if primary is not None:
-            for values in (model, baseline):
+            for values in (model, *guessed.values()):
                 values.update({k[: -len(primary)]: v for k, v in list(values.items()) if k.endswith(primary)})
+        baseline = guessed[names[0]] if self.baseline is not None else {}
         for suffix, key in self.extra_predictions.items():
             if out.get(key) is not None:
                 model.update(self._score(out[key], out[self.label_key], context, suffix))
         case = {"id": case_id(item, index) if item else case_id(out, index), "model": model}
         if self.baseline is not None:
             case["baseline"] = baseline
+        if self.all_baselines:
+            case["baselines"] = guessed
+        source = (item or {}).get("source")
+        if isinstance(source, (list, tuple)) and len(source) == 1:
+            source = source[0]
+        if isinstance(source, str) and source:
+            case["source"] = source
         if len(self.written) < self.previews and shown:
             self.written.append(self._preview(case["id"], shown, out.get(self.image_key), item))
         return case
@@ -262,9 +391,8 @@ class MetricsReport:
     def _preview(self, case: str, shown: Mapping, image, item: Mapping) -> str:
         spacing = (item or {}).get("spacing", self.spacing)
         volumes = {"model": _hu(self.to_hu, shown["pred"])}
-        if shown["baseline"] is not None:
-            name = getattr(self.baseline, "name", type(self.baseline).__name__)
-            volumes[f"baseline ({name})"] = _hu(self.to_hu, shown["baseline"])
+        for name, guess in shown["baselines"].items():
+            volumes[f"baseline ({name})"] = _hu(self.to_hu, guess)
         volumes["ground truth"] = _hu(self.to_hu, shown["label"])
         path = os.path.join(self.preview_dir, f"{case}.png")
         return save_comparison_png(path, volumes, image, spacing, self.preview_window)
@@ -287,18 +415,17 @@ class MetricsReport:
         for name in self.set_metrics:
             if name in engine.state.metrics:
                 model[name] = float(engine.state.metrics[name])
-        baseline = None
-        if self.baseline is not None:
-            baseline = {
-                "name": getattr(self.baseline, "name", type(self.baseline).__name__),
-                "description": getattr(self.baseline, "description", ""),
-                "metrics": None,
-            }
+        entries = [
+            {"name": name, "description": getattr(b, "description", ""), "metrics": None}
+            for name, b in zip(self.baseline_names, self.all_baselines)
+        ]
+        baseline = entries[0] if self.baseline is not None else None
         extra = {"engine_metrics": engine_metrics, **self.extra}
         if self.previews:
             extra["previews"] = list(self.written)
         self.report = build_report(
-            self.bundle, self.split, self.cases, model, baseline, self.conventions, self.training_cases, extra
+            self.bundle, self.split, self.cases, model, baseline, self.conventions, self.training_cases, extra,
+            baselines=entries or None, training_sources=self.training_sources, bootstrap=self.bootstrap,
         )
         write_json(self.path, self.report)
         logger.info("metrics report: %s", self.path)

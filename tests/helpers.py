@@ -22,3 +22,20 @@ def wait_for_job(client, job_id: str, polls: int = 1200) -> dict:
             return status
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never finished: {status}")
+
+
+def check_anatomy_report(report: dict, metric: str = "psnr_xray2ct") -> None:
+    """An X-ray -> CT ``metrics_report.json`` has the anatomy metrics, both baselines and their intervals."""
+    import math
+
+    for key in ("body_dice", "lung_dice", "lung_volume_error_ml"):
+        assert key in report["metrics"], key
+    assert set(report["baselines"]) == {"mean_training_ct", "extent_scaled_mean_ct"}
+    for name, block in report["baselines"].items():
+        for key in (metric, "body_dice", "lung_dice"):
+            ci = block["difference_ci"][key]
+            assert ci["n_cases"] == report["n_cases"] and ci["n_resamples"] == 2000, (name, key)
+            if ci["low"] is not None:  # null only where a metric is undefined (e.g. no lung in a phantom)
+                assert ci["low"] <= ci["estimate"] <= ci["high"] and math.isfinite(ci["estimate"]), (name, key)
+    assert report["difference_ci"] == report["baselines"]["mean_training_ct"]["difference_ci"]
+    assert "same_source" in report and report["same_source_note"]

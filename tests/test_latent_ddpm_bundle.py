@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_anatomy_report
 from monai.bundle import ConfigParser, run
 
 from common.checkpoint import read_record
@@ -87,6 +88,7 @@ def test_train_evaluate_infer_through_monai_bundle(phantom_pairs, tmp_path):
     assert report["n_cases"] == 2 and report["split"] == "test" and sorted(report["case_ids"]) == sorted(test_ids)
     assert report["baseline"]["name"] == "mean_training_ct" and not report["smoke_test"]
     assert "drr_consistency" in report["conventions"]
+    check_anatomy_report(report)  # anatomy metrics, both baselines, intervals
 
     run("inference", config_file=_files("inference.json", "cpu_tiny.json"), **common)  # inference.json alone
     predictions = sorted((tmp_path / "out" / "predictions").glob("*_ct.nii.gz"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import check_anatomy_report
 from monai.bundle import ConfigParser
 
 from common.checkpoint import read_record
@@ -122,6 +123,7 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
     assert report["baseline"]["name"] == "mean_training_ct" and "psnr_xray2ct" in report["difference"]
     assert {"drr_l1", "drr_psnr_pa", "drr_psnr_lateral"} <= set(report["metrics"])
     assert "x2ctgan" in report["conventions"] and report["metrics"]["mae_hu"] > 0
+    check_anatomy_report(report)  # anatomy metrics, both baselines, intervals
 
     inf_out = root / "inference"
     args = ["--dataset_dir", str(dataset), "--bundle_root", str(root), "--output_dir", str(inf_out)]

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import check_anatomy_report
 from monai.bundle import ConfigParser, ckpt_export, run, verify_net_in_out
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "progressive_cascade"
@@ -80,6 +81,7 @@ def test_train_three_stages_evaluate_infer_export(dataset_dir, tmp_path):
     assert report["metrics"]["psnr_xray2ct"] == report["metrics"]["psnr_xray2ct_stage3"]
     assert 0 < report["metrics"]["psnr_xray2ct"] < 60 and report["metrics"]["drr_l1"] > 0
     assert "xray2ct" in report["conventions"] and "drr_consistency" in report["conventions"]
+    check_anatomy_report(report)  # anatomy metrics, both baselines, intervals
     assert len(list((out / "eval" / "previews").glob("*_stages.png"))) == 2
 
     case = Path(dataset_dir) / "phantom_000"

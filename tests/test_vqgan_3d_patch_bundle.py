@@ -114,6 +114,8 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
     assert report["split"] == "test" and sorted(report["case_ids"]) == sorted(test_ids) and report["n_cases"] == 2
     assert report["baseline"]["name"] == "box_down_up" and not report["smoke_test"]
     assert "psnr_xray2ct" in report["baseline"]["metrics"] and "psnr_xray2ct" in report["difference"]
+    ci = report["difference_ci"]["psnr_xray2ct"]  # the paired bootstrap interval of model - box
+    assert ci["n_cases"] == 2 and ci["low"] <= ci["estimate"] <= ci["high"]
     assert report["latent_factor"] == 8
     assert "xray2ct" in report["conventions"] and "codebook_usage" in report["conventions"]
     assert len(glob.glob(str(out / "reconstructions" / "*_recon.nii.gz"))) == 2

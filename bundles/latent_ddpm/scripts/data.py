@@ -129,16 +129,22 @@ class LoadLatentd(MapTransform):
 
 
 def evaluation_items(path: str | os.PathLike, split: str = "test") -> list[dict]:
-    """Cases of ``split`` for evaluation: ``image`` = the PA X-ray, ``label`` = the paired CT (HU file).
+    """Cases of ``split`` for evaluation: ``image`` = the PA X-ray, ``label`` = the paired CT (HU file);
+    ``anatomy`` (the datalist's anatomy label map, :mod:`common.anatomy`) and ``source`` where recorded.
 
     ``[]`` when the latent cache does not exist yet (evaluation then stops at its split check).
     """
     if not os.path.isfile(path):
         return []
-    return [
-        {"id": item["id"], "image": item["pa"], "label": item["ct"]}
-        for item in read_latent_datalist(path).get(split, [])
-    ]
+    items = []
+    for item in read_latent_datalist(path).get(split, []):
+        entry = {"id": item["id"], "image": item["pa"], "label": item["ct"]}
+        if isinstance(item.get("label"), str):
+            entry["anatomy"] = item["label"]
+        if item.get("source"):
+            entry["source"] = str(item["source"])
+        items.append(entry)
+    return items
 
 
 LATENT_SPACE_KEYS = ("latent_shape", "scale_factor", "spacing", "image_size")

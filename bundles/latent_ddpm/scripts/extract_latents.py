@@ -174,7 +174,11 @@ def extract_latents(
         if image_size is not None and (tuple(size) != tuple(image_size) or latent.shape != tuple(latent_shape)):
             raise InputError(ct, f"size {size} differs from the other cases' {image_size}; resample the dataset")
         image_size, spacing, latent_shape = tuple(size), tuple(sp), latent.shape
-        entry = {k: _resolve(dataset_dir, v) if k in ("ct", "pa", "lateral") else v for k, v in item.items()}
+        paths = ("ct", "pa", "lateral")  # and an anatomy label map (common.anatomy), unlike a PE class
+        entry = {
+            k: _resolve(dataset_dir, v) if k in paths or (k == "label" and isinstance(v, str)) else v
+            for k, v in item.items()
+        }
         manifest[split].append({**entry, "latent": os.path.relpath(out, output_dir)})
     train = manifest["training"] or manifest["validation"]
     stacked = np.stack([np.load(os.path.join(output_dir, i["latent"]), allow_pickle=False) for i in train])
