@@ -7,8 +7,8 @@ variation, so its lungs, heart, spine and ribs are real ones moved within the sp
 How: every source CT (with a TotalSegmentator label map where one exists, else lungs/body/bone by HU) is
 resampled once, with area averaging, to the target spacing (``data_prep.build_pairs.prepare_ct``); its
 in-plane signed distance to the skin is computed once at full resolution. Each patient is then a backward
-coordinate map at the target grid (``size``^3, scipy ``map_coordinates``, linear for HU, nearest for
-labels), composed of (forward order): subcutaneous fat shell stretched or thinned along the skin normal ->
+coordinate map at the target grid (``size``^3, scipy ``map_coordinates``, linear for HU and for each label's area
+fraction; :func:`labels_from_fractions`), composed of (forward order): subcutaneous fat shell stretched or thinned along the skin normal ->
 lungs inflated / diaphragm lowered (craniocaudal stretch below the lung apex, lung HU by mass conservation)
 -> heart scaled and moved by a local field that is rigid inside the heart and fades over one heart radius
 -> body habitus scaling (width, depth, height) about the thorax centre -> rotation and shift on the table;
@@ -122,6 +122,7 @@ HU_CLIP = (-1024.0, 3071.0)
 FAT_HU = (-190.0, -30.0)
 BODY_HU = -500.0  # body outline threshold (air / lung parenchyma below)
 LUNG_HU = -400.0  # lungs by HU without labels
+OPEN_MM = 4.5  # in-plane opening of the body mask (detaches the table)
 BONE_HU = 250.0  # bone by HU without labels
 LUNG_SLICE_CM2 = 20.0  # a slice belongs to the lung height when it holds more lung than this
 
@@ -144,7 +145,7 @@ _BLOOD_NAMES = re.compile(r"^(heart|aorta|pulmonary_vein|brachiocephalic_|subcla
 class Source:
     """One source CT at the target spacing (canonical RAS) with its fields, in world mm.
 
-    ``hu`` / ``label`` / ``blood`` (enhanced blood fraction 0..1) / ``sdf`` (in-plane signed distance to the
+    ``hu`` / ``label`` / ``fractions`` (5, X, Y, Z: area fraction of each label value) / ``blood`` (enhanced blood fraction 0..1) / ``sdf`` (in-plane signed distance to the
     skin, mm, > 0 outside) / ``normal`` (2, X, Y, Z: in-plane outward normal) share ``affine``. ``centre``
     is the thorax centre (body centroid at mid-lung, lung mid-height) that the generated grid is centred on.
     """
@@ -153,6 +154,7 @@ class Source:
     path: str
     hu: np.ndarray
     label: np.ndarray
+    fractions: np.ndarray
     blood: np.ndarray | None
     sdf: np.ndarray
     normal: np.ndarray
@@ -197,11 +199,15 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
+def body_mask(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Body outline (bool, same shape) of an RAS HU volume: largest component above -500 HU, filled per slice.
 
-    An in-plane opening first detaches the table and blankets from the skin."""
-    mask = ndimage.binary_opening(hu > BODY_HU, structure=np.ones((3, 3, 1), bool))
+    An in-plane opening of about :data:`OPEN_MM` first detaches the table and blankets from the skin (none
+    when the voxels are coarser than that: it would break a thin chest wall and leave the lungs unfilled)."""
+    mask = hu > BODY_HU
+    r = [int(OPEN_MM / (2 * float(s))) for s in spacing[:2]]
+    if min(r) > 0:
+        mask = ndimage.binary_opening(mask, structure=np.ones((2 * r[0] + 1, 2 * r[1] + 1, 1), bool))
     return _fill_slices(_largest_component(mask))
 
 
@@ -249,7 +255,7 @@ def load_source(
     sub_affine[:2, :2] *= 2.0
     sub_spacing = (2 * vol.spacing[0], 2 * vol.spacing[1], vol.spacing[2])
     hu_sub = hu[::2, ::2]
-    body = body_mask(hu_sub)
+    body = body_mask(hu_sub, sub_spacing)
     if body.sum() * np.prod(sub_spacing) < 1e6:  # < 1 L
         raise InputError(ct_path, "no body found (less than 1 L above -500 HU): is this a CT in HU?")
     classes = None  # full-resolution class codes 0 none, 2 lung, 3 heart, 4 bone; 5 enhanced blood
@@ -273,8 +279,8 @@ def load_source(
             raise InputError(mask_path, "the label map has no lung label (structure names starting 'lung_')")
         lung, heart, bone = classes == LABEL_LUNG, classes == LABEL_HEART, classes == LABEL_BONE
         blood = ((classes == 5) | heart) & (hu > 100.0)
-    else:
-        body_full = np.repeat(np.repeat(body, 2, axis=0), 2, axis=1)[: hu.shape[0], : hu.shape[1]]
+    body_full = np.repeat(np.repeat(body, 2, axis=0), 2, axis=1)[: hu.shape[0], : hu.shape[1]]
+    if classes is None:
         lung = body_full & (hu < LUNG_HU)
         lung &= ndimage.binary_opening(lung, structure=np.ones((3, 3, 1), bool))
         heart = np.zeros_like(lung)
@@ -285,9 +291,12 @@ def load_source(
     sp = (float(spacing),) * 3
     grid = prepare_ct(Volume(hu, vol.affine), sp, size)
     f_lung, f_heart, f_bone = (_resample_mask(m, vol.affine, sp, size) for m in (lung, heart, bone))
-    f_body = np.maximum(_resample_mask(body, sub_affine, sp, size), np.clip(f_lung + f_heart + f_bone, 0, 1))
+    # every mask is resampled from the full-resolution grid: prepare_ct centres its grid on the scan it gets
+    f_body = np.maximum(_resample_mask(body_full, vol.affine, sp, size), np.clip(f_lung + f_heart + f_bone, 0, 1))
+    del body_full
     other = np.clip(f_body - f_lung - f_heart - f_bone, 0.0, None)
-    label = np.argmax(np.stack([1.0 - f_body, other, f_lung, f_heart, f_bone]), axis=0).astype(np.uint8)
+    fractions = np.stack([1.0 - f_body, other, f_lung, f_heart, f_bone]).astype(np.float32)
+    label = labels_from_fractions(fractions)
     f_blood = None if blood is None or not blood.any() else _resample_mask(blood, vol.affine, sp, size)
 
     # in-plane signed distance to the skin (mm, > 0 outside), per slice (z sampling huge)
@@ -310,8 +319,15 @@ def load_source(
         stats["blood_hu"] = float(grid.array[f_blood > 0.5].mean())  # the source's enhanced blood pool
     centre = _thorax_centre(label, grid.affine)
     sid = source_id or _source_id(ct_path)
-    return Source(sid, ct_path, grid.array.astype(np.float32), label, f_blood, sdf, normal, grid.affine,
+    return Source(sid, ct_path, grid.array.astype(np.float32), label, fractions, f_blood, sdf, normal, grid.affine,
                   centre, stats)  # fmt: skip
+
+
+def labels_from_fractions(fractions: np.ndarray) -> np.ndarray:
+    """Label map (uint8) from area fractions (5, ...): outside where less than half the voxel is body (so an
+    outside voxel holds at most half tissue), else the body class with the largest fraction."""
+    inside = np.argmax(fractions[1:], axis=0).astype(np.uint8) + 1
+    return np.where(fractions[0] > 0.5, np.uint8(LABEL_OUTSIDE), inside).astype(np.uint8)
 
 
 def _source_id(path: str) -> str:
@@ -330,18 +346,20 @@ def _sample_at(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
 
 
 def _fat_thickness(hu, body, lung, sdf, stats, affine) -> float:
-    """Mean subcutaneous fat thickness (mm) over the middle half of the lung height: fat volume in the outer
-    30 mm of the body per skin area (skin area = volume of the outer 5 mm / 5 mm)."""
+    """Mean subcutaneous fat thickness (mm) over the middle half of the lung height: volume of fat (-190..-30
+    HU) in the outer 30 mm of the body per skin area; skin area = volume of the outer three voxel layers
+    (depth <= 3 h, h the in-plane voxel size) / 3 h."""
     z_mm = affine[2, 3] + np.arange(hu.shape[2]) * affine[2, 2]
     lo, hi = stats["lung_z_mm"]
     q = (z_mm >= lo + 0.25 * (hi - lo)) & (z_mm <= hi - 0.25 * (hi - lo))
     if not q.any():
         return float("nan")
+    h = float(np.sqrt(abs(affine[0, 0] * affine[1, 1])))
     depth = -sdf[..., q]
-    h, b, lg = hu[..., q], body[..., q], lung[..., q]
-    fat = b & ~lg & (depth > 0) & (depth <= 30.0) & (h >= FAT_HU[0]) & (h <= FAT_HU[1])
-    skin = b & (depth > 0) & (depth <= 5.0)
-    return float(fat.sum() / max(skin.sum() / 5.0, 1.0))
+    b, lg, v = body[..., q], lung[..., q], hu[..., q]
+    fat = b & ~lg & (depth > 0) & (depth <= max(30.0, 3 * h)) & (v >= FAT_HU[0]) & (v <= FAT_HU[1])
+    skin = b & (depth > 0) & (depth <= 3.01 * h)
+    return float(3 * h * fat.sum() / max(int(skin.sum()), 1))
 
 
 def _world_axes(affine: np.ndarray, shape) -> list[np.ndarray]:
@@ -485,7 +503,10 @@ def generate_case(
             vox[a] -= move * n / source.affine[a, a]
 
     hu = ndimage.map_coordinates(source.hu, vox, order=1, mode="nearest").reshape(size)
-    label = ndimage.map_coordinates(source.label, vox, order=0, mode="nearest").reshape(size).astype(np.uint8)
+    # labels: the largest interpolated class fraction, so they share the HU's interpolation weights
+    label = labels_from_fractions(
+        np.stack([ndimage.map_coordinates(f, vox, order=1, mode="nearest") for f in source.fractions])
+    ).reshape(size)
     lung = label == LABEL_LUNG
     hu[lung] = -1000.0 + (hu[lung] + 1000.0) / stretch  # lung mass conserved: density scales by 1 / stretch
     if source.blood is not None and params.get("contrast") is not None:
