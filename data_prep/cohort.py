@@ -25,7 +25,9 @@ body width (lateral)      278-354 mm, source +-10 %         as ``data_prep.phant
                                                             314/345 mm at 25/50/75 % lung height; inner
                                                             thoracic width on PA films, adult group means
                                                             25.1-29.6 cm (Obikili and Okoye, West Afr J
-                                                            Med 2006): about +-8 %
+                                                            Med 2006): about +-8 %. A 320 mm field (64 x
+                                                            5 mm) cuts the widest chests at its edges, as
+                                                            the papers' 320 mm crops do
 body depth (AP)           197-251 mm, source +-10 %         as ``data_prep.phantom`` (LIDC-IDRI-0001:
                                                             243/246/226 mm)
 subcutaneous fat          7-21 mm, source +-8 mm            as ``data_prep.phantom``; fat measured as
@@ -37,14 +39,16 @@ diaphragm (inflation)     +-15 mm at the lung base          breath-hold depth va
                                                             4.7-7 cm deep-breathing excursion (Boussuges
                                                             et al., Chest 2009; quiet breathing 1.8 cm);
                                                             lung HU: (HU + 1000) scales by 1 / stretch
-lung volume               about 2.6-5.5 L from LIDC-0001    follows from the above (LIDC-IDRI-0001:
-                          (3.7 L), checked in ``LUNG_VOLUME   3.7 L); adult CT inspiratory lung volumes
-                          _L``                              span about 2.5-7 L
+lung volume               2.9-4.8 L measured on 200 cases   follows from the above (LIDC-IDRI-0001:
+                          of LIDC-IDRI-0001 (3.7 L); tests  3.7 L); adult CT inspiratory lung volumes
+                          keep it in ``LUNG_VOLUME_L``      span about 2.5-7 L
 heart size                +-8 % per axis                    cardiothoracic ratio 0.36-0.52 (mean 0.43);
                                                             as ``data_prep.phantom``
-heart position            +-10 mm left-right and            as ``data_prep.phantom`` (centre 12-32 mm left
-                          craniocaudal, +-5 mm AP; centre   of the midline); the range here is wider on
-                          kept 5-40 mm left of midline      the low side to include the source's own
+heart position            +-10 mm left-right and            about two thirds of the heart lies left of the
+                          craniocaudal, +-5 mm AP; centroid midline; ``data_prep.phantom``: centre 12-32
+                          kept 10-40 mm left of the          mm left; LIDC-IDRI-0001: 28 mm (centroid of
+                          thoracic midline                  its TotalSegmentator heart, midline halfway
+                                                            between the lungs' outer edges)
 table position            yaw +-3 deg, roll +-2 deg,        positioning; off-centring of chest CT patients
                           shift +-10 mm per axis            is mostly within 2-3 cm (Toth et al., Med
                                                             Phys 2007)
@@ -57,8 +61,7 @@ extra noise               0-10 HU white noise per voxel     thin-slice noise of 
 ========================  ================================  ===========================================
 
 Labels (``label.nii.gz``, uint8, same grid as ``ct.nii.gz``): :data:`LABEL_OUTSIDE` 0 outside the body,
-:data:`LABEL_BODY` 1 other tissue, :data:`LABEL_LUNG` 2, :data:`LABEL_HEART` 3 (0 cases of heart without a
-label map), :data:`LABEL_BONE` 4.
+:data:`LABEL_BODY` 1 other tissue, :data:`LABEL_LUNG` 2, :data:`LABEL_HEART` 3 (none without a label map), :data:`LABEL_BONE` 4.
 
 Datalist: the dataset layout of ``data_prep.build_pairs`` (``ct``, ``pa``, ``lateral``, ``spacing``) plus
 ``label`` (the label map), ``source`` (the source CT's id) and ``patient`` (the generated patient). With
@@ -111,7 +114,7 @@ HEIGHT_WARP = 0.05
 DIAPHRAGM_MM = 15.0
 HEART_SCALE_WARP = 0.08
 HEART_SHIFT_MM = (10.0, 5.0, 10.0)  # x, y, z
-HEART_LEFT_MM = (5.0, 40.0)  # heart centroid left of the body midline
+HEART_LEFT_MM = (10.0, 40.0)  # heart centroid left of the thoracic midline (measure_anatomy)
 YAW_DEG, ROLL_DEG, TABLE_SHIFT_MM = 3.0, 2.0, 10.0
 UNENHANCED_FRACTION, CONTRAST_SCALE = 0.5, (0.8, 1.2)
 NOISE_HU = (0.0, 10.0)
@@ -123,6 +126,7 @@ FAT_HU = (-190.0, -30.0)
 BODY_HU = -500.0  # body outline threshold (air / lung parenchyma below)
 LUNG_HU = -400.0  # lungs by HU without labels
 OPEN_MM = 4.5  # in-plane opening of the body mask (detaches the table)
+OUTSIDE_MARGIN_MM = 3.0  # remove_outside keeps this much beyond the body outline (skin partial volume)
 BONE_HU = 250.0  # bone by HU without labels
 LUNG_SLICE_CM2 = 20.0  # a slice belongs to the lung height when it holds more lung than this
 
@@ -232,8 +236,13 @@ def load_source(
     mask_path: str | os.PathLike | None = None,
     structures: dict[int, str] | None = None,
     source_id: str | None = None,
+    remove_outside: bool = True,
 ) -> Source:
     """Read a chest CT (any :func:`common.io.load_volume` format) and prepare it at ``spacing`` mm.
+
+    ``remove_outside``: voxels farther than :data:`OUTSIDE_MARGIN_MM` outside the body outline (the table,
+    blankets, separate arms) become air: a radiograph taken standing shows no CT table, and the phantoms
+    have none.
 
     With ``mask_path`` (a TotalSegmentator label map on the CT's grid) and ``structures`` (its names), the
     lungs, heart, bones and blood pool come from it; otherwise lungs (< -400 HU) and bone (> 250 HU) come from
@@ -289,6 +298,12 @@ def load_source(
 
     size = _grid_size(vol, spacing)
     sp = (float(spacing),) * 3
+    if remove_outside:
+        r = [max(1, int(round(OUTSIDE_MARGIN_MM / s))) for s in sub_spacing[:2]]
+        near = ndimage.binary_dilation(body, structure=np.ones((2 * r[0] + 1, 2 * r[1] + 1, 1), bool))
+        near = np.repeat(np.repeat(near, 2, axis=0), 2, axis=1)[: hu.shape[0], : hu.shape[1]]
+        hu[~near] = HU_AIR
+        del near
     grid = prepare_ct(Volume(hu, vol.affine), sp, size)
     f_lung, f_heart, f_bone = (_resample_mask(m, vol.affine, sp, size) for m in (lung, heart, bone))
     # every mask is resampled from the full-resolution grid: prepare_ct centres its grid on the scan it gets
@@ -379,8 +394,9 @@ def _thorax_centre(label: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def measure_anatomy(label: np.ndarray, spacing: Sequence[float]) -> dict:
-    """Body width/depth (mm) at mid-lung height, lung volume (L), lung height (mm), heart centroid left of the
-    body midline (mm, > 0 = patient's left) and heart volume (mL), from an RAS label map of this module."""
+    """Body width/depth (mm) at mid-lung height, lung volume (L), lung height (mm, slices with > 20 cm^2 of
+    lung), heart centroid left of the thoracic midline (mm, > 0 = patient's left; midline halfway between the
+    lungs' outer edges on the heart's centroid slice) and heart volume (mL), from an RAS label map."""
     sx, sy, sz = (float(s) for s in spacing)
     lung = label == LABEL_LUNG
     area = lung.sum(axis=(0, 1)) * sx * sy
@@ -397,7 +413,11 @@ def measure_anatomy(label: np.ndarray, spacing: Sequence[float]) -> dict:
     if heart.any():
         hi, _, hk = np.nonzero(heart)
         k = int(round(hk.mean()))
-        bi, _ = np.nonzero(label[..., k] > 0)
+        # thoracic midline: halfway between the lungs' outer edges on the heart's slice (the body outline
+        # may be cut by the field of view; the lungs are not)
+        bi, _ = np.nonzero(label[..., k] == LABEL_LUNG)
+        if len(bi) == 0:
+            bi, _ = np.nonzero(label[..., k] > 0)
         midline = (bi.min() + bi.max()) / 2.0
         out["heart_left_mm"] = float((midline - hi.mean()) * sx)  # RAS: +x is the patient's right
         out["heart_volume_ml"] = float(heart.sum() * sx * sy * sz / 1e3)
@@ -559,6 +579,7 @@ def make_cohort(
     test_fraction: float = 0.2,
     previews: int = 4,
     cache_dir: str | None = None,
+    remove_outside: bool = True,
 ) -> str:
     """Write ``n_cases`` generated patients in the dataset layout; returns ``dataset.json``'s path.
 
@@ -573,6 +594,7 @@ def make_cohort(
         seed: same seed and settings, same cohort.
         val_fraction, test_fraction: split fractions (groups: sources when several, else generated patients).
         previews: generated cases drawn in ``preview.png`` beside the source (0: none).
+        remove_outside: the table and anything else outside the body become air (:func:`load_source`).
 
     Resumable: a case whose ``cohort_case.json`` carries this run's settings fingerprint is kept; a folder
     made with other settings is refused (delete it, or use another root).
@@ -587,7 +609,7 @@ def make_cohort(
     source_list, mask_list, names = _resolve_sources(sources, masks, structures, cache_dir)
     settings = {
         "format": FORMAT_VERSION, "n_sources": len(source_list), "size": size, "spacing": spacing,
-        "drr_pixels": drr_pixels, "geometry": geometry, "seed": int(seed),
+        "drr_pixels": drr_pixels, "geometry": geometry, "seed": int(seed), "remove_outside": bool(remove_outside),
         "sources": [_file_digest(s) for s in source_list],
         "masks": [None if m is None else _file_digest(m) for m in mask_list],
     }  # fmt: skip
@@ -606,7 +628,8 @@ def make_cohort(
 
     def get_source(k: int) -> Source:
         if k not in loaded:
-            src = load_source(source_list[k], spacing, mask_list[k], names if mask_list[k] else None)
+            src = load_source(source_list[k], spacing, mask_list[k], names if mask_list[k] else None,
+                              remove_outside=remove_outside)  # fmt: skip
             _source_geometry(src)
             loaded[k] = src
         return loaded[k]
@@ -746,10 +769,8 @@ def _load_2d(path) -> np.ndarray:
 
 
 def main(root: str, **kwargs) -> str:
-    """CLI: :func:`make_cohort`; prints the datalist path."""
-    path = make_cohort(root, **kwargs)
-    print(path)
-    return path
+    """CLI: :func:`make_cohort` (fire prints the datalist path it returns)."""
+    return make_cohort(root, **kwargs)
 
 
 if __name__ == "__main__":
