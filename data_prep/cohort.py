@@ -45,10 +45,11 @@ lung volume               2.9-4.8 L measured on 200 cases   follows from the abo
 heart size                +-8 % per axis                    cardiothoracic ratio 0.36-0.52 (mean 0.43);
                                                             as ``data_prep.phantom``
 heart position            +-10 mm left-right and            about two thirds of the heart lies left of the
-                          craniocaudal, +-5 mm AP; centroid midline; ``data_prep.phantom``: centre 12-32
-                          kept 10-40 mm left of the          mm left; LIDC-IDRI-0001: 28 mm (centroid of
-                          thoracic midline                  its TotalSegmentator heart, midline halfway
-                                                            between the lungs' outer edges)
+                          craniocaudal, +-5 mm AP; the      midline; ``data_prep.phantom``: centre 12-32
+                          drawn shift keeps the centroid    mm left; LIDC-IDRI-0001: 27 mm (centroid of
+                          10-40 mm left of the thoracic     its TotalSegmentator heart, midline halfway
+                          midline (measured on 200 cases:   between the lungs' outer edges)
+                          18-42 mm)
 table position            yaw +-3 deg, roll +-2 deg,        positioning; off-centring of chest CT patients
                           shift +-10 mm per axis            is mostly within 2-3 cm (Toth et al., Med
                                                             Phys 2007)
@@ -133,6 +134,7 @@ LUNG_SLICE_CM2 = 20.0  # a slice belongs to the lung height when it holds more l
 LABEL_FILE = "label.nii.gz"
 CASE_FILE = "cohort_case.json"  # written last: a case is done when it exists with this run's settings
 SETTINGS_FILE = "cohort_settings.json"
+SOURCES_FILE = "cohort_sources.json"  # each source's measured anatomy
 PREVIEW_FILE = "preview.png"
 FORMAT_VERSION = 1
 
@@ -669,13 +671,17 @@ def make_cohort(
     several = len(source_list) > 1
     groups = {e["id"]: (e["source"] if several else e["patient"]) for e in entries}
     splits = assign_splits([e["id"] for e in entries], val_fraction, test_fraction, seed, groups=groups)
-    stats = {sid: get_source(k).stats if k in loaded else None for k, sid in enumerate(source_ids)}
+    stats_path = root / SOURCES_FILE  # kept across resumed runs, which may load no source
+    stats = (_read_meta(stats_path) or {}) if stats_path.is_file() else {}
+    if loaded:
+        stats.update({source_ids[k]: _jsonable(src.stats) for k, src in loaded.items()})
+        atomic_write_text(stats_path, json.dumps(stats, indent=2))
     extra = {
         "same_source": not several,
         "sources": source_ids,
         "split_by": "source" if several else "patient (generated): every case shares one source",
         "labels": {str(v): n for v, n in LABEL_NAMES.items()},
-        "source_stats": {k: _jsonable(v) for k, v in stats.items() if v is not None},
+        "source_stats": {k: stats[k] for k in source_ids if k in stats},
     }
     path = write_datalist(root, entries, (spacing,) * 3, (size,) * 3, geometry, drr_pixels, val_fraction,
                           test_fraction, seed, splits=splits, extra=extra,
@@ -768,9 +774,26 @@ def _load_2d(path) -> np.ndarray:
     return np.asarray(nib.load(os.fspath(path)).dataobj, dtype=np.float32)
 
 
+def _path_list(value):
+    """A list of paths from the API or the command line (``a,b`` or ``[a,b]``; fire passes unquoted paths
+    as one string); "" stays as the no-label-map marker."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    text = os.fspath(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [p.strip().strip("'\"") for p in text.split(",")] if "," in text or text != os.fspath(value) else text
+
+
 def main(root: str, **kwargs) -> str:
-    """CLI: :func:`make_cohort` (fire prints the datalist path it returns)."""
-    return make_cohort(root, **kwargs)
+    """CLI: :func:`make_cohort` (fire prints the datalist path it returns); bad input ends with one line."""
+    for key in ("sources", "masks"):
+        if key in kwargs:
+            kwargs[key] = _path_list(kwargs[key])
+    try:
+        return make_cohort(root, **kwargs)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

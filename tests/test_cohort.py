@@ -226,6 +226,27 @@ def test_within_stays_inside_the_bounds():
 
 
 @pytest.mark.slow
+def test_cli(sources, tmp_path):
+    """``python -m data_prep.cohort`` with two sources, one without a label map (fire list syntax)."""
+    import subprocess
+    import sys
+
+    s1, s2 = sources[1], sources[2]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = [sys.executable, "-m", "data_prep.cohort", str(tmp_path), "--n_cases", "2", "--size", "16",
+            "--spacing", "20", "--drr_pixels", "16", "--sources", f"[{s1['ct']},{s2['ct']}]",
+            "--masks", f"[{s1['mask']},'']", "--structures", s1["structures"], "--previews", "0"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    d = json.loads((tmp_path / "dataset.json").read_text())
+    assert sorted(e["source"] for e in _cases(d)) == ["chest1", "chest2"] and d["same_source"] is False
+    bad = subprocess.run(args[:4] + ["--sources", str(tmp_path / "nope.nii.gz")], capture_output=True, text=True,
+                         timeout=300, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "nope.nii.gz" in bad.stderr
+
+
+@pytest.mark.slow
 def test_a_bundle_trains_from_the_cohort(small_cohort, tmp_path):
     """perx2ct's cpu_tiny training runs one epoch on the cohort datalist, unchanged."""
     from monai.bundle import run
