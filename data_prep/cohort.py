@@ -6,13 +6,15 @@ variation, so its lungs, heart, spine and ribs are real ones moved within the sp
 
 How: every source CT (with a TotalSegmentator label map where one exists, else lungs/body/bone by HU) is
 resampled once, with area averaging, to the target spacing (``data_prep.build_pairs.prepare_ct``); its
-in-plane signed distance to the skin is computed once at full resolution. Each patient is then a backward
-coordinate map at the target grid (``size``^3, scipy ``map_coordinates``, linear for HU and for each label's area
-fraction; :func:`labels_from_fractions`), composed of (forward order): subcutaneous fat shell stretched or thinned along the skin normal ->
-lungs inflated / diaphragm lowered (craniocaudal stretch below the lung apex, lung HU by mass conservation)
--> heart scaled and moved by a local field that is rigid inside the heart and fades over one heart radius
--> body habitus scaling (width, depth, height) about the thorax centre -> rotation and shift on the table;
-then contrast (vessel and heart blood scaled towards or away from unenhanced blood) and extra image noise.
+in-plane signed distance to the skin is computed once (at half the in-plane resolution). Each patient is
+then a backward coordinate map at the target grid (``size``^3, scipy ``map_coordinates``, linear for HU and
+for each label's area fraction; :func:`labels_from_fractions`), composed of (forward order): subcutaneous
+fat shell stretched or thinned along the skin normal -> lungs inflated / diaphragm lowered (craniocaudal
+stretch below the lung apex, lung HU by mass conservation) -> heart scaled and moved by a local field that
+is affine inside the heart and fades over one heart radius -> body habitus scaling (width, depth, height)
+about the thorax centre -> rotation and shift on the table; then contrast (vessel and heart blood scaled
+towards or away from unenhanced blood) and extra image noise. Outside-body objects (the CT table) are
+removed first. Beyond the scanned length the edge slices are repeated.
 PA and lateral DRRs come from :mod:`common.drr` through ``data_prep.build_pairs.write_case``.
 
 Spread (uniform draws; each target is the intersection of "source +- a plausible warp" and the published
@@ -62,7 +64,8 @@ extra noise               0-10 HU white noise per voxel     thin-slice noise of 
 ========================  ================================  ===========================================
 
 Labels (``label.nii.gz``, uint8, same grid as ``ct.nii.gz``): :data:`LABEL_OUTSIDE` 0 outside the body,
-:data:`LABEL_BODY` 1 other tissue, :data:`LABEL_LUNG` 2, :data:`LABEL_HEART` 3 (none without a label map), :data:`LABEL_BONE` 4.
+:data:`LABEL_BODY` 1 other tissue, :data:`LABEL_LUNG` 2, :data:`LABEL_HEART` 3 (none without a label
+map), :data:`LABEL_BONE` 4.
 
 Datalist: the dataset layout of ``data_prep.build_pairs`` (``ct``, ``pa``, ``lateral``, ``spacing``) plus
 ``label`` (the label map), ``source`` (the source CT's id) and ``patient`` (the generated patient). With
@@ -103,8 +106,13 @@ from common.volume import Volume
 
 # Label values (common.anatomy.ANATOMY_LABELS defines the same).
 LABEL_OUTSIDE, LABEL_BODY, LABEL_LUNG, LABEL_HEART, LABEL_BONE = 0, 1, 2, 3, 4
-LABEL_NAMES = {LABEL_OUTSIDE: "outside", LABEL_BODY: "body", LABEL_LUNG: "lung", LABEL_HEART: "heart",
-               LABEL_BONE: "bone"}  # fmt: skip
+LABEL_NAMES = {
+    LABEL_OUTSIDE: "outside",
+    LABEL_BODY: "body",
+    LABEL_LUNG: "lung",
+    LABEL_HEART: "heart",
+    LABEL_BONE: "bone",
+}
 
 # Spread (see the module docstring for the sources).
 BODY_WIDTH_MM = (278.0, 354.0)
@@ -141,19 +149,24 @@ FORMAT_VERSION = 1
 # TotalSegmentator names (structures.csv ``structure`` column) of each class.
 _LUNG_NAMES = re.compile(r"^lung_")
 _HEART_NAMES = re.compile(r"^(heart|atrial_appendage_left)$")
-_BONE_NAMES = re.compile(r"^(vertebrae_|rib_|sternum|costal_cartilages|scapula_|clavicula_|humerus_|sacrum|hip_|"
-                         r"femur_|skull)")  # fmt: skip
-_BLOOD_NAMES = re.compile(r"^(heart|aorta|pulmonary_vein|brachiocephalic_|subclavian_artery_|common_carotid_|"
-                          r"atrial_appendage_left|superior_vena_cava|inferior_vena_cava)")  # fmt: skip
+_BONE_NAMES = re.compile(
+    r"^(vertebrae_|rib_|sternum|costal_cartilages|scapula_|clavicula_|humerus_|sacrum|hip_|"
+    r"femur_|skull)"
+)
+_BLOOD_NAMES = re.compile(
+    r"^(heart|aorta|pulmonary_vein|brachiocephalic_|subclavian_artery_|common_carotid_|"
+    r"atrial_appendage_left|superior_vena_cava|inferior_vena_cava)"
+)
 
 
 @dataclasses.dataclass
 class Source:
     """One source CT at the target spacing (canonical RAS) with its fields, in world mm.
 
-    ``hu`` / ``label`` / ``fractions`` (5, X, Y, Z: area fraction of each label value) / ``blood`` (enhanced blood fraction 0..1) / ``sdf`` (in-plane signed distance to the
-    skin, mm, > 0 outside) / ``normal`` (2, X, Y, Z: in-plane outward normal) share ``affine``. ``centre``
-    is the thorax centre (body centroid at mid-lung, lung mid-height) that the generated grid is centred on.
+    ``hu`` / ``label`` / ``fractions`` (5, X, Y, Z: area fraction of each label value) / ``blood`` (enhanced
+    blood fraction 0..1) / ``sdf`` (in-plane signed distance to the skin, mm, > 0 outside) / ``normal``
+    (2, X, Y, Z: in-plane outward normal) share ``affine``. ``centre`` is the thorax centre (body centroid at
+    mid-lung, lung mid-height) that the generated grid is centred on; ``stats`` its measured anatomy.
     """
 
     id: str
@@ -171,7 +184,7 @@ class Source:
 
 # ------------------------------------------------------------------------------------------------ source
 def read_structures(path: str | os.PathLike) -> dict[int, str]:
-    """label value -> structure name from a TotalSegmentator ``structures.csv`` (columns ``structure``, ``id``)."""
+    """label value -> structure name from a TotalSegmentator ``structures.csv`` (columns structure, id)."""
     path = require_file(path)
     try:
         with open(path, newline="") as fh:
@@ -228,8 +241,11 @@ def _resample_mask(mask: np.ndarray, affine: np.ndarray, spacing, size) -> np.nd
 def _grid_size(vol: Volume, spacing: float) -> tuple[int, int, int]:
     """In-plane: the scan plus 4 voxels of air; along z: no more than the scan (edges are replicated)."""
     ext = np.asarray(vol.shape) * np.asarray(vol.spacing)
-    return (int(math.ceil(ext[0] / spacing)) + 4, int(math.ceil(ext[1] / spacing)) + 4,
-            max(2, int(math.floor(ext[2] / spacing))))  # fmt: skip
+    return (
+        int(math.ceil(ext[0] / spacing)) + 4,
+        int(math.ceil(ext[1] / spacing)) + 4,
+        max(2, int(math.floor(ext[2] / spacing))),
+    )
 
 
 def load_source(
@@ -276,14 +292,21 @@ def load_source(
             raise InputError(mask_path, "a label map needs its structure names (structures.csv)")
         mvol = load_volume(mask_path, dtype=None).to_canonical()
         if mvol.shape != vol.shape or not np.allclose(mvol.affine, vol.affine, atol=1e-3):
-            raise InputError(mask_path, f"label map is not on the CT's voxel grid (shape {mvol.shape} vs "
-                                        f"{vol.shape}, or the affines differ)")  # fmt: skip
+            raise InputError(
+                mask_path,
+                f"label map is not on the CT's voxel grid (shape {mvol.shape} vs "
+                f"{vol.shape}, or the affines differ)",
+            )
         seg = np.asarray(mvol.array)
         if not np.issubdtype(seg.dtype, np.integer) or seg.min() < 0 or seg.max() > 65535:
             raise InputError(mask_path, f"label map must hold integer labels 0..65535, got {seg.dtype}")
         lut = np.zeros(int(seg.max()) + 1, dtype=np.uint8)
-        for code, pattern in ((LABEL_LUNG, _LUNG_NAMES), (5, _BLOOD_NAMES), (LABEL_HEART, _HEART_NAMES),
-                              (LABEL_BONE, _BONE_NAMES)):  # fmt: skip
+        for code, pattern in (
+            (LABEL_LUNG, _LUNG_NAMES),
+            (5, _BLOOD_NAMES),
+            (LABEL_HEART, _HEART_NAMES),
+            (LABEL_BONE, _BONE_NAMES),
+        ):
             lut[[i for i in _ids(structures, pattern) if i < len(lut)]] = code
         classes = lut[seg]
         if not (classes == LABEL_LUNG).any():
@@ -309,7 +332,9 @@ def load_source(
     grid = prepare_ct(Volume(hu, vol.affine), sp, size)
     f_lung, f_heart, f_bone = (_resample_mask(m, vol.affine, sp, size) for m in (lung, heart, bone))
     # every mask is resampled from the full-resolution grid: prepare_ct centres its grid on the scan it gets
-    f_body = np.maximum(_resample_mask(body_full, vol.affine, sp, size), np.clip(f_lung + f_heart + f_bone, 0, 1))
+    f_body = np.maximum(
+        _resample_mask(body_full, vol.affine, sp, size), np.clip(f_lung + f_heart + f_bone, 0, 1)
+    )
     del body_full
     other = np.clip(f_body - f_lung - f_heart - f_bone, 0.0, None)
     fractions = np.stack([1.0 - f_body, other, f_lung, f_heart, f_bone]).astype(np.float32)
@@ -328,16 +353,28 @@ def load_source(
 
     stats = measure_anatomy(label, sp)
     if "lung_z_mm" not in stats:
-        raise InputError(mask_path or ct_path, f"no slice with more than {LUNG_SLICE_CM2} cm^2 of lung: "
-                                               "not a chest CT?")  # fmt: skip
+        raise InputError(
+            mask_path or ct_path, f"no slice with more than {LUNG_SLICE_CM2} cm^2 of lung: not a chest CT?"
+        )
     stats["lung_z_mm"] = [grid.affine[2, 3] + z for z in stats["lung_z_mm"]]  # world mm
     stats["fat_mm"] = _fat_thickness(hu_sub, body, lung[::2, ::2], sdf_sub, stats, sub_affine)
     if f_blood is not None and (f_blood > 0.5).any():
         stats["blood_hu"] = float(grid.array[f_blood > 0.5].mean())  # the source's enhanced blood pool
     centre = _thorax_centre(label, grid.affine)
     sid = source_id or _source_id(ct_path)
-    return Source(sid, ct_path, grid.array.astype(np.float32), label, fractions, f_blood, sdf, normal, grid.affine,
-                  centre, stats)  # fmt: skip
+    return Source(
+        sid,
+        ct_path,
+        grid.array.astype(np.float32),
+        label,
+        fractions,
+        f_blood,
+        sdf,
+        normal,
+        grid.affine,
+        centre,
+        stats,
+    )
 
 
 def labels_from_fractions(fractions: np.ndarray) -> np.ndarray:
@@ -403,7 +440,10 @@ def measure_anatomy(label: np.ndarray, spacing: Sequence[float]) -> dict:
     lung = label == LABEL_LUNG
     area = lung.sum(axis=(0, 1)) * sx * sy
     ks = np.flatnonzero(area > LUNG_SLICE_CM2 * 100.0)
-    out: dict = {"lung_volume_l": float(lung.sum() * sx * sy * sz / 1e6), "lung_height_mm": float(len(ks) * sz)}
+    out: dict = {
+        "lung_volume_l": float(lung.sum() * sx * sy * sz / 1e6),
+        "lung_height_mm": float(len(ks) * sz),
+    }
     if len(ks) == 0:
         return out
     kz = int(round((ks[0] + ks[-1]) / 2))
@@ -518,7 +558,8 @@ def generate_case(
     f_src, delta = max(st["fat_mm"], 1.0), params["fat_delta_mm"]
     if abs(delta) > 1e-6:
         s = ndimage.map_coordinates(source.sdf, vox, order=1, mode="nearest")
-        s_src = np.where(s > delta, s - delta, np.where(s > -f_src, -f_src + (s + f_src) * f_src / (f_src + delta), s))
+        shell = -f_src + (s + f_src) * f_src / (f_src + delta)
+        s_src = np.where(s > delta, s - delta, np.where(s > -f_src, shell, s))
         move = s - s_src
         for a in range(2):
             n = ndimage.map_coordinates(source.normal[a], vox, order=1, mode="nearest")
@@ -526,18 +567,20 @@ def generate_case(
 
     hu = ndimage.map_coordinates(source.hu, vox, order=1, mode="nearest").reshape(size)
     # labels: the largest interpolated class fraction, so they share the HU's interpolation weights
-    label = labels_from_fractions(
-        np.stack([ndimage.map_coordinates(f, vox, order=1, mode="nearest") for f in source.fractions])
-    ).reshape(size)
-    lung = label == LABEL_LUNG
-    hu[lung] = -1000.0 + (hu[lung] + 1000.0) / stretch  # lung mass conserved: density scales by 1 / stretch
+    fractions = np.stack([ndimage.map_coordinates(f, vox, order=1, mode="nearest") for f in source.fractions])
+    label = labels_from_fractions(fractions).reshape(size)
+    # lung mass conserved: the lung part of each voxel has its density (HU + 1000) scaled by 1 / stretch
+    f_lung = fractions[LABEL_LUNG].reshape(size)
+    hu += f_lung * (np.maximum(hu, -1000.0) + 1000.0) * (1.0 / stretch - 1.0)
     if source.blood is not None and params.get("contrast") is not None:
         blood = ndimage.map_coordinates(source.blood, vox, order=1, mode="nearest").reshape(size)
         hu -= blood * (1.0 - params["contrast"]) * (hu - HU_BLOOD)
     if params["noise_hu"] > 0:
         hu += np.random.default_rng(list(noise_seed)).normal(0.0, params["noise_hu"], size).astype(np.float32)
     np.clip(hu, *HU_CLIP, out=hu)
-    return Volume.from_spacing(hu.astype(np.float32), (spacing,) * 3), Volume.from_spacing(label, (spacing,) * 3)
+    return Volume.from_spacing(hu.astype(np.float32), (spacing,) * 3), Volume.from_spacing(
+        label, (spacing,) * 3
+    )
 
 
 def _source_geometry(source: Source) -> None:
@@ -550,8 +593,11 @@ def _source_geometry(source: Source) -> None:
     heart = source.label == LABEL_HEART
     if heart.any():
         i, j, k = np.nonzero(heart)
-        st["heart_centre"] = [float(x[i].mean() - source.centre[0]), float(y[j].mean() - source.centre[1]),
-                              float(z[k].mean() - source.centre[2])]  # fmt: skip
+        st["heart_centre"] = [
+            float(x[i].mean() - source.centre[0]),
+            float(y[j].mean() - source.centre[1]),
+            float(z[k].mean() - source.centre[2]),
+        ]
         vol_mm3 = heart.sum() * float(np.prod(np.abs(np.diag(source.affine)[:3])))
         st["heart_radius_mm"] = float((3 * vol_mm3 / (4 * math.pi)) ** (1 / 3))
 
@@ -592,7 +638,8 @@ def make_cohort(
         size, spacing: output grid, ``size``^3 voxels of ``spacing`` mm (64 at 5 mm: a 320 mm field).
         drr_pixels, geometry: detector size and DRR geometry preset (``common.drr``).
         sources: CT files (default: the example CT LIDC-IDRI-0001 with its TotalSegmentator labels).
-        masks: one TotalSegmentator label map per source ("" or None: derive by HU); ``structures`` names them.
+        masks: one TotalSegmentator label map per source ("" or None: derive by HU); ``structures`` (its
+            structures.csv) names the labels.
         seed: same seed and settings, same cohort.
         val_fraction, test_fraction: split fractions (groups: sources when several, else generated patients).
         previews: generated cases drawn in ``preview.png`` beside the source (0: none).
@@ -606,23 +653,35 @@ def make_cohort(
     root = Path(root)
     n_cases, size, spacing, drr_pixels = int(n_cases), int(size), float(spacing), int(drr_pixels)
     if n_cases < 1 or size < 8 or not (math.isfinite(spacing) and spacing > 0) or drr_pixels < 8:
-        raise InputError(None, f"need n_cases >= 1, size >= 8, spacing > 0, drr_pixels >= 8; got "
-                               f"{n_cases}, {size}, {spacing}, {drr_pixels}")  # fmt: skip
+        raise InputError(
+            None,
+            f"need n_cases >= 1, size >= 8, spacing > 0, drr_pixels >= 8; got "
+            f"{n_cases}, {size}, {spacing}, {drr_pixels}",
+        )
     source_list, mask_list, names = _resolve_sources(sources, masks, structures, cache_dir)
     settings = {
-        "format": FORMAT_VERSION, "n_sources": len(source_list), "size": size, "spacing": spacing,
-        "drr_pixels": drr_pixels, "geometry": geometry, "seed": int(seed), "remove_outside": bool(remove_outside),
+        "format": FORMAT_VERSION,
+        "n_sources": len(source_list),
+        "size": size,
+        "spacing": spacing,
+        "drr_pixels": drr_pixels,
+        "geometry": geometry,
+        "seed": int(seed),
+        "remove_outside": bool(remove_outside),
         "sources": [_file_digest(s) for s in source_list],
         "masks": [None if m is None else _file_digest(m) for m in mask_list],
-    }  # fmt: skip
+    }
     fp = _fingerprint(settings)
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / SETTINGS_FILE
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
         if old.get("fingerprint") != fp:
-            raise InputError(settings_path, "this folder holds a cohort made with other settings "
-                                            f"({old.get('settings')}); delete it or choose another root")  # fmt: skip
+            raise InputError(
+                settings_path,
+                "this folder holds a cohort made with other settings "
+                f"({old.get('settings')}); delete it or choose another root",
+            )
     else:
         atomic_write_text(settings_path, json.dumps({"settings": settings, "fingerprint": fp}, indent=2))
 
@@ -630,8 +689,13 @@ def make_cohort(
 
     def get_source(k: int) -> Source:
         if k not in loaded:
-            src = load_source(source_list[k], spacing, mask_list[k], names if mask_list[k] else None,
-                              remove_outside=remove_outside)  # fmt: skip
+            src = load_source(
+                source_list[k],
+                spacing,
+                mask_list[k],
+                names if mask_list[k] else None,
+                remove_outside=remove_outside,
+            )
             _source_geometry(src)
             loaded[k] = src
         return loaded[k]
@@ -645,8 +709,11 @@ def make_cohort(
         folder = root / case
         meta_path = folder / CASE_FILE
         meta = _read_meta(meta_path)
-        done = meta is not None and meta.get("fingerprint") == fp and all(
-            (folder / f).is_file() for f in ("ct.nii.gz", "pa.nii.gz", "lateral.nii.gz", LABEL_FILE))
+        done = (
+            meta is not None
+            and meta.get("fingerprint") == fp
+            and all((folder / f).is_file() for f in ("ct.nii.gz", "pa.nii.gz", "lateral.nii.gz", LABEL_FILE))
+        )
         if not done:
             src = get_source(k)
             rng = np.random.default_rng([int(seed), k, i])
@@ -658,8 +725,14 @@ def make_cohort(
             save_volume(label, folder / LABEL_FILE)
             write_case(root, case, ct, geometry, drr_pixels)
             measured = measure_anatomy(label.array, label.spacing)
-            meta = {"fingerprint": fp, "source": source_ids[k], "source_path": source_list[k],
-                    "patient": case, "parameters": params, "measured": measured}  # fmt: skip
+            meta = {
+                "fingerprint": fp,
+                "source": source_ids[k],
+                "source_path": source_list[k],
+                "patient": case,
+                "parameters": params,
+                "measured": measured,
+            }
             atomic_write_text(meta_path, json.dumps(meta, indent=2))
             timings["generate"] += t1 - t0
             timings["write"] += time.perf_counter() - t1
@@ -683,9 +756,20 @@ def make_cohort(
         "labels": {str(v): n for v, n in LABEL_NAMES.items()},
         "source_stats": {k: stats[k] for k in source_ids if k in stats},
     }
-    path = write_datalist(root, entries, (spacing,) * 3, (size,) * 3, geometry, drr_pixels, val_fraction,
-                          test_fraction, seed, splits=splits, extra=extra,
-                          description=f"xray2ct cohort from real CTs (data_prep.cohort, seed {seed})")  # fmt: skip
+    path = write_datalist(
+        root,
+        entries,
+        (spacing,) * 3,
+        (size,) * 3,
+        geometry,
+        drr_pixels,
+        val_fraction,
+        test_fraction,
+        seed,
+        splits=splits,
+        extra=extra,
+        description=f"xray2ct cohort from real CTs (data_prep.cohort, seed {seed})",
+    )
     if previews > 0 and (loaded or not (root / PREVIEW_FILE).is_file()):
         _write_preview(root, entries[: int(previews)], loaded.get(0), spacing, size)
     if timings["generate"]:
@@ -737,8 +821,10 @@ def _resolve_sources(sources, masks, structures, cache_dir):
     else:
         mask_list = [masks] if isinstance(masks, (str, os.PathLike)) else list(masks)
         if len(mask_list) != len(source_list):
-            raise InputError(None, f"{len(mask_list)} masks for {len(source_list)} sources: give one per source "
-                                   "('' for none)")  # fmt: skip
+            raise InputError(
+                None,
+                f"{len(mask_list)} masks for {len(source_list)} sources: give one per source ('' for none)",
+            )
         mask_list = [os.fspath(require_file(m)) if m else None for m in mask_list]
     names = None
     if any(mask_list):
@@ -748,9 +834,18 @@ def _resolve_sources(sources, masks, structures, cache_dir):
     return source_list, mask_list, names
 
 
-IDENTITY = {"fat_delta_mm": 0.0, "scale": [1.0, 1.0, 1.0], "diaphragm_mm": 0.0, "heart_scale": [1.0, 1.0, 1.0],
-            "heart_shift_mm": [0.0, 0.0, 0.0], "yaw_deg": 0.0, "roll_deg": 0.0, "table_shift_mm": [0.0, 0.0, 0.0],
-            "contrast": None, "noise_hu": 0.0}  # fmt: skip
+IDENTITY = {
+    "fat_delta_mm": 0.0,
+    "scale": [1.0, 1.0, 1.0],
+    "diaphragm_mm": 0.0,
+    "heart_scale": [1.0, 1.0, 1.0],
+    "heart_shift_mm": [0.0, 0.0, 0.0],
+    "yaw_deg": 0.0,
+    "roll_deg": 0.0,
+    "table_shift_mm": [0.0, 0.0, 0.0],
+    "contrast": None,
+    "noise_hu": 0.0,
+}
 
 
 def _write_preview(root: Path, entries, source: Source | None, spacing: float, size: int) -> str:
@@ -760,7 +855,9 @@ def _write_preview(root: Path, entries, source: Source | None, spacing: float, s
 
     volumes = {}
     if source is not None:
-        volumes[f"source {source.id} (no variation)"] = generate_case(source, IDENTITY, (size,) * 3, spacing, (0,))[0]
+        volumes[f"source {source.id} (no variation)"] = generate_case(
+            source, IDENTITY, (size,) * 3, spacing, (0,)
+        )[0]
     for e in entries:
         volumes[e["id"]] = load_volume(root / e["ct"])
     first = entries[0]
@@ -782,7 +879,9 @@ def _path_list(value):
     text = os.fspath(value).strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    return [p.strip().strip("'\"") for p in text.split(",")] if "," in text or text != os.fspath(value) else text
+    return (
+        [p.strip().strip("'\"") for p in text.split(",")] if "," in text or text != os.fspath(value) else text
+    )
 
 
 def main(root: str, **kwargs) -> str:

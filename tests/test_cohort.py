@@ -23,9 +23,15 @@ SIZE, SPACING, DRR = 32, 10.0, 32
 # phantom structure -> TotalSegmentator id (structures.csv below); arteries stand for an enhanced vessel
 PHANTOM_IDS = {"lungs": 10, "heart": 51, "pulmonary_arteries": 52, "spine": 33, "ribs": 95}
 STRUCTURES = "group,original_idx,structure,id\n" + "\n".join(
-    f"x,{i},{name},{i}" for name, i in
-    [("lung_upper_lobe_left", 10), ("heart", 51), ("aorta", 52), ("vertebrae_T11", 33), ("rib_left_4", 95)]
-)  # fmt: skip
+    f"x,{i},{name},{i}"
+    for name, i in [
+        ("lung_upper_lobe_left", 10),
+        ("heart", 51),
+        ("aorta", 52),
+        ("vertebrae_T11", 33),
+        ("rib_left_4", 95),
+    ]
+)
 
 
 def _phantom_source(folder, seed: int, with_mask: bool = True) -> dict:
@@ -58,8 +64,18 @@ def small_cohort(tmp_path_factory, sources) -> dict:
     """6 cases from one phantom source, 32^3 at 10 mm, 32^2 DRRs."""
     root = tmp_path_factory.mktemp("cohort") / "data"
     src = sources[1]
-    path = cohort.make_cohort(root, n_cases=6, size=SIZE, spacing=SPACING, drr_pixels=DRR, sources=[src["ct"]],
-                              masks=[src["mask"]], structures=src["structures"], seed=3, previews=2)  # fmt: skip
+    path = cohort.make_cohort(
+        root,
+        n_cases=6,
+        size=SIZE,
+        spacing=SPACING,
+        drr_pixels=DRR,
+        sources=[src["ct"]],
+        masks=[src["mask"]],
+        structures=src["structures"],
+        seed=3,
+        previews=2,
+    )
     return {"root": root, "datalist": json.loads(open(path).read()), "path": path}
 
 
@@ -124,8 +140,9 @@ def test_measured_habitus_follows_the_drawn_parameters(small_cohort):
 
 
 def test_labels_sit_on_the_anatomy(small_cohort):
-    """An outside voxel is at most half tissue: HU <= (-1000 + 40) / 2 = -480 for soft tissue, (-1000 + 800) / 2
-    = -100 where a rib touches the skin, before noise (phantom 10 HU plus at most 10 HU added: 4 sigma = 57 HU).
+    """An outside voxel is at most half tissue: HU <= (-1000 + 40) / 2 = -480 for soft tissue,
+    (-1000 + 800) / 2 = -100 where a rib touches the skin, before noise (phantom 10 HU plus at most 10 HU
+    added: 4 sigma = 57 HU).
     Lung voxels at the 10 mm border mix with the chest wall, hence "mostly"."""
     root = small_cohort["root"]
     for e in _cases(small_cohort["datalist"]):
@@ -152,8 +169,17 @@ def test_deterministic_by_seed(sources, tmp_path):
 
 def test_same_seed_same_files_and_resume(sources, tmp_path, monkeypatch):
     src = sources[1]
-    kw = dict(n_cases=3, size=SIZE, spacing=SPACING, drr_pixels=DRR, sources=[src["ct"]], masks=[src["mask"]],
-              structures=src["structures"], seed=5, previews=0)  # fmt: skip
+    kw = dict(
+        n_cases=3,
+        size=SIZE,
+        spacing=SPACING,
+        drr_pixels=DRR,
+        sources=[src["ct"]],
+        masks=[src["mask"]],
+        structures=src["structures"],
+        seed=5,
+        previews=0,
+    )
     cohort.make_cohort(tmp_path / "a", **kw)
 
     calls = {"n": 0}
@@ -176,16 +202,29 @@ def test_same_seed_same_files_and_resume(sources, tmp_path, monkeypatch):
     assert first.stat().st_mtime_ns == stamp
     for case in ("chest1_0000", "chest1_0001", "chest1_0002"):
         for name in ("ct.nii.gz", "label.nii.gz", "pa.nii.gz", "lateral.nii.gz"):
-            assert np.array_equal(_load(tmp_path / "a", f"{case}/{name}"), _load(tmp_path / "b", f"{case}/{name}"))
+            assert np.array_equal(
+                _load(tmp_path / "a", f"{case}/{name}"), _load(tmp_path / "b", f"{case}/{name}")
+            )
     with pytest.raises(InputError, match=cohort.SETTINGS_FILE):  # same folder, other settings: refused
         cohort.make_cohort(tmp_path / "b", **{**kw, "seed": 6})
 
 
 def test_several_sources_split_by_source(sources, tmp_path):
     s1, s2 = sources[1], sources[2]
-    path = cohort.make_cohort(tmp_path, n_cases=8, size=SIZE, spacing=SPACING, drr_pixels=DRR,
-                              sources=[s1["ct"], s2["ct"]], masks=[s1["mask"], ""], structures=s1["structures"],
-                              val_fraction=0.0, test_fraction=0.5, seed=0, previews=0)  # fmt: skip
+    path = cohort.make_cohort(
+        tmp_path,
+        n_cases=8,
+        size=SIZE,
+        spacing=SPACING,
+        drr_pixels=DRR,
+        sources=[s1["ct"], s2["ct"]],
+        masks=[s1["mask"], ""],
+        structures=s1["structures"],
+        val_fraction=0.0,
+        test_fraction=0.5,
+        seed=0,
+        previews=0,
+    )
     d = json.loads(open(path).read())
     assert d["same_source"] is False and d["sources"] == ["chest1", "chest2"]
     split_of: dict[str, set] = {}
@@ -218,8 +257,11 @@ def test_errors_name_the_file(sources, tmp_path):
 
 def test_within_stays_inside_the_bounds():
     rng = np.random.default_rng(0)
-    for src, warp, bounds in [(300.0, 30.0, (278.0, 354.0)), (250.0, 25.0, (197.0, 251.0)),
-                              (20.0, 8.0, (7.0, 21.0))]:  # fmt: skip
+    for src, warp, bounds in [
+        (300.0, 30.0, (278.0, 354.0)),
+        (250.0, 25.0, (197.0, 251.0)),
+        (20.0, 8.0, (7.0, 21.0)),
+    ]:
         v = [cohort._within(rng, src, warp, bounds) for _ in range(200)]
         assert min(v) >= max(bounds[0], src - warp) and max(v) <= min(bounds[1], src + warp)
     assert cohort._within(rng, 400.0, 30.0, (278.0, 354.0)) == 370.0  # outside: moves towards the range
@@ -232,17 +274,44 @@ def test_cli(sources, tmp_path):
     import sys
 
     s1, s2 = sources[1], sources[2]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    args = [sys.executable, "-m", "data_prep.cohort", str(tmp_path), "--n_cases", "2", "--size", "16",
-            "--spacing", "20", "--drr_pixels", "16", "--sources", f"[{s1['ct']},{s2['ct']}]",
-            "--masks", f"[{s1['mask']},'']", "--structures", s1["structures"], "--previews", "0"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep.cohort",
+        str(tmp_path),
+        "--n_cases",
+        "2",
+        "--size",
+        "16",
+        "--spacing",
+        "20",
+        "--drr_pixels",
+        "16",
+        "--sources",
+        f"[{s1['ct']},{s2['ct']}]",
+        "--masks",
+        f"[{s1['mask']},'']",
+        "--structures",
+        s1["structures"],
+        "--previews",
+        "0",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     d = json.loads((tmp_path / "dataset.json").read_text())
     assert sorted(e["source"] for e in _cases(d)) == ["chest1", "chest2"] and d["same_source"] is False
-    bad = subprocess.run(args[:4] + ["--sources", str(tmp_path / "nope.nii.gz")], capture_output=True, text=True,
-                         timeout=300, env=env)  # fmt: skip
+    bad = subprocess.run(
+        args[:4] + ["--sources", str(tmp_path / "nope.nii.gz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert bad.returncode != 0 and "nope.nii.gz" in bad.stderr
 
 
@@ -252,10 +321,16 @@ def test_a_bundle_trains_from_the_cohort(small_cohort, tmp_path):
     from monai.bundle import run
 
     configs = os.path.join(os.path.dirname(__file__), "..", "bundles", "perx2ct", "configs")
-    run("training", config_file=[os.path.join(configs, "train.json"), os.path.join(configs, "cpu_tiny.json")],
-        meta_file=os.path.join(configs, "metadata.json"), logging_file=os.path.join(configs, "logging.conf"),
-        max_epochs=1, dataset_dir=str(small_cohort["root"]), bundle_root=str(tmp_path / "b"),
-        output_dir=str(tmp_path / "out"))  # fmt: skip
+    run(
+        "training",
+        config_file=[os.path.join(configs, "train.json"), os.path.join(configs, "cpu_tiny.json")],
+        meta_file=os.path.join(configs, "metadata.json"),
+        logging_file=os.path.join(configs, "logging.conf"),
+        max_epochs=1,
+        dataset_dir=str(small_cohort["root"]),
+        bundle_root=str(tmp_path / "b"),
+        output_dir=str(tmp_path / "out"),
+    )
     assert (tmp_path / "b" / "models" / "model.pt").is_file()
 
 
