@@ -353,3 +353,30 @@ def test_real_ct_cohort(example_ct, tmp_path):
         assert np.median(hu[label == LABEL_BONE]) > 150
         outside = hu[label == LABEL_OUTSIDE]  # the table is removed (remove_outside)
         assert np.mean(outside < -400) > 0.97 and np.median(outside) < -900
+
+
+def test_contrast_and_inflation_change_what_they_say(sources):
+    """Unenhanced: the blood pool goes to 40 HU (phantom arteries 350 HU, no noise added here); a deeper
+    breath (diaphragm lower) makes the lungs taller by the drawn amount, to +-1 voxel at each end, and their
+    density lower by mass conservation."""
+    src = sources[1]
+    source = cohort.load_source(src["ct"], SPACING, src["mask"], cohort.read_structures(src["structures"]))
+    cohort._source_geometry(source)
+    base = {**cohort.IDENTITY, "contrast": 1.0}
+    same = cohort.generate_case(source, base, (SIZE,) * 3, SPACING, (0,))[0].array
+    plain = cohort.generate_case(source, {**base, "contrast": 0.0}, (SIZE,) * 3, SPACING, (0,))[0].array
+    again = cohort.generate_case(source, base, (SIZE,) * 3, SPACING, (0,))
+    assert source.blood is not None and source.blood.max() > 0.5
+    # where the enhanced case shows contrast and the unenhanced one does not, the latter is near 40 HU
+    vessel = (same > 200) & (plain < same - 100)
+    assert vessel.any() and abs(float(np.median(plain[vessel])) - cohort.HU_BLOOD) < 60
+    assert np.array_equal(same, again[0].array)  # contrast 1.0 and no noise: the source as it is
+
+    deep = {**base, "diaphragm_mm": 15.0}
+    ct_deep, lab_deep = cohort.generate_case(source, deep, (SIZE,) * 3, SPACING, (0,))
+    lab_same = cohort.generate_case(source, base, (SIZE,) * 3, SPACING, (0,))[1].array
+    h0 = cohort.measure_anatomy(lab_same, (SPACING,) * 3)["lung_height_mm"]
+    h1 = cohort.measure_anatomy(lab_deep.array, (SPACING,) * 3)["lung_height_mm"]
+    assert abs((h1 - h0) - 15.0) <= 2 * SPACING
+    lung = (lab_same == LABEL_LUNG) & (lab_deep.array == LABEL_LUNG)
+    assert np.median(ct_deep.array[lung]) < np.median(same[lung])
