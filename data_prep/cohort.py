@@ -99,20 +99,17 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from common.anatomy import ANATOMY_LABELS
 from common.atomic import atomic_write_text
 from common.errors import InputError, require_file
 from common.io import load_volume, save_volume
 from common.volume import Volume
 
-# Label values (common.anatomy.ANATOMY_LABELS defines the same).
-LABEL_OUTSIDE, LABEL_BODY, LABEL_LUNG, LABEL_HEART, LABEL_BONE = 0, 1, 2, 3, 4
-LABEL_NAMES = {
-    LABEL_OUTSIDE: "outside",
-    LABEL_BODY: "body",
-    LABEL_LUNG: "lung",
-    LABEL_HEART: "heart",
-    LABEL_BONE: "bone",
-}
+# Label values: the one convention of common.anatomy (label maps travel with the CTs to the anatomy metrics).
+LABEL_OUTSIDE, LABEL_BODY, LABEL_LUNG, LABEL_HEART, LABEL_BONE = (
+    ANATOMY_LABELS[name] for name in ("outside", "body", "lung", "heart", "bone")
+)
+LABEL_NAMES = {value: name for name, value in ANATOMY_LABELS.items()}
 
 # Spread (see the module docstring for the sources).
 BODY_WIDTH_MM = (278.0, 354.0)
