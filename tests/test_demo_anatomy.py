@@ -118,3 +118,27 @@ def test_pe_generated_ct_row_runs_end_to_end(tmp_path, monkeypatch):
     assert report["source"].startswith("generated CTPA") and "xray_only" in report["comparisons"]
     assert sorted(gen["case_ids"]) == sorted(e["id"] for e in real["test"])
     assert "generated-CT classifier" in demo.format_generated(gen)
+
+
+def test_learning_benchmark_has_64_rows_with_cpu_64_overlays_at_a_320_mm_field():
+    """Issue 21 item 3: perx2ct, progressive_cascade and latent_ddpm (with its VQ-GAN) at 64^3 / 5 mm with
+    X-rays >= 128^2, on the cohort and on phantoms; each overlay names sizes that fit those datasets."""
+    from benchmarks import learning
+
+    for data, settings in (("cohort64", learning.COHORT64), ("phantoms64", learning.PHANTOMS64)):
+        assert settings["size"] == 64 and settings["spacing"] * settings["size"] == 320.0
+        assert settings["drr_pixels"] >= 128 and settings["geometry"] == "perx2ct"
+        for model in ("perx2ct", "cascade", "vqgan", "latent_ddpm"):
+            assert f"{model}_{data}" in learning.ROWS
+        assert learning.NEEDS_VQGAN[f"latent_ddpm_{data}"] == f"vqgan_{data}"
+        assert learning.ROWS.index(f"vqgan_{data}") < learning.ROWS.index(f"latent_ddpm_{data}")
+    overlays = {b: json.loads((REPO / "bundles" / b / "configs" / "cpu_64.json").read_text())
+                for b in ("perx2ct", "progressive_cascade", "vqgan_3d_patch", "latent_ddpm")}  # fmt: skip
+    assert overlays["perx2ct"]["volume_size"] == 64 and overlays["perx2ct"]["image_size"] >= 128
+    assert overlays["progressive_cascade"]["volume_sizes"][-1] == 64
+    assert overlays["progressive_cascade"]["xray_size"] >= 128
+    assert overlays["progressive_cascade"]["feature_sizes"][-1] == overlays["progressive_cascade"]["xray_size"]
+    assert overlays["vqgan_3d_patch"]["val_roi_size"] == [64, 64, 64]
+    assert overlays["latent_ddpm"]["vqgan_roi"] == [64, 64, 64] and overlays["latent_ddpm"]["xray_size"] >= 128
+    for name in ("num_embeddings", "embedding_dim"):  # the latent model decodes with the cpu_64 VQ-GAN
+        assert overlays["latent_ddpm"][f"vqgan_def#{name}"] == overlays["vqgan_3d_patch"][name]
