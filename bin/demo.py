@@ -309,15 +309,20 @@ def format_baselines(r: dict) -> str:
     """Model vs each baseline (PSNR difference and lung Dice difference with 95 % intervals) and the anatomy."""
     unit = "dB" if r["metric"].startswith("psnr") else ""
     a = r.get("anatomy") or {}
-    lines = [f"{'':<21}anatomy of the model: lung Dice {_fmt(a.get('lung_dice'), '.3f')}, body Dice "
-             f"{_fmt(a.get('body_dice'), '.3f')}, heart centroid error {_fmt(a.get('heart_centroid_error_mm'), '.1f')} mm"]  # fmt: skip
+    lines = []
+    if any(v is not None for v in a.values()):  # the VQ-GAN (CT -> CT) has no anatomy metrics
+        lines.append(f"{'':<21}anatomy of the model: lung Dice {_fmt(a.get('lung_dice'), '.3f')}, body Dice "
+                     f"{_fmt(a.get('body_dice'), '.3f')}, heart centroid error "
+                     f"{_fmt(a.get('heart_centroid_error_mm'), '.1f')} mm")  # fmt: skip
     for name, b in r["baselines"].items():
+        anatomy = any(b.get(k) is not None for k in ANATOMY_KEYS)
         lines.append(
             f"{'':<21}vs {name:<22} {r['metric']} {_fmt(b.get(r['metric']), '.3f')}{unit}, model - baseline "
-            f"{_fmt_ci(b.get('difference_ci'))}{unit}; lung Dice {_fmt(b.get('lung_dice'), '.3f')} (diff "
-            f"{_fmt_ci(b.get('lung_dice_difference_ci'), 3)}), body Dice {_fmt(b.get('body_dice'), '.3f')}, heart "
-            f"centroid {_fmt(b.get('heart_centroid_error_mm'), '.1f')} mm"
-        )
+            f"{_fmt_ci(b.get('difference_ci'))}{unit}"
+            + (f"; lung Dice {_fmt(b.get('lung_dice'), '.3f')} (diff {_fmt_ci(b.get('lung_dice_difference_ci'), 3)}), "
+               f"body Dice {_fmt(b.get('body_dice'), '.3f')}, heart centroid "
+               f"{_fmt(b.get('heart_centroid_error_mm'), '.1f')} mm" if anatomy else "")
+        )  # fmt: skip
     if r.get("same_source"):
         lines.append(f"{'':<21}same-source: {r.get('same_source_note')}")
     elif r.get("same_source_note"):
