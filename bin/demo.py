@@ -12,9 +12,11 @@ Data (per-patient splits; no case is in two splits):
   progressive_cascade, latent_ddpm) train on it. All cases share one source patient, so every report says
   **same-source** (the test cases share that patient's vessels and textures: the figure measures how well
   the X-rays steer the shape; the phantom rows of ``benchmarks/learning.py`` are the cross-source check).
-  Size: 32^3 is the largest that fits the 15-minute budget on 2 cores (the demo at 32^3 takes about 6-8
-  minutes on an idle machine; the X-ray -> CT training cost grows with the voxels, 3.4x at 48^3 and 8x at
-  64^3, which ``benchmarks/learning.py`` runs instead);
+  Size: 32^3 is the largest that fits the 15-minute budget on 2 cores (measured 5.6 minutes for the 32^3
+  phantom demo on an idle machine, docs/LEARNING.md, about 8 with the generated-CT PE row, estimated from the
+  per-bundle times; the X-ray -> CT training cost grows with the voxels, about 3.4x at 48^3, which would put
+  the perx2ct + progressive_cascade lane alone at about 16 minutes, and 8x at 64^3, which
+  ``benchmarks/learning.py`` runs instead);
 * ``phantoms_4d``: 64 phantom breathing cycles (32 training / 16 validation / 16 test) (4 phases, 32^3 at 12 mm): average CT -> end-inhale phase;
 * ``phantoms_pe``: CTPA crops (32^3 at 4 mm around the central pulmonary arteries) of 48 patients, each with
   and without 3 emboli (``data_prep.phantom.make_pe_dataset``): 24 training / 8 validation / 16 test patients.
