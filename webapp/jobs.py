@@ -257,6 +257,6 @@ class JobQueue:
             }
         if job.classifier is not None:
             self._stage(job, "PE classifier")
-            job.pe = job.classifier.assess(files["nifti"] if "ct" in job.classifier.api.needs else None, views[0])
+            job.pe = job.classifier.assess_volume(final, model.contrast_phase, files["nifti"], views[0], job.folder)
         job.stages, job.volume, job.files = stages, final, files
         job.drrs = job.stage_drrs.get(last, {})

@@ -14,6 +14,7 @@ perx2ct and progressive_cascade (which bundle a checkpoint belongs to comes from
     preview.png              middle axial/coronal/sagittal slices of every stage beside the input X-rays
     axial.gif                the final CT's axial slices
     drr.png                  the X-rays as the model saw them beside DRRs of the CT (what the score compares)
+    pe_input.nii.gz          the centred crop a PE classifier read, when it was trained on a smaller field of view
     report.json              written last: inputs, model, volumes, DRR consistency (+ mean-CT baseline), PE
 
 A case with a ``report.json`` is finished (every file is written atomically, the report last), so a killed
@@ -21,6 +22,9 @@ batch resumes where it stopped; a case that fails is listed with its reason in `
 ``errors.csv`` and the batch goes on. ``pipeline.json`` records the model, classifier and settings of an
 output folder: a rerun with others is refused (``--overwrite True`` redoes every case). Case names that are
 not plain file names are mapped to ``<sanitised>-<sha256[:12]>`` (:func:`common.datalist.safe_case_name`).
+A PE classifier trained on another contrast phase, field of view or a finer grid than the generated CT's is
+refused before any case runs (:func:`common.ct_domain.pe_input_plan`; the report's ``pe.input_grid`` says what
+was done).
 The layer that loads models (``xray2ct.models``) calls each bundle's ``scripts/inference.py`` API only.
 """
 
@@ -308,7 +312,7 @@ def run_case(
     lap("write")
     pe_result = None
     if pe is not None:
-        pe_result = pe.assess(ct_file if "ct" in pe.api.needs else None, views[0])
+        pe_result = pe.assess_volume(final, model.contrast_phase, ct_file, views[0], folder)
         lap("pe")
     preview_files = {}
     if previews:
@@ -503,6 +507,8 @@ def pipeline(
         raise InputError(None, "give either --pa (and --lateral) for one case or --inputs (folder or CSV)")
     model = load_model(checkpoint, bundle, _as_list(config), device, vqgan, baseline=bool(baseline))
     pe = load_pe_model(pe_checkpoint, (), device, pe_threshold_report) if pe_checkpoint else None
+    if pe is not None:
+        pe.check(model)  # no meaningless PE numbers: another contrast phase, field of view or a finer grid
     options = {"sampling_steps": sampling_steps, "guidance_scale": guidance_scale, "seed": seed}
     options = {k: v for k, v in options.items() if v is not None}
     if inputs is not None:

@@ -104,6 +104,7 @@ function scoreTable(table, scores, baseline, views) {
 
 function peText(pe) {
   if (!pe) return "";
+  if (pe.refused) return pe.refused;
   let text = `PE probability ${fmt(pe.probability, 3)} (${pe.input}`;
   if (pe.training_prevalence !== null && pe.training_prevalence !== undefined)
     text += `; training prevalence ${fmt(pe.training_prevalence, 2)}`;
