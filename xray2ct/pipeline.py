@@ -60,6 +60,7 @@ from xray2ct.models import (
     load_pe_model,
     score_against_inputs,
 )
+from xray2ct.preparation import PREPARATIONS, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def run_case(
     options: Mapping | None = None,
     previews: bool = True,
     progress=None,
+    preparation: str = "geometry",
 ) -> dict:
     """Reconstruct one case into ``<output_dir>/<safe case name>/`` and return its report (also written)."""
     suffix = FORMATS.get(str(fmt).lstrip("."))
@@ -295,7 +297,7 @@ def run_case(
 
     start = clock
     options = model.check_options(options)
-    views = model.preprocess(pa, lateral if model.needs_lateral else None)
+    views, prepared = prepare_inputs(model, pa, lateral, preparation)
     lap("preprocess")
     volumes = model.run(views, options, progress)
     lap("reconstruct")
@@ -336,6 +338,7 @@ def run_case(
         "inputs": {"pa": _input_info(pa), "lateral": _input_info(lateral if model.needs_lateral else None)},
         "model": {**model.fingerprint(), "views": list(model.views), "image_size": model.image_size},
         "options": options,
+        "preparation": prepared,
         "ct": _volume_info(final, ct_file),
         "stages": [
             {"name": n, **_volume_info(v, stage_files.get(n, ct_file)), "drr_consistency": stage_scores[n][0]}
@@ -357,7 +360,8 @@ def run_case(
 
 
 # ----------------------------------------------------------------------------------------------- batch
-def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mapping) -> dict:
+def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mapping,
+              preparation: str = "geometry") -> dict:  # fmt: skip
     return {
         "format": REPORT_FORMAT,
         "model": {"bundle": model.bundle, "sha256": model.sha256(), "checkpoint": model.checkpoint},
@@ -365,6 +369,7 @@ def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mappi
                                        "threshold": pe.api.threshold},  # fmt: skip
         "volume_format": fmt,
         "options": dict(options),
+        "preparation": preparation,
     }
 
 
@@ -376,7 +381,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool) -> None:
     if os.path.isfile(path) and not overwrite:
         with open(path) as f:
             previous = json.load(f)
-        keys = ("model", "pe", "volume_format", "options")
+        keys = ("model", "pe", "volume_format", "options", "preparation")
         differ = [k for k in keys if _without_paths(previous.get(k)) != _without_paths(settings.get(k))]
         if differ:
             raise InputError(
@@ -403,6 +408,7 @@ def run_batch(
     previews: bool = True,
     overwrite: bool = False,
     progress_bars: bool = True,
+    preparation: str = "geometry",
 ) -> dict:
     """Run every case (resumable); returns and writes the summary. Per-case errors never stop the batch."""
     if str(fmt).lstrip(".") not in FORMATS:
@@ -410,7 +416,9 @@ def run_batch(
     options = model.check_options(options)
     os.makedirs(output_dir, exist_ok=True)
     remove_partial_files(output_dir)  # leftovers of a killed run (an hour old: never a live writer's)
-    _check_settings(output_dir, _settings(model, pe, fmt, options), overwrite)
+    if preparation not in PREPARATIONS:
+        raise InputError(None, f"unknown --preparation {preparation!r}; choose from {PREPARATIONS}")
+    _check_settings(output_dir, _settings(model, pe, fmt, options, preparation), overwrite)
     names = [safe_case_name(c["case"]) for c in cases]
     rows, counts = [], {"cases": len(cases), "written": 0, "already_done": 0, "failed": 0}
     for item, name in tqdm(list(zip(cases, names)), desc="X-ray -> CT", unit="case", disable=not progress_bars):
@@ -426,7 +434,7 @@ def run_batch(
             bar = _step_bar(model, progress_bars)
             try:
                 run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt, options,
-                         previews, bar.update if bar else None)  # fmt: skip
+                         previews, bar.update if bar else None, preparation)  # fmt: skip
                 row["status"] = "written"
             except InputError as exc:
                 row.update(status="failed", error=str(exc))
@@ -495,13 +503,16 @@ def pipeline(
     previews: bool = True,
     baseline: bool = True,
     overwrite: bool = False,
+    preparation: str = "geometry",
 ) -> dict:
     """One case (``--pa``, ``--lateral``) or a batch (``--inputs`` folder or CSV) through one model.
 
     ``--config cpu_tiny`` (overlays of the bundle's inference.json) is checked against the checkpoint's
     record; ``--vqgan`` for latent_ddpm (default: the file its record names); ``--sampling_steps``,
     ``--guidance_scale``, ``--seed``: the diffusion's sampling (latent_ddpm only); ``--baseline False`` skips
-    averaging the training CTs for the baseline DRR score. Returns the batch summary.
+    averaging the training CTs for the baseline DRR score. ``--preparation geometry`` (default) maps each film
+    onto the training DRRs' scale (DICOM tags, else an estimate: the report's ``preparation`` says which);
+    ``legacy``: the centred square crop. Returns the batch summary.
     """
     if (pa is None) == (inputs is None):
         raise InputError(None, "give either --pa (and --lateral) for one case or --inputs (folder or CSV)")
@@ -517,7 +528,7 @@ def pipeline(
         if model.needs_lateral and lateral is None:
             raise InputError(pa, f"{model.bundle} needs a PA + lateral pair: give --lateral")
         cases = [{"case": case or case_name(pa), "pa": require_file(pa), "lateral": lateral}]
-    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite)
+    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite, preparation=preparation)
 
 
 @functools.wraps(pipeline)

@@ -1,0 +1,165 @@
+"""common.radiograph and the pipeline's ``preparation`` (issue 22, item 1): clinical films onto the training
+DRRs' scale. Films are the real ones of ``../shared/data/cxr``; a DICOM with spacing tags, MONOCHROME1, a
+collimated film, a burnt-in marker and an AP film are synthesised from them (no such files exist)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from common.drr import X2CTGAN, get_geometry
+from common.radiograph import (
+    ADULT_BODY_MM,
+    ADULT_THORAX_MM,
+    CLINICAL_SID_MM,
+    ISOCENTRE_TO_DETECTOR_MM,
+    collimation_box,
+    prepare_view,
+    read_tags,
+)
+
+GEOMETRY = X2CTGAN.resized(64)
+TRAINING_MM = float(np.mean(GEOMETRY.isocenter_pixel_spacing))  # 500 mm / 64 px / (949 / 541)
+
+
+@pytest.fixture(scope="module")
+def cxr(shared_data):
+    folder = shared_data / "cxr"
+    dicom = sorted((folder / "frontal").glob("*.dcm"))
+    png = folder / "frontal" / "00000001_000.png"
+    if not dicom or not png.is_file():
+        pytest.skip(f"real radiographs missing under {folder}")
+    pixels = pydicom.dcmread(dicom[0]).pixel_array[::2, ::2].astype(np.uint16) * 16  # 512^2, 12 bits
+    return {"dicom": dicom[0], "png": png, "pixels": pixels, "folder": folder}
+
+
+def _write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> str:
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+# tags -> (mm of patient per pixel at the isocentre, words of the scale source): 512 px at 0.8 mm = a 41 cm film
+PA_SID, AP_SID = CLINICAL_SID_MM["PA"], CLINICAL_SID_MM["AP"]
+DEPTH = ISOCENTRE_TO_DETECTOR_MM["pa"]
+SCALES = {
+    "ImagerPixelSpacing + magnification factor": (
+        {"ImagerPixelSpacing": [0.8, 0.8], "EstimatedRadiographicMagnificationFactor": 1.1, "ViewPosition": "PA"},
+        0.8 / 1.1, "EstimatedRadiographicMagnificationFactor"),
+    "ImagerPixelSpacing + SID": (
+        {"ImagerPixelSpacing": [0.8, 0.8], "DistanceSourceToDetector": 1500, "ViewPosition": "PA"},
+        0.8 * (1500 - DEPTH) / 1500, "DistanceSourceToDetector"),
+    "ImagerPixelSpacing alone: a typical PA film": (
+        {"ImagerPixelSpacing": [0.8, 0.8], "ViewPosition": "PA"}, 0.8 * (PA_SID - DEPTH) / PA_SID, "typical PA"),
+    "AP film: a portable's SID": (
+        {"ImagerPixelSpacing": [0.8, 0.8], "ViewPosition": "AP"}, 0.8 * (AP_SID - DEPTH) / AP_SID, "typical AP"),
+    "calibrated PixelSpacing": ({"PixelSpacing": [0.75, 0.75]}, 0.75, "DICOM PixelSpacing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SCALES))
+def test_dicom_tags_give_the_scale(name, cxr, tmp_path):
+    tags, mm, words = SCALES[name]
+    path = _write_dicom(tmp_path / "film.dcm", cxr["pixels"], **tags)
+    out, info = prepare_view(path, "pa", GEOMETRY, 64)
+    assert out.shape == (64, 64) and out.dtype == np.float32 and 0.0 <= out.min() < out.max() <= 1.0
+    assert words in info["scale_source"] and info["scale_source"].startswith("DICOM")
+    assert info["input_mm_per_pixel"] == pytest.approx(mm, rel=1e-12)
+    assert info["training_mm_per_pixel"] == pytest.approx(TRAINING_MM, rel=1e-12)
+    assert info["scale"] == pytest.approx(mm / TRAINING_MM, rel=1e-12)
+    assert any("AP film" in w for w in info["warnings"]) == (tags.get("ViewPosition") == "AP")
+    assert info["view_position"] == tags.get("ViewPosition")
+
+
+def test_the_real_cr_dicom_scale_is_implausible_and_estimated(cxr):
+    """Its PixelSpacing (0.168 mm) belongs to the full-size film, not its 1024^2 pixels: a 17 cm chest."""
+    assert read_tags(str(cxr["dicom"]))["PixelSpacing"] == pytest.approx([0.168, 0.168])
+    _, info = prepare_view(cxr["dicom"], "pa", GEOMETRY, 64)
+    assert info["scale_source"].startswith("estimate")
+    assert any("172 mm wide" in w for w in info["warnings"])
+
+
+def test_png_scale_is_estimated_from_the_body_or_lungs(cxr, shared_data):
+    _, info = prepare_view(cxr["png"], "pa", GEOMETRY, 64)
+    assert info["scale_source"].startswith("estimate")
+    fields = info["lung_fields"] if "lung" in info["scale_source"] else info["body"]
+    reference = ADULT_THORAX_MM if "lung" in info["scale_source"] else ADULT_BODY_MM["pa"]
+    assert fields["width_mm"] == pytest.approx(reference, rel=1e-9)
+    lateral = shared_data / "cxr" / "pairs" / "pneumocystis-pneumonia-2-L.png"
+    _, info = prepare_view(lateral, "lateral", GEOMETRY, 64)
+    assert info["scale_source"].startswith(("estimate", "assumed")) and info["view"] == "lateral"
+
+
+def test_monochrome1_prepares_like_monochrome2(cxr, tmp_path):
+    tags = {"ImagerPixelSpacing": [0.8, 0.8], "ViewPosition": "PA"}
+    mono2 = _write_dicom(tmp_path / "m2.dcm", cxr["pixels"], **tags)
+    mono1 = _write_dicom(tmp_path / "m1.dcm", 4095 - cxr["pixels"], "MONOCHROME1", **tags)
+    a, info_a = prepare_view(mono2, "pa", GEOMETRY, 64)
+    b, info_b = prepare_view(mono1, "pa", GEOMETRY, 64)
+    assert info_b["photometric"] == "MONOCHROME1"
+    # the inversion and min/max scaling are exact in float64; float32 rounding of [0, 1] values: 6e-8
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_collimation_border_is_cropped(cxr, tmp_path):
+    film = np.asarray(Image.open(cxr["png"]).convert("L"))
+    collimated = np.full((film.shape[0] + 70, film.shape[1] + 90), 250, dtype=np.uint8)  # collimator shadow
+    collimated[40 : 40 + film.shape[0], 50 : 50 + film.shape[1]] = film
+    Image.fromarray(collimated).save(tmp_path / "collimated.png")
+    gray = collimated.astype(np.float32) / 255
+    assert collimation_box(gray) == (40, 30, 50, 40)
+    a, info_a = prepare_view(cxr["png"], "pa", GEOMETRY, 64)
+    b, info_b = prepare_view(tmp_path / "collimated.png", "pa", GEOMETRY, 64)
+    assert info_b["collimation"] == {"top": 40, "bottom": 30, "left": 50, "right": 40}
+    np.testing.assert_array_equal(a, b)  # the same pixels after the crop: the same arithmetic
+
+
+def test_burnt_in_marker_is_filled(cxr, tmp_path):
+    film = np.asarray(Image.open(cxr["png"]).convert("L")).copy()
+    film[30:46, 400:404] = 255  # an "L": a vertical and a horizontal bar
+    film[42:46, 400:412] = 255
+    Image.fromarray(film).save(tmp_path / "marker.png")
+    _, info = prepare_view(tmp_path / "marker.png", "pa", GEOMETRY, 64)
+    assert info["markers_filled"] >= 16 * 4 + 4 * 8
+
+
+def test_pipeline_reports_the_preparation(tiny_models, shared_data, tmp_path):
+    from xray2ct import pipeline as pl
+
+    folder = shared_data / "cxr" / "pairs"
+    pa, lateral = folder / "pneumocystis-pneumonia-2-PA.png", folder / "pneumocystis-pneumonia-2-L.png"
+    for preparation in ("geometry", "legacy"):
+        out = tmp_path / preparation
+        pl.main(checkpoint=tiny_models["progressive_cascade"], pa=str(pa), lateral=str(lateral),
+                output_dir=str(out), baseline=False, previews=False, preparation=preparation)  # fmt: skip
+        block = json.loads((out / "pneumocystis-pneumonia-2" / "report.json").read_text())["preparation"]
+        assert block["method"] == preparation and set(block["views"]) == {"pa", "lateral"}
+        for info in block["views"].values():
+            assert info["scale_source"].startswith(("estimate", "assumed") if preparation == "geometry" else "none")
+    with pytest.raises(SystemExit, match="unknown --preparation"):
+        pl.main(checkpoint=tiny_models["progressive_cascade"], pa=str(pa), lateral=str(lateral),
+                output_dir=str(tmp_path / "x"), baseline=False, preparation="magic")  # fmt: skip
+
+
+def test_clinical_geometry_training_scale():
+    """A model trained on clinical DRRs sees the patient at 430 mm / 64 px / (1800 / 1640) per pixel."""
+    clinical = get_geometry("clinical").resized(64)
+    assert float(np.mean(clinical.isocenter_pixel_spacing)) == pytest.approx(430 / 64 / (1800 / 1640))
+    lateral = clinical.for_view("lateral")
+    assert float(np.mean(lateral.isocenter_pixel_spacing)) == pytest.approx(430 / 64 / (1500 / 1320))
