@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from common.drr import DRRGeometry
+from common.errors import InputError
 from common.xray import DICOM_SUFFIXES, check_pixel_count, load_xray, percentile_normalise
 
 # Adult chest breadth (PA: body width at mid-thorax) and depth (lateral), mm: rounded means of adult men and
@@ -319,3 +320,51 @@ def is_model_domain(source) -> bool:
         return os.fspath(source).lower().endswith((".nii", ".nii.gz"))
     return True
 
+
+
+# ----------------------------------------------------------------------------------------------- intensity
+QUANTILE_LEVELS = tuple(float(q) for q in np.linspace(0.0, 1.0, 101))  # every percentile, 0 and 100 included
+
+
+def drr_quantiles(datalist_file: str | os.PathLike, split: str = "training", max_cases: int = 200) -> dict | None:
+    """Per view, the intensity quantiles (:data:`QUANTILE_LEVELS`) of a datalist's DRRs, for a checkpoint record.
+
+    ``{"pa": [101 values in [0, 1]], "lateral": [...], "levels": "0..1 by 0.01", "n_cases"}``: the pooled
+    pixels of up to ``max_cases`` DRRs of ``split``; None when the datalist is absent or holds no DRR.
+    """
+    from common.datalist import load_split
+
+    if not datalist_file or not os.path.isfile(datalist_file):
+        return None
+    items = load_split(datalist_file, split)[: int(max_cases)]
+    out: dict = {}
+    for view in ("pa", "lateral"):
+        pixels = [load_xray(i[view])[0].ravel() for i in items if i.get(view)]
+        if pixels:
+            out[view] = [float(v) for v in np.quantile(np.concatenate(pixels), QUANTILE_LEVELS)]
+    if not out:
+        return None
+    return {**out, "levels": "0 to 1 by 0.01", "n_cases": len(items)}
+
+
+def match_quantiles(image: np.ndarray, quantiles) -> np.ndarray:
+    """Map ``image`` monotonically so its intensity quantiles are the reference's (training DRRs').
+
+    Each pixel's mid-rank empirical quantile is looked up in the reference quantile function (linear between
+    the stored percentiles): ties stay tied, the order of pixels is kept (a monotone map, so measures invariant
+    to monotone maps do not change).
+    """
+    reference = np.asarray(quantiles, dtype=np.float64)
+    if reference.ndim != 1 or reference.size < 2 or not np.all(np.isfinite(reference)):
+        raise InputError(None, "reference quantiles must be a finite 1D list")
+    values, inverse, counts = np.unique(image.ravel(), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - 0.5 * counts) / image.size
+    levels = np.linspace(0.0, 1.0, reference.size)
+    mapped = np.interp(ranks, levels, np.sort(reference))
+    return mapped[inverse].reshape(image.shape).astype(np.float32)
+
+
+def intensity_summary(image: np.ndarray) -> dict:
+    """5th, 50th, 95th percentiles and standard deviation: the contrast spread a report compares."""
+    p5, p50, p95 = np.percentile(image, (5, 50, 95))
+    return {"p5": float(p5), "p50": float(p50), "p95": float(p95), "std": float(np.std(image))}

@@ -163,3 +163,53 @@ def test_clinical_geometry_training_scale():
     assert float(np.mean(clinical.isocenter_pixel_spacing)) == pytest.approx(430 / 64 / (1800 / 1640))
     lateral = clinical.for_view("lateral")
     assert float(np.mean(lateral.isocenter_pixel_spacing)) == pytest.approx(430 / 64 / (1500 / 1320))
+
+
+def test_quantile_matching_takes_the_reference_distribution_and_keeps_the_order():
+    from common.radiograph import match_quantiles
+
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32) ** 3  # a skewed film
+    reference = np.linspace(0.2, 0.7, 101)  # a uniform DRR distribution on [0.2, 0.7]
+    out = match_quantiles(image, reference)
+    # 4096 distinct values: mid-rank quantiles (k + 0.5) / 4096 fall on the reference's linear pieces
+    expected = 0.2 + 0.5 * (np.argsort(np.argsort(image.ravel())) + 0.5) / image.size
+    np.testing.assert_allclose(out.ravel(), expected, atol=1e-6)  # float32 of values in [0, 1]
+    assert (np.argsort(out.ravel(), kind="stable") == np.argsort(image.ravel(), kind="stable")).all()
+
+
+def test_agreement_is_invariant_to_monotone_maps():
+    from common.agreement import agreement_scores, rank_correlation
+
+    rng = np.random.default_rng(1)
+    drr = rng.random((32, 32))
+    film = drr + 0.3 * rng.random((32, 32))
+    rho = rank_correlation(drr, film)
+    assert 0.5 < rho < 1.0
+    assert rank_correlation(drr, np.exp(3 * film) - 7) == pytest.approx(rho, abs=1e-12)  # ranks unchanged
+    assert rank_correlation(drr, -film) == pytest.approx(-rho, abs=1e-12)
+    scores = agreement_scores({"pa": drr}, np.stack([film, film]), ["pa", "lateral"])
+    assert scores == {"pa": pytest.approx(rho), "mean": pytest.approx(rho)}
+
+
+def test_pipeline_matches_intensity_to_the_recorded_drrs(tiny_models, shared_data, tmp_path):
+    from xray2ct import pipeline as pl
+
+    folder = shared_data / "cxr" / "pairs"
+    pa, lateral = folder / "pneumocystis-pneumonia-2-PA.png", folder / "pneumocystis-pneumonia-2-L.png"
+    reports = {}
+    for intensity in ("match", "none"):
+        out = tmp_path / intensity
+        pl.main(checkpoint=tiny_models["progressive_cascade"], pa=str(pa), lateral=str(lateral),
+                output_dir=str(out), previews=False, intensity=intensity)  # fmt: skip
+        reports[intensity] = json.loads((out / "pneumocystis-pneumonia-2" / "report.json").read_text())
+    matched = reports["match"]["preparation"]["intensity"]
+    assert matched["method"] == "quantile_match" and matched["reference"].endswith(" cases)")
+    assert reports["none"]["preparation"]["intensity"]["method"] == "none"
+    # the fixed reference does not move with the intensity preparation: the mean CT's DRRs ignore the inputs,
+    # so its agreement is identical whether the model's inputs were matched or not
+    for report in reports.values():
+        agreement = report["agreement"]
+        assert agreement["measure"] == "spearman_rank_correlation"
+        assert -1 <= agreement["ct"]["mean"] <= 1 and set(agreement["ct"]) == {"pa", "lateral", "mean"}
+    assert reports["match"]["agreement"]["mean_ct"] == reports["none"]["agreement"]["mean_ct"]

@@ -42,6 +42,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common.agreement import CONVENTION as AGREEMENT_CONVENTION
+from common.agreement import MEASURE as AGREEMENT_MEASURE
+from common.agreement import agreement_scores
 from common.atomic import atomic_path, atomic_write_text, remove_partial_files
 from common.checkpoint import file_sha256
 from common.datalist import safe_case_name
@@ -60,7 +63,7 @@ from xray2ct.models import (
     load_pe_model,
     score_against_inputs,
 )
-from xray2ct.preparation import PREPARATIONS, prepare_inputs
+from xray2ct.preparation import INTENSITIES, PREPARATIONS, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +267,7 @@ CONVENTIONS = {
     "(PA: patient's right on the left; lateral: anterior on the left)",
     "drr_consistency": DRR_SCORE_CONVENTION,
     "pe": PE_CONVENTION,
+    "agreement": AGREEMENT_CONVENTION,
 }
 
 
@@ -279,6 +283,7 @@ def run_case(
     previews: bool = True,
     progress=None,
     preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """Reconstruct one case into ``<output_dir>/<safe case name>/`` and return its report (also written)."""
     suffix = FORMATS.get(str(fmt).lstrip("."))
@@ -297,7 +302,7 @@ def run_case(
 
     start = clock
     options = model.check_options(options)
-    views, prepared = prepare_inputs(model, pa, lateral, preparation)
+    views, prepared, aligned = prepare_inputs(model, pa, lateral, preparation, intensity)
     lap("preprocess")
     volumes = model.run(views, options, progress)
     lap("reconstruct")
@@ -306,6 +311,7 @@ def run_case(
     stage_scores = {name: score_against_inputs(model, vol, views) for name, vol in volumes.items()}
     scores, drrs = stage_scores[names[-1]]
     baseline = baseline_scores(model, views)
+    agreement = _agreement(model, drrs, aligned)
     lap("drr_consistency")
     ct_file = save_volume(final, os.path.join(folder, "ct" + suffix))
     stage_files = {}
@@ -339,6 +345,7 @@ def run_case(
         "model": {**model.fingerprint(), "views": list(model.views), "image_size": model.image_size},
         "options": options,
         "preparation": prepared,
+        "agreement": agreement,
         "ct": _volume_info(final, ct_file),
         "stages": [
             {"name": n, **_volume_info(v, stage_files.get(n, ct_file)), "drr_consistency": stage_scores[n][0]}
@@ -359,9 +366,20 @@ def run_case(
     return report
 
 
+def _agreement(model: XrayToCTModel, drrs: Mapping[str, np.ndarray], aligned: np.ndarray) -> dict | None:
+    """The fixed-reference agreement of the CT and of the mean training CT (None without a DRR geometry)."""
+    if not drrs:
+        return None
+    mean_ct = None
+    if model.baseline and "volume" in model.baseline:
+        _, base_drrs = score_against_inputs(model, model.baseline["volume"], aligned)
+        mean_ct = agreement_scores(base_drrs, aligned, model.views)
+    return {"measure": AGREEMENT_MEASURE, "ct": agreement_scores(drrs, aligned, model.views), "mean_ct": mean_ct}
+
+
 # ----------------------------------------------------------------------------------------------- batch
 def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mapping,
-              preparation: str = "geometry") -> dict:  # fmt: skip
+              preparation: str = "geometry", intensity: str = "match") -> dict:  # fmt: skip
     return {
         "format": REPORT_FORMAT,
         "model": {"bundle": model.bundle, "sha256": model.sha256(), "checkpoint": model.checkpoint},
@@ -370,6 +388,7 @@ def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mappi
         "volume_format": fmt,
         "options": dict(options),
         "preparation": preparation,
+        "intensity": intensity,
     }
 
 
@@ -381,7 +400,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool) -> None:
     if os.path.isfile(path) and not overwrite:
         with open(path) as f:
             previous = json.load(f)
-        keys = ("model", "pe", "volume_format", "options", "preparation")
+        keys = ("model", "pe", "volume_format", "options", "preparation", "intensity")
         differ = [k for k in keys if _without_paths(previous.get(k)) != _without_paths(settings.get(k))]
         if differ:
             raise InputError(
@@ -409,6 +428,7 @@ def run_batch(
     overwrite: bool = False,
     progress_bars: bool = True,
     preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """Run every case (resumable); returns and writes the summary. Per-case errors never stop the batch."""
     if str(fmt).lstrip(".") not in FORMATS:
@@ -418,7 +438,9 @@ def run_batch(
     remove_partial_files(output_dir)  # leftovers of a killed run (an hour old: never a live writer's)
     if preparation not in PREPARATIONS:
         raise InputError(None, f"unknown --preparation {preparation!r}; choose from {PREPARATIONS}")
-    _check_settings(output_dir, _settings(model, pe, fmt, options, preparation), overwrite)
+    if intensity not in INTENSITIES:
+        raise InputError(None, f"unknown --intensity {intensity!r}; choose from {INTENSITIES}")
+    _check_settings(output_dir, _settings(model, pe, fmt, options, preparation, intensity), overwrite)
     names = [safe_case_name(c["case"]) for c in cases]
     rows, counts = [], {"cases": len(cases), "written": 0, "already_done": 0, "failed": 0}
     for item, name in tqdm(list(zip(cases, names)), desc="X-ray -> CT", unit="case", disable=not progress_bars):
@@ -434,7 +456,7 @@ def run_batch(
             bar = _step_bar(model, progress_bars)
             try:
                 run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt, options,
-                         previews, bar.update if bar else None, preparation)  # fmt: skip
+                         previews, bar.update if bar else None, preparation, intensity)  # fmt: skip
                 row["status"] = "written"
             except InputError as exc:
                 row.update(status="failed", error=str(exc))
@@ -504,6 +526,7 @@ def pipeline(
     baseline: bool = True,
     overwrite: bool = False,
     preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """One case (``--pa``, ``--lateral``) or a batch (``--inputs`` folder or CSV) through one model.
 
@@ -512,7 +535,9 @@ def pipeline(
     ``--guidance_scale``, ``--seed``: the diffusion's sampling (latent_ddpm only); ``--baseline False`` skips
     averaging the training CTs for the baseline DRR score. ``--preparation geometry`` (default) maps each film
     onto the training DRRs' scale (DICOM tags, else an estimate: the report's ``preparation`` says which);
-    ``legacy``: the centred square crop. Returns the batch summary.
+    ``legacy``: the centred square crop. ``--intensity match`` (default) maps each view onto the training DRRs'
+    intensity quantiles (recorded at training; ``none``: unmatched). ``agreement`` in each report scores the
+    CT's DRRs against the geometry-only views (:mod:`common.agreement`). Returns the batch summary.
     """
     if (pa is None) == (inputs is None):
         raise InputError(None, "give either --pa (and --lateral) for one case or --inputs (folder or CSV)")
@@ -528,7 +553,8 @@ def pipeline(
         if model.needs_lateral and lateral is None:
             raise InputError(pa, f"{model.bundle} needs a PA + lateral pair: give --lateral")
         cases = [{"case": case or case_name(pa), "pa": require_file(pa), "lateral": lateral}]
-    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite, preparation=preparation)
+    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite, preparation=preparation,
+                     intensity=intensity)  # fmt: skip
 
 
 @functools.wraps(pipeline)
