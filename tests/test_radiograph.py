@@ -213,3 +213,56 @@ def test_pipeline_matches_intensity_to_the_recorded_drrs(tiny_models, shared_dat
         assert agreement["measure"] == "spearman_rank_correlation"
         assert -1 <= agreement["ct"]["mean"] <= 1 and set(agreement["ct"]) == {"pa", "lateral", "mean"}
     assert reports["match"]["agreement"]["mean_ct"] == reports["none"]["agreement"]["mean_ct"]
+
+
+def test_domain_gap_is_not_gamed_by_intensity_maps():
+    """A gain, offset or quantile matching leaves the structure statistics (nearly) where they were."""
+    from common.domain_gap import domain_gap, image_statistics
+    from common.radiograph import match_quantiles
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:64, 0:64]
+    image = np.clip(0.5 + 0.3 * np.sin(xx / 5.0) * np.cos(yy / 7.0) + 0.05 * rng.standard_normal((64, 64)), 0, 1)
+    base = image_statistics(image)
+    scaled = image_statistics(0.2 + 0.5 * image)  # an affine map: the gain-free statistics are exact
+    for key in ("spectral_slope", "gradient_cv", "fine_to_coarse"):
+        assert scaled[key] == pytest.approx(base[key], rel=1e-9)
+    reference = {"pa": {k: {"min": v, "max": v, "mean": v, "std": 0.0} for k, v in base.items()}}
+    gap = domain_gap(image[None], ["pa"], reference)
+    assert gap["score"] == pytest.approx(0.0, abs=1e-9) and gap["warnings"] == []
+    # white noise matched to the image's own intensity quantiles: the intensity distance is ~0 by
+    # construction, the structure statistics still say "another domain"
+    noise = match_quantiles(rng.random((64, 64)), np.quantile(image, np.linspace(0, 1, 101)))
+    np.testing.assert_allclose(np.quantile(noise, [0.05, 0.5, 0.95]), np.quantile(image, [0.05, 0.5, 0.95]),
+                               atol=0.02)  # fmt: skip
+    gap = domain_gap(noise[None], ["pa"], reference)
+    assert gap["score"] > 3 and any("spectral_slope" in w for w in gap["warnings"])
+
+
+def test_plausibility_of_a_phantom_chest_and_of_air():
+    from common.plausibility import RANGES, plausibility
+    from common.volume import Volume
+    from data_prep.phantom import make_phantom
+
+    ct, _ = make_phantom((64,) * 3, 6.0, seed=3)
+    vol = ct if isinstance(ct, Volume) else Volume.from_spacing(ct, (6.0,) * 3)
+    result = plausibility(vol)
+    m = result["measures"]
+    assert set(m) == set(RANGES) and all(v is not None for v in m.values())
+    assert result["in_range"]["body_width_mm"] and result["in_range"]["lung_volume_l"]
+    assert m["heart_offset_mm"] > 0  # the phantom's heart lies left of the midline
+    air = plausibility(Volume.from_spacing(np.full((16,) * 3, -1000.0, np.float32), (10.0,) * 3))
+    assert air["measures"]["lung_volume_l"] is None and "no body found" in air["warnings"][0]
+
+
+def test_pipeline_report_has_the_checks(tiny_models, shared_data, tmp_path):
+    from xray2ct import pipeline as pl
+
+    folder = shared_data / "cxr" / "pairs"
+    summary = pl.pipeline(tiny_models["progressive_cascade"], str(tmp_path), inputs=str(folder), previews=False)
+    assert summary["written"] == 3 and summary["failed"] == 0
+    for row in summary["cases_detail"]:
+        assert row["domain_gap"] >= 0 and isinstance(row["warnings"], list) and set(row["scale_source"]) == {"pa", "lateral"}
+        report = json.loads((tmp_path / row["folder"] / "report.json").read_text())
+        assert set(report["domain_gap"]["views"]) == {"pa", "lateral"}
+        assert set(report["plausibility"]["measures"]) >= {"lung_volume_l", "cardiothoracic_ratio"}

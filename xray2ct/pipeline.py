@@ -48,9 +48,11 @@ from common.agreement import agreement_scores
 from common.atomic import atomic_path, atomic_write_text, remove_partial_files
 from common.checkpoint import file_sha256
 from common.datalist import safe_case_name
+from common.domain_gap import domain_gap
 from common.errors import InputError, require_file
 from common.handlers import write_json
 from common.io import save_volume
+from common.plausibility import plausibility
 from common.preview import save_montage_png, save_slice_gif
 from common.volume import Volume
 from xray2ct.models import (
@@ -268,6 +270,11 @@ CONVENTIONS = {
     "drr_consistency": DRR_SCORE_CONVENTION,
     "pe": PE_CONVENTION,
     "agreement": AGREEMENT_CONVENTION,
+    "domain_gap": "structure statistics of each view as the model saw it (spectral slope, gradient CV, "
+    "fine-to-coarse energy, body width fraction; common.domain_gap) against the training DRRs' range recorded at "
+    "training; score = mean |z|; a warning per statistic outside the range widened by half its width",
+    "plausibility": "the final CT against published adult ranges (lung volume, body width and depth, "
+    "cardiothoracic ratio, heart offset; common.plausibility, sources in the block), not the training set's",
 }
 
 
@@ -312,6 +319,9 @@ def run_case(
     scores, drrs = stage_scores[names[-1]]
     baseline = baseline_scores(model, views)
     agreement = _agreement(model, drrs, aligned)
+    gap = domain_gap(views, model.views, ((model.record or {}).get("inputs") or {}).get("drr_statistics"))
+    plausible = plausibility(final)
+    lap("checks")
     lap("drr_consistency")
     ct_file = save_volume(final, os.path.join(folder, "ct" + suffix))
     stage_files = {}
@@ -346,6 +356,8 @@ def run_case(
         "options": options,
         "preparation": prepared,
         "agreement": agreement,
+        "domain_gap": gap,
+        "plausibility": plausible,
         "ct": _volume_info(final, ct_file),
         "stages": [
             {"name": n, **_volume_info(v, stage_files.get(n, ct_file)), "drr_consistency": stage_scores[n][0]}
@@ -364,6 +376,19 @@ def run_case(
     }
     write_json(os.path.join(folder, REPORT), report)
     return report
+
+
+def _checks(report: Mapping) -> dict:
+    """The batch summary's per-case figures: domain gap, plausibility warnings, scale sources, agreement."""
+    gap, plausible = report.get("domain_gap") or {}, report.get("plausibility") or {}
+    views = (report.get("preparation") or {}).get("views") or {}
+    agreement = (report.get("agreement") or {}).get("ct") or {}
+    return {
+        "domain_gap": gap.get("score"),
+        "warnings": list(gap.get("warnings") or []) + list(plausible.get("warnings") or []),
+        "scale_source": {v: info.get("scale_source") for v, info in views.items()},
+        "agreement": agreement.get("mean"),
+    }
 
 
 def _agreement(model: XrayToCTModel, drrs: Mapping[str, np.ndarray], aligned: np.ndarray) -> dict | None:
@@ -455,9 +480,9 @@ def run_batch(
         else:
             bar = _step_bar(model, progress_bars)
             try:
-                run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt, options,
-                         previews, bar.update if bar else None, preparation, intensity)  # fmt: skip
-                row["status"] = "written"
+                report = run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt,
+                                  options, previews, bar.update if bar else None, preparation, intensity)  # fmt: skip
+                row.update(status="written", **_checks(report))
             except InputError as exc:
                 row.update(status="failed", error=str(exc))
             except Exception as exc:  # one case's failure (a decoder's error, out of memory) must not end the batch
