@@ -266,3 +266,27 @@ def test_pipeline_report_has_the_checks(tiny_models, shared_data, tmp_path):
         report = json.loads((tmp_path / row["folder"] / "report.json").read_text())
         assert set(report["domain_gap"]["views"]) == {"pa", "lateral"}
         assert set(report["plausibility"]["measures"]) >= {"lung_volume_l", "cardiothoracic_ratio"}
+
+
+def test_web_job_shows_the_domain_gap_and_plausibility(tiny_models, shared_data, tmp_path):
+    import io
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from helpers import wait_for_job
+
+    from webapp.app import create_app
+    from webapp.loaders import load_models
+
+    models = load_models([tiny_models["progressive_cascade"]], baseline=False)
+    pairs = shared_data / "cxr" / "pairs"
+    upload = {v: (f"{v}.png", io.BytesIO((pairs / f"pneumocystis-pneumonia-2-{t}.png").read_bytes()))
+              for v, t in (("pa", "PA"), ("lateral", "L"))}  # fmt: skip
+    with TestClient(create_app(models, workdir=str(tmp_path)), base_url="http://localhost") as client:
+        job = client.post("/api/jobs", files=upload, data={"model": next(iter(models))}).json()
+        status = wait_for_job(client, job["id"], 2400)
+        assert client.get("/static/viewer.js").text.count("function checksText") == 1
+    assert status["state"] == "done", status
+    assert status["domain_gap"]["score"] >= 0 and set(status["domain_gap"]["views"]) == {"pa", "lateral"}
+    assert "cardiothoracic_ratio" in status["plausibility"]["measures"]

@@ -113,6 +113,15 @@ function peText(pe) {
   return text + " - a research figure, not a diagnosis";
 }
 
+// The domain gap of the inputs and the plausibility of the CT (issue 22): a line, warnings included.
+function checksText(s) {
+  const gap = s.domain_gap, plaus = s.plausibility;
+  if (!gap && !plaus) return "";
+  const warnings = [...((gap && gap.warnings) || []), ...((plaus && plaus.warnings) || [])];
+  let text = gap && gap.score !== null && gap.score !== undefined ? ` | domain gap ${fmt(gap.score, 2)} (mean |z|)` : "";
+  return text + (warnings.length ? ` | warnings: ${warnings.join("; ")}` : " | no plausibility warning");
+}
+
 // Slice index along `axis` of a volume (shape, spacing) at `mm` from its centre (the DRR isocentre).
 function indexAt(shape, spacing, axis, mm) {
   const a = AXIS_OF[axis], n = shape[a];
