@@ -151,9 +151,10 @@ def pe_input_plan(
     target_voxels = np.where(crop, np.maximum(1, np.round(fov_max / spacing_a)), shape_a)
     grid_spacing = target_voxels * spacing_a / size
     coarse = spacing_a > grid_spacing * (1 + GRID_RTOL)
+    recorded = np.asarray((grid.get("grid_spacing_mm") or {}).get("max", grid_spacing), dtype=float)
     for k in np.flatnonzero(coarse & ~small):
         reasons.append(f"the generated CT's spacing {spacing_a[k]:.2f} mm along {axes[k]} is coarser than the "
-                       f"classifier's grid ({grid_spacing[k]:.2f} mm): resampling it up adds no detail")  # fmt: skip
+                       f"classifier's {recorded[k]:.2f} mm grid: resampling it up adds no detail")  # fmt: skip
     if reasons:
         return plan
     if crop.any():

@@ -54,7 +54,7 @@ def test_the_tiny_classifier_records_its_training_ct_grid_and_phase(tiny_models)
 
 REFUSED = {  # record inputs of the classifier -> words of the refusal
     "non-contrast classifier": ({"contrast_phase": "non_contrast"}, "trained on non_contrast CTs"),
-    "4 mm CTPA crops (issue 22)": ({"ct_grid": _grid(128.0, 32)}, "coarser than the classifier's grid"),
+    "4 mm CTPA crops (issue 22)": ({"ct_grid": _grid(128.0, 32)}, "coarser than the classifier's 4.00 mm grid"),
     "larger field of view": ({"ct_grid": _grid(400.0, 32)}, "covers 320 mm along x"),
     "no recorded grid": ({"ct_grid": None}, "no field of view"),
 }
@@ -106,3 +106,26 @@ def test_web_app_refuses_per_model_and_when_it_fits_none(tiny_models, tmp_path):
     volume = load_volume(tiny_models["root"] / "data" / "phantom_000" / "ct.nii.gz")
     result = bad.assess_volume(volume, model.contrast_phase, None, None, str(tmp_path))
     assert result["probability"] is None and "non_contrast" in result["refused"]
+
+
+@pytest.mark.slow
+def test_issue_22_a_classifier_of_4mm_ctpa_crops_is_refused_for_a_10mm_chest(tiny_models, pair, tmp_path):
+    """Not a rewritten record: a classifier trained (one epoch) on the demo's PE dataset, 32^3 CTPA crops at
+    4 mm (a 128 mm field of view), against the cascade's 32^3 whole chest at 10 mm."""
+    from monai.bundle import run
+
+    from data_prep.phantom import make_pe_dataset
+
+    data = tmp_path / "pe_data"
+    make_pe_dataset(data, n_patients=(2, 1, 1), size=32, spacing=4.0)
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "pe_classifier" / "configs"
+    run("training", config_file=[str(configs / "train.json"), str(configs / "cpu_tiny.json")],
+        meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"), max_epochs=1,
+        bundle_root=str(tmp_path / "pe"), output_dir=str(tmp_path / "pe_out"), dataset_dir=str(data))  # fmt: skip
+    checkpoint = str(next((tmp_path / "pe" / "models").glob("model*.pt")))
+    described = load_pe_model(checkpoint).describe()
+    assert described["contrast_phase"] == "ctpa"
+    assert described["ct_grid"]["grid_spacing_mm"]["max"] == pytest.approx([4.0] * 3)
+    with pytest.raises(SystemExit, match="spacing 10.00 mm along x is coarser than the classifier's 4.00 mm grid"):
+        pl.main(checkpoint=tiny_models["progressive_cascade"], pa=pair["pa"], lateral=pair["lateral"],
+                output_dir=str(tmp_path / "out"), pe_checkpoint=checkpoint, baseline=False)  # fmt: skip
