@@ -206,22 +206,29 @@ def tag_scale(tags: dict, view: str) -> tuple[float | None, str, list[str]]:
     if view == "pa" and position == "AP":
         warnings.append("AP film (ViewPosition AP): the heart is magnified more than in a PA film; the model "
                         "was trained on PA-geometry DRRs")  # fmt: skip
-    if "PixelSpacing" in tags and "EstimatedRadiographicMagnificationFactor" not in tags:
-        return float(np.mean(tags["PixelSpacing"])), "DICOM PixelSpacing", warnings
+    pixel, imager = tags.get("PixelSpacing"), tags.get("ImagerPixelSpacing")
+    # PixelSpacing differing from ImagerPixelSpacing is calibrated at the patient; equal to it, it is not
+    calibrated = pixel is not None and (imager is None or abs(np.mean(pixel) / np.mean(imager) - 1) > 0.01)
+    if calibrated and "EstimatedRadiographicMagnificationFactor" not in tags:
+        return float(np.mean(pixel)), "DICOM PixelSpacing", warnings
     detector = tags.get("ImagerPixelSpacing") or tags.get("PixelSpacing")
     if detector is None:
         return None, "none", warnings
     name = "ImagerPixelSpacing" if "ImagerPixelSpacing" in tags else "PixelSpacing"
-    if "EstimatedRadiographicMagnificationFactor" in tags:
-        factor = tags["EstimatedRadiographicMagnificationFactor"]
+    factor = tags.get("EstimatedRadiographicMagnificationFactor")
+    if factor is not None and not 1.0 <= factor <= 3.0:
+        warnings.append(f"EstimatedRadiographicMagnificationFactor {factor:g} is not a film's (1 to 3): ignored")
+        factor = None
+    if factor is not None:
         return float(np.mean(detector)) / factor, f"DICOM {name} / EstimatedRadiographicMagnificationFactor", warnings
     key = "LATERAL" if view == "lateral" else ("AP" if position == "AP" else "PA")
     sid = tags.get("DistanceSourceToDetector")
     source = f"DICOM {name}, magnification from DistanceSourceToDetector"
     if sid is None:
-        sid, source = CLINICAL_SID_MM[key], f"DICOM {name}, magnification of a typical {key} film (SID {CLINICAL_SID_MM[key]:.0f} mm)"
+        sid = CLINICAL_SID_MM[key]
+        source = f"DICOM {name}, magnification of a typical {key} film (SID {sid:.0f} mm)"
     depth = ISOCENTRE_TO_DETECTOR_MM[view]
-    if sid <= 2 * depth:
+    if not 2 * depth < sid <= 5000:
         warnings.append(f"DistanceSourceToDetector {sid} mm is implausible; typical {key} SID used")
         sid = CLINICAL_SID_MM[key]
     return float(np.mean(detector)) * (sid - depth) / sid, source, warnings

@@ -70,6 +70,13 @@ SCALES = {
     "AP film: a portable's SID": (
         {"ImagerPixelSpacing": [0.8, 0.8], "ViewPosition": "AP"}, 0.8 * (AP_SID - DEPTH) / AP_SID, "typical AP"),
     "calibrated PixelSpacing": ({"PixelSpacing": [0.75, 0.75]}, 0.75, "DICOM PixelSpacing"),
+    "PixelSpacing calibrated beside ImagerPixelSpacing": (
+        {"PixelSpacing": [0.7, 0.7], "ImagerPixelSpacing": [0.8, 0.8]}, 0.7, "DICOM PixelSpacing"),
+    "PixelSpacing equal to ImagerPixelSpacing: not calibrated": (
+        {"PixelSpacing": [0.8, 0.8], "ImagerPixelSpacing": [0.8, 0.8]}, 0.8 * (PA_SID - DEPTH) / PA_SID, "typical PA"),
+    "implausible magnification factor ignored": (
+        {"ImagerPixelSpacing": [0.8, 0.8], "EstimatedRadiographicMagnificationFactor": 1e-9},
+        0.8 * (PA_SID - DEPTH) / PA_SID, "typical PA"),
 }  # fmt: skip
 
 
@@ -85,6 +92,8 @@ def test_dicom_tags_give_the_scale(name, cxr, tmp_path):
     assert info["scale"] == pytest.approx(mm / TRAINING_MM, rel=1e-12)
     assert any("AP film" in w for w in info["warnings"]) == (tags.get("ViewPosition") == "AP")
     assert info["view_position"] == tags.get("ViewPosition")
+    magnification = tags.get("EstimatedRadiographicMagnificationFactor", 1.0)
+    assert any("not a film's" in w for w in info["warnings"]) == (magnification < 1)
 
 
 def test_the_real_cr_dicom_scale_is_implausible_and_estimated(cxr):
