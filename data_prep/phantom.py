@@ -427,6 +427,7 @@ def make_phantom_dataset(
         seed=seed,
         strata=labels,
         description=f"xray2ct synthetic thorax phantoms (data_prep.phantom, seed {seed})",
+        extra={"contrast_phase": "ctpa"},  # the arteries hold contrast (HU_CONTRAST)
     )
 
 
@@ -478,6 +479,7 @@ def make_pe_dataset(
         "description": "phantom CTPA crops with and without pulmonary emboli (data_prep.phantom.make_pe_dataset)",
         **splits,
         "spacing": [float(spacing)] * 3,
+        "contrast_phase": "ctpa",
         "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
     }
     path = os.path.join(root, "dataset.json")

@@ -57,7 +57,7 @@ def serve(
     import uvicorn
 
     from webapp.app import create_app
-    from webapp.loaders import load_classifier, load_models
+    from webapp.loaders import classifier_refusals, load_classifier, load_models
     from webapp.security import WILDCARDS, allowed_hosts_for
 
     torch.set_num_threads(int(threads))
@@ -66,8 +66,11 @@ def serve(
             as_list(checkpoint), bundle, as_list(config), device, vqgan, int(max_sampling_steps), bool(baseline)
         )
         classifier = load_classifier(pe_checkpoint, device, pe_threshold_report)
+        refusals = classifier_refusals(classifier, models)
     except InputError as exc:
         sys.exit(f"cannot start the web demo: {exc}")
+    for reason in refusals.values():
+        print(f"WARNING: {reason}")
     hosts = sorted(allowed_hosts_for(host, as_list(allowed_hosts)))
     app = create_app(
         models,
