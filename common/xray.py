@@ -151,11 +151,12 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    from common.dicom import check_inflated_size
+    from common.dicom import SizedFile, check_inflated_size
 
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f)
         if ds.get("Rows") is None or ds.get("Columns") is None:
             raise InputError(path, "no Rows/Columns: not an image")
         frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
@@ -163,25 +164,20 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
         extra += (samples,) if samples > 1 else ()
         check_pixel_count(path, (int(ds.Rows), int(ds.Columns), *extra), what="DICOM image")
         raw = ds.pixel_array
+        if int(ds.get("SamplesPerPixel", 1)) > 1:
+            raw = _to_gray(raw, path)
+        if raw.ndim != 2:
+            raise InputError(path, f"expected a single-frame 2D radiograph, got pixel data of shape {raw.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+            if "WindowCenter" in ds or "VOILUTSequence" in ds:
+                image = np.asarray(apply_voi_lut(image, ds), dtype=np.float64)
     except InputError:
         raise
-    except (
-        InvalidDicomError,
-        AttributeError,
-        KeyError,
-        OSError,
-        ValueError,
-        RuntimeError,
-        NotImplementedError,
-    ) as exc:
+    except InvalidDicomError as exc:
         raise InputError(path, f"cannot read DICOM pixels ({exc})") from None
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
-        raw = _to_gray(raw, path)
-    if raw.ndim != 2:
-        raise InputError(path, f"expected a single-frame 2D radiograph, got pixel data of shape {raw.shape}")
-    image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        image = np.asarray(apply_voi_lut(image, ds), dtype=np.float64)
+    except Exception as exc:  # pydicom raises assorted types on garbage (BytesLengthException, TypeError...)
+        raise InputError(path, f"cannot read DICOM pixels ({type(exc).__name__}: {exc})") from None
     image = _validate(image, path)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         image = image.max() - image  # MONOCHROME1 stores air bright: flip to the usual display
