@@ -357,7 +357,7 @@ def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
             if len(head) < 144 or head[128:132] != b"DICM":
                 return  # no Part 10 file meta: pydicom never inflates such a file
             if head[132:136] == b"\x02\x00\x00\x00" and head[136:138] == b"UL":
-                meta = f.read(struct.unpack("<I", head[140:144])[0])
+                meta = f.read(min(struct.unpack("<I", head[140:144])[0], 1 << 16))  # read(n) allocates n
             else:
                 meta = head[132:] + f.read(4096)  # no group length: the meta group is small
             if DEFLATED_SYNTAX not in meta:

@@ -220,6 +220,7 @@ def with_bytes(data: bytes, at: int, new: bytes) -> bytes:
 # (0002,0000) UL with its 2-byte length at 138, then (0002,0001) OB with its 4-byte length at 152.
 META_LENGTH_617 = 138, struct.pack("<H", 617)  # BytesLengthException escaped load_xray (a traceback, no file)
 OB_LENGTH_1GIB = 152, struct.pack("<I", 1 << 30)  # pydicom's read(1 GiB) allocated 1 GiB for a 1 KB file
+GROUP_LENGTH_4GIB = 140, struct.pack("<I", 0xFFFFFFF0)  # check_inflated_size read the meta group: 4 GiB
 
 
 def test_seeds_are_valid(work):
@@ -284,7 +285,9 @@ def test_fuzz_dicom_series(work, index, data):
     load_series_with(work, index, data.draw(mutated(DICOM_CT[index], header=len(DICOM_CT[index]))))
 
 
-@pytest.mark.parametrize("mutation", [META_LENGTH_617, OB_LENGTH_1GIB], ids=["odd_meta_length", "ob_1gib"])
+@pytest.mark.parametrize(
+    "mutation", [META_LENGTH_617, OB_LENGTH_1GIB, GROUP_LENGTH_4GIB], ids=["odd_meta_length", "ob_1gib", "group_4gib"]
+)
 def test_dicom_series_regressions(work, mutation):
     load_series_with(work, 1, with_bytes(DICOM_CT[1], *mutation))
 
@@ -301,6 +304,7 @@ def test_fuzz_raster_xray(work, seed, data):
 @fuzz(100)
 @example(data=with_bytes(DICOM_XRAY, *META_LENGTH_617))
 @example(data=with_bytes(DICOM_XRAY, *OB_LENGTH_1GIB))
+@example(data=with_bytes(DICOM_XRAY, *GROUP_LENGTH_4GIB))
 @given(data=mutated(DICOM_XRAY, header=len(DICOM_XRAY)))
 def test_fuzz_dicom_xray(work, data):
     loads_or_input_error(load_xray, write(work / "x.dcm", data))
