@@ -404,3 +404,13 @@ def test_fuzz_array_specs(header, specs, payload):
     request.update({name: np.zeros(shape, dtype) for name, dtype, shape in parsed if 0 in shape or payload < 4096})
     reply = handle_request(_NoModel(), request)
     assert reply["ok"] is False or reply.get("pong") is True
+
+
+@pytest.mark.parametrize("mutation", [OB_LENGTH_1GIB, GROUP_LENGTH_4GIB], ids=["ob_1gib", "group_4gib"])
+def test_upload_header_regressions(work, mutation):
+    """The web app reads an uploaded DICOM's header the same way: the declared lengths cost nothing."""
+    pytest.importorskip("fastapi")
+    from webapp.uploads import image_size
+
+    path = write(work / "upload.dcm", with_bytes(DICOM_XRAY, *mutation))
+    loads_or_input_error(lambda p: image_size(str(p), "dicom", p.name, 1 << 30), path)

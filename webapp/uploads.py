@@ -45,14 +45,15 @@ def image_size(path: str, fmt: str, name: str, max_inflated_bytes: int) -> tuple
     if fmt == "dicom":
         import pydicom
 
-        from common.dicom import check_inflated_size
+        from common.dicom import SizedFile, check_inflated_size
 
         try:
             check_inflated_size(path, max_inflated_bytes)
         except InputError as exc:
             raise InputError(name, exc.problem) from None
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with SizedFile(path) as f:  # a declared element length costs no more than the upload holds
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
             frames = int(ds.get("NumberOfFrames") or 1) * int(ds.get("SamplesPerPixel") or 1)
             return int(ds.Rows) * frames, int(ds.Columns)
         except Exception as exc:  # pydicom raises many types for truncated or odd files
