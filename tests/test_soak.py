@@ -228,7 +228,8 @@ def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root, png_bomb):
     n_uploads = int(50 * SCALE)
     port = free_port()
     cmd = [sys.executable, "-m", "webapp", "--checkpoint", tiny_checkpoint, "--config", "cpu_tiny",
-           "--port", str(port), "--workdir", str(tmp_path / "jobs"), "--max_upload_mb", "20"]  # fmt: skip
+           "--port", str(port), "--workdir", str(tmp_path / "jobs"), "--max_upload_mb", "20",
+           "--max_connections_per_client", "0"]  # fmt: skip  (all these clients share 127.0.0.1)
     proc = subprocess.Popen(
         cmd, cwd=repo_root, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
