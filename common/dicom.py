@@ -301,7 +301,8 @@ def _read_slice(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """One slice as float32 HU, transposed to (column i, row j); ``shape`` the expected (cols, rows)."""
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f)
         slope, intercept = rescale(ds, path)
         raw = ds.pixel_array
     except InputError:
@@ -356,7 +357,7 @@ def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
             if len(head) < 144 or head[128:132] != b"DICM":
                 return  # no Part 10 file meta: pydicom never inflates such a file
             if head[132:136] == b"\x02\x00\x00\x00" and head[136:138] == b"UL":
-                meta = f.read(struct.unpack("<I", head[140:144])[0])
+                meta = f.read(min(struct.unpack("<I", head[140:144])[0], 1 << 16))  # read(n) allocates n
             else:
                 meta = head[132:] + f.read(4096)  # no group length: the meta group is small
             if DEFLATED_SYNTAX not in meta:
@@ -404,6 +405,39 @@ def check_pixel_bytes(path: str | None, ds: pydicom.Dataset, max_bytes: int) -> 
     return nbytes
 
 
+class SizedFile:
+    """A read-only file for ``pydicom.dcmread`` whose ``read(n)`` never asks for more bytes than are left.
+
+    pydicom reads an element with ``read(declared length)``, and Python allocates those n bytes before
+    reading: a 1 KB file declaring a 4 GB element would cost 4 GB (found by tests/test_fuzz.py).
+    """
+
+    def __init__(self, path: str):
+        self.name = path
+        self._file = open(path, "rb")
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._file.read()
+        return self._file.read(min(size, max(0, self._size - self._file.tell())))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SizedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _NotDicom(Exception):
     pass
 
@@ -411,7 +445,8 @@ class _NotDicom(Exception):
 def _read_header(path: str) -> pydicom.Dataset:
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
     except InvalidDicomError as e:
         if _has_dicm_marker(path):
             raise InputError(path, f"corrupt DICOM header ({e})") from e
