@@ -152,3 +152,38 @@ def test_tiny_recipe_runs_end_to_end(paper, converted, chest_dicom_dir, tmp_path
     listed = reproduce.PAPERS[paper].split_file
     named = sorted(p.name for p in (work / "named").iterdir())
     assert named[0] == ("LIDC-IDRI-0001.20000101.3000566.1.nii.gz" if listed else "LIDC-IDRI-0001.20000101.3000566.nii.gz")
+
+
+def _five_slices(src: Path, dst: Path, **tags) -> Path:
+    """Five slices of the example series in ``dst``, with DICOM ``tags`` replaced (pydicom)."""
+    import pydicom
+
+    dst.mkdir(parents=True)
+    for name in sorted(p.name for p in src.iterdir())[60:65]:
+        ds = pydicom.dcmread(src / name)
+        for tag, value in tags.items():
+            setattr(ds, tag, value)
+        ds.save_as(dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("patient, split, expected", [
+    ("LIDC-IDRI-0001", "perx2ct", "LIDC-IDRI-0001.20000101.3000566.1.nii.gz"),  # the split file's id
+    ("LIDC-IDRI-0001", None, "LIDC-IDRI-0001.20000101.3000566.nii.gz"),  # no split: the header's key
+    ("LIDC-IDRI-0002", "perx2ct", None),  # its listed scan has another series number: not linked
+    ("../../escaped", None, "escaped.20000101.3000566-"),  # a hostile header stays inside the output folder
+])  # fmt: skip
+def test_name_by_split_links_series_by_case_id(chest_dicom_dir, tmp_path, patient, split, expected):
+    from data_prep.dicom_to_nifti import convert_folder
+
+    dicom = _five_slices(Path(chest_dicom_dir), tmp_path / "dicom" / "series", PatientID=patient)
+    results, _ = convert_folder(str(tmp_path / "dicom"), str(tmp_path / "nifti"))
+    assert [r.ok for r in results] == [True]
+    out = tmp_path / "named"
+    linked = reproduce.name_by_split(str(dicom.parent), str(tmp_path / "nifti"), str(out), split)
+    names = [p.name for p in out.iterdir()]
+    if expected is None:
+        assert linked == {} and names == []
+        return
+    assert len(names) == 1 and names[0].startswith(expected) and (out / names[0]).resolve().is_file()
+    assert (out / names[0]).resolve() == Path(results[0].output).resolve()

@@ -170,16 +170,30 @@ def split_patients(split_file: str) -> list[str]:
     return sorted({case.split(".")[0] for case in splits.load_split_file(split_file)})
 
 
+def _series_key(path: str) -> str | None:
+    """``<PatientID>.<StudyDate>.<SeriesNumber>`` of the series ``path`` (one of its files) belongs to: the key
+    ``build_pairs`` matches DICOM folders with (read from this file, not the folder's first, so a folder holding
+    several series still names each one right)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # dicom_to_nifti converted it, so this is a race or a changed file: no key
+        return None
+    parts = [str(ds.get(tag, "") or "").strip() for tag in ("PatientID", "StudyDate", "SeriesNumber")]
+    return ".".join(parts) if all(parts) else None
+
+
 def name_by_split(dicom_dir: str, nifti_dir: str, out_dir: str, split_file: str | None) -> dict[str, str]:
     """Link every converted series (``dicom_to_nifti``'s name) as ``<out_dir>/<case id>.nii.gz``.
 
     The id is the split file's (``<PatientID>.<StudyDate>.<SeriesNumber>.<n>``, matched from the DICOM headers as
     ``build_pairs`` matches DICOM folders), else ``<PatientID>.<StudyDate>.<SeriesNumber>``. Returns id -> NIfTI.
     """
+    from common.datalist import safe_case_name
     from common.dicom import scan_dicom_folder
     from common.errors import InputError
     from data_prep import splits
-    from data_prep.build_pairs import dicom_identity
     from data_prep.dicom_to_nifti import output_name
 
     listed = splits.load_split_file(split_file) if split_file else {}
@@ -191,10 +205,11 @@ def name_by_split(dicom_dir: str, nifti_dir: str, out_dir: str, split_file: str 
         nifti = Path(nifti_dir) / output_name(info)
         if not nifti.is_file():
             continue  # dicom_to_nifti reported why
-        key = dicom_identity(info.folder).get("dicom_key")
+        key = _series_key(info.files[0])
         if key is None:
-            raise InputError(info.folder, "no PatientID, StudyDate or SeriesNumber in the DICOM header")
-        case = splits.match_listed_id(key, key, listed, by_prefix) if listed else key
+            raise InputError(info.files[0], "no PatientID, StudyDate or SeriesNumber in the DICOM header")
+        # a listed id is the split file's; an unlisted one comes from a (hostile) header: made a safe file name
+        case = splits.match_listed_id(key, key, listed, by_prefix) if listed else safe_case_name(key)
         if case is None:
             continue  # not in the paper's lists: build_pairs would leave it out too
         if case in linked:
