@@ -91,7 +91,8 @@ def test_official_short_path_converts_then_evaluates(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["x2ctgan", "--official", "x.ckpt"], ["perx2ct", "--official", "x.ckpt",
-                                  "--steps", "train"], ["perx2ct", "--steps", "nope"]])  # fmt: skip
+                                  "--steps", "train"], ["perx2ct", "--official", "x.ckpt", "--tiny"],
+                                  ["perx2ct", "--steps", "nope"], ["xray2ctpa-vqgan", "--list_patients"]])  # fmt: skip
 def test_bad_arguments_are_refused(args, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main([*args, "--work", str(tmp_path)])

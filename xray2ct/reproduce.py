@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = ["nifti", "name", "pairs", "evaluate", "table"]
         if "train" in steps:
             parser.error("--official evaluates the released weights: leave out the train step")
+        if args.tiny:
+            parser.error("--official is the paper-size network: not with --tiny (TINY=1)")
     if not args.work:
         parser.error("--work is required")
     unknown = [s for s in steps if s not in STEPS]
