@@ -48,6 +48,7 @@ but converts HU to attenuation as plastimatch does (HU <= -800 counts as air): D
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -1068,11 +1069,13 @@ def _mean_timings(rows: list[dict]) -> dict:
     return {k: round(float(np.mean([r[k] for r in rows if k in r])), 4) for k in keys}
 
 
+@functools.wraps(build_pairs)  # fire reads build_pairs' signature, so --help works
 def _cli(*args, **kwargs) -> None:
     """CLI entry: the summary goes to build_report.json (printing it would flood the terminal)."""
     build_pairs(*args, **kwargs)
 
 
+@functools.wraps(merge_parts)
 def _cli_merge(*args, **kwargs) -> None:
     merge_parts(*args, **kwargs)
 
