@@ -136,6 +136,16 @@ PERX2CT = DRRGeometry(
     "perx2ct", sad=700.0, sid=949.0, detector_pixels=(128, 128), detector_size_mm=(500.0, 500.0)
 )
 PRESETS = {g.name: g for g in (X2CTGAN, PERX2CT)}
+# Both papers render DRRs of HU + 24, not HU: their CTs are stored as HU + 1024 (PerX2CT
+# data_preprocessing/0_dicom2mhd.py l. 74) and ``plastimatch adjust --pw-linear "0, -1000"`` shifts them by
+# -1000 before rendering (X2CT-GAN CT2XRAY/xraypro.py l. 69-70, PerX2CT data_preprocessing/2_xraypro.py l. 83).
+PAPER_DRR_HU_OFFSET = 24.0
+
+
+def paper_hu_offset(geometry: str | dict | DRRGeometry) -> float:
+    """The HU offset the paper behind a geometry preset added before rendering (24 for both), 0 otherwise."""
+    name = geometry if isinstance(geometry, str) else get_geometry(geometry).name
+    return PAPER_DRR_HU_OFFSET if str(name).lower() in PRESETS else 0.0
 
 
 def get_geometry(geometry: str | dict | DRRGeometry) -> DRRGeometry:
