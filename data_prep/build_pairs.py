@@ -43,6 +43,9 @@ CLI::
 DRRs: ``--renderer xray2ct`` (default, :mod:`common.drr`) or ``plastimatch`` (optional package, the renderer
 of X2CT-GAN/PerX2CT, same geometry and orientation). ``--attenuation plastimatch`` keeps our fast projector
 but converts HU to attenuation as plastimatch does (HU <= -800 counts as air): DRRs like the papers'.
+The papers' data conventions (PerX2CT's released model was trained on them): ``--z_spacing slice_thickness``
+(DICOM slices spaced by SliceThickness) and ``--drr_hu_offset paper`` (DRRs of HU + 24, their plastimatch
+``adjust --pw-linear "0, -1000"`` on HU + 1024 data); see ``bundles/perx2ct/docs/README.md``.
 """
 
 from __future__ import annotations
