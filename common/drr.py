@@ -163,6 +163,18 @@ CLINICAL = DRRGeometry(
     lateral=(1320.0, 1500.0),
 )  # fmt: skip
 PRESETS = {g.name: g for g in (X2CTGAN, PERX2CT, CLINICAL)}
+# Both papers render DRRs of HU + 24, not HU: their CTs are stored as HU + 1024 (PerX2CT
+# data_preprocessing/0_dicom2mhd.py l. 74) and ``plastimatch adjust --pw-linear "0, -1000"`` shifts them by
+# -1000 before rendering (X2CT-GAN CT2XRAY/xraypro.py l. 69-70, PerX2CT data_preprocessing/2_xraypro.py l. 83).
+PAPER_DRR_HU_OFFSET = 24.0
+PAPER_PRESETS = (X2CTGAN.name, PERX2CT.name)
+
+
+def paper_hu_offset(geometry: str | dict | DRRGeometry) -> float:
+    """The HU offset the paper behind a geometry preset added before rendering (24 for both papers' presets),
+    0 otherwise (the clinical preset and custom geometries)."""
+    name = geometry if isinstance(geometry, str) else get_geometry(geometry).name
+    return PAPER_DRR_HU_OFFSET if str(name).lower() in PAPER_PRESETS else 0.0
 
 
 def get_geometry(geometry: str | dict | DRRGeometry) -> DRRGeometry:

@@ -38,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = ("nifti", "name", "pairs", "train", "slurm", "evaluate", "table")
 DEFAULT_STEPS = tuple(s for s in STEPS if s != "slurm")
 
-# The data-fidelity options of the papers' DRRs (another issue adds them to data_prep): their volumes use the
-# DICOM SliceThickness as z spacing, and their DRRs see HU shifted by +24. Passed to whichever tool accepts
-# them; while neither does, the recipe says so and runs without them (see FIDELITY_FLAGS in the README).
-FIDELITY_FLAGS: dict[str, str] = {"z_spacing": "slice_thickness", "hu_offset": "24"}
+# The papers' data conventions (data_prep): their volumes use the DICOM SliceThickness as z spacing
+# (dicom_to_nifti/build_pairs --z_spacing slice_thickness), and their DRRs see HU shifted by +24
+# (build_pairs --drr_hu_offset paper: common.drr.PAPER_DRR_HU_OFFSET). Passed to whichever tool accepts them;
+# a checkout where neither does is told so and runs without them.
+FIDELITY_FLAGS: dict[str, str] = {"z_spacing": "slice_thickness", "drr_hu_offset": "paper"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def accepts(module: str, function: str, option: str) -> bool:
 
 
 def fidelity_args(module: str, function: str) -> list[str]:
-    """``--z_spacing slice_thickness --hu_offset 24``, each only where ``module.function`` accepts it."""
+    """``--z_spacing slice_thickness --drr_hu_offset paper``, each only where ``module.function`` accepts it."""
     out = []
     for option, value in FIDELITY_FLAGS.items():
         if accepts(module, function, option):
