@@ -17,6 +17,13 @@ alone; :func:`load_weights` and :class:`CheckpointLoader` load weights into a ne
 and refuse a config that contradicts the record; checkpoints without a record load through the config with
 a warning.
 
+A checkpoint is hostile input (issue 23): :func:`read_checkpoint`, which every loader calls, checks the zip before
+``torch.load`` (:func:`check_torch_file`: no compressed entries, sizes within the file and a limit) and the record
+before anything is built: its network must be one of :data:`NETWORKS` (checked on the string, so a record never
+imports a module or calls anything else) with plain JSON arguments, and no record value may carry MONAI config
+syntax. The zoo form is a bare state dict ``X.pt`` with ``X.record.json`` bound to it by ``weights_sha256``
+(:func:`export_bare`).
+
 :class:`CheckpointSaver` is MONAI's saver with three guarantees (issue 14, training hardening): files are
 written atomically; the final checkpoint is written only when training completes (MONAI also writes it when
 an exception stops training, e.g. a failed resume, overwriting a trained file with untrained weights); and a
