@@ -492,6 +492,8 @@ def _read_sidecar(path: str) -> dict | None:
     try:
         with open(sidecar, encoding="utf-8") as f:
             record = json.load(f)
+    except RecursionError:
+        raise InputError(sidecar, "checkpoint record is nested too deeply") from None
     except (OSError, ValueError) as e:
         raise InputError(sidecar, f"unreadable checkpoint record ({e})") from None
     if not isinstance(record, dict):
@@ -505,7 +507,10 @@ def _read_sidecar(path: str) -> dict | None:
             sidecar, f"record belongs to other weights (weights_sha256 {expected[:12]}..., {os.path.basename(path)} "
             f"is {actual[:12]}...): refusing a swapped record",
         )
-    return _check_record_data(record, sidecar)
+    try:
+        return _check_record_data(record, sidecar)
+    except RecursionError:
+        raise InputError(sidecar, "checkpoint record is nested too deeply") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -545,10 +550,13 @@ def record_of(checkpoint: Mapping, source: str | os.PathLike | None = None) -> d
     if state is None:
         return None
     try:
-        record = json.loads(state["json"])
+        return _check_record_data(json.loads(state["json"]), source)
+    except RecursionError:
+        raise InputError(source, "checkpoint record is nested too deeply") from None
+    except InputError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(source, f"checkpoint record is unreadable ({e})") from None
-    return _check_record_data(record, source)
 
 
 def export_bare(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, str]:

@@ -186,6 +186,25 @@ def test_record_inputs_that_a_loader_sets_into_its_config_are_data(real_checkpoi
 
 
 @pytest.mark.parametrize(
+    "state,problem",
+    [
+        ({"json": "[" * 5000 + "]" * 5000}, "nested too deeply"),
+        ({"json": "[1]"}, "record is a list, not a dict"),
+        ({"json": 7}, "record is unreadable"),
+        ({"json": '{"network_def": "subprocess.getoutput"}'}, "network definition is a str"),
+        ({"json": '{"network_def": {"_target_": ["subprocess.getoutput"]}}'}, "refusing network"),
+        ({"json": '{"inputs": {"a": [{"_requires_": "@x"}]}}'}, r"inputs.a\[0\]._requires_ = '@x' is config syntax"),
+    ],
+    ids=["deep", "list", "not text", "string definition", "list target", "nested requires"],
+)
+def test_malformed_records_are_input_errors(state, problem, tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "record": state}, path)
+    with pytest.raises(InputError, match=f"bad.pt: .*{problem}"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
     "argument",
     [torch.zeros(2), print, object(), (1, 2), {1: "non-string key"}, [1, {"nested": b"bytes"}]],
     ids=["tensor", "callable", "object", "tuple", "int key", "nested bytes"],
