@@ -451,8 +451,9 @@ def check_torch_file(path: str | os.PathLike, legacy: str = "refuse", limit: int
 
 def _check_record_data(record: object, source: str | None) -> dict:
     """A parsed record, refused unless it is inert data: a dict whose strings carry no MONAI config syntax
-    (``$`` expressions, ``@`` references, ``%`` macros) and whose dicts no ``_target_``-like keys (except the
-    allow-listed ``network_def._target_``), since loaders set record values into config parsers."""
+    (``$`` expressions, ``@`` references, ``%`` macros) and whose dicts no ``_target_``-like keys (except an
+    allow-listed ``_target_`` of a ``network_def``, also one nested, such as the VQ-GAN record in latent_ddpm's),
+    since loaders set record values into config parsers."""
     if not isinstance(record, dict):
         raise InputError(source, f"checkpoint record is a {type(record).__name__}, not a dict")
 
@@ -464,15 +465,18 @@ def _check_record_data(record: object, source: str | None) -> dict:
             for i, v in enumerate(value):
                 walk(v, f"{where}[{i}]")
         elif isinstance(value, dict):
+            definition = where.rsplit(".", 1)[-1] == "network_def"  # also a record inside (latent_ddpm's VQ-GAN)
+            if definition:
+                _definition(value, source)  # allow-listed class, plain arguments
             for k, v in value.items():
-                if k in _CONFIG_KEYS and not (where == "network_def" and k == "_target_"):
+                if k in _CONFIG_KEYS and not (definition and k == "_target_"):
                     raise InputError(source, f"checkpoint record {where}.{k} = {str(v)[:60]!r} is config syntax, not data")
                 walk(v, f"{where}.{k}")
 
     for key, value in record.items():
         walk(value, str(key))
     if record.get("network_def") is not None:
-        _definition(record["network_def"], source)  # allow-listed class, plain arguments
+        _definition(record["network_def"], source)  # not a dict: refused
     return record
 
 

@@ -194,14 +194,23 @@ def test_record_inputs_that_a_loader_sets_into_its_config_are_data(real_checkpoi
         ({"json": '{"network_def": "subprocess.getoutput"}'}, "network definition is a str"),
         ({"json": '{"network_def": {"_target_": ["subprocess.getoutput"]}}'}, "refusing network"),
         ({"json": '{"inputs": {"a": [{"_requires_": "@x"}]}}'}, r"inputs.a\[0\]._requires_ = '@x' is config syntax"),
+        ({"json": '{"inputs": {"vqgan": {"record": {"network_def": {"_target_": "os.system"}}}}}'}, "refusing network 'os.system'"),
     ],
-    ids=["deep", "list", "not text", "string definition", "list target", "nested requires"],
+    ids=["deep", "list", "not text", "string definition", "list target", "nested requires", "nested record"],
 )
 def test_malformed_records_are_input_errors(state, problem, tmp_path):
     path = tmp_path / "bad.pt"
     torch.save({"model": {"w": torch.zeros(1)}, "record": state}, path)
     with pytest.raises(InputError, match=f"bad.pt: .*{problem}"):
         read_checkpoint(path)
+
+
+def test_a_nested_record_of_an_allowed_network_is_data(tmp_path):
+    """latent_ddpm records its VQ-GAN's record (``inputs.vqgan.record.network_def``): allowed, and checked."""
+    nested = {"network_def": {"_target_": "monai.networks.nets.vqvae.VQVAE", "channels": [8, 16]}}
+    path = tmp_path / "nested.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "record": {"json": json.dumps({"inputs": {"vqgan": {"record": nested}}})}}, path)
+    assert record_of(read_checkpoint(path))["inputs"]["vqgan"]["record"] == nested
 
 
 @pytest.mark.parametrize(
