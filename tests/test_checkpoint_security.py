@@ -418,6 +418,7 @@ def test_zoo_form_is_a_bare_state_dict_bound_to_its_record(real_checkpoint, tmp_
         read_checkpoint(weights)
 
 
+@pytest.mark.slow  # two interpreters importing torch
 def test_convert_official_reports_a_malicious_file_in_one_line(tmp_path):
     import pickle
 
