@@ -21,6 +21,7 @@ Times on a shared 2-core machine are noisy: compare ratios measured in one run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -243,8 +244,9 @@ def main(
     return report
 
 
-def _cli(**kwargs) -> None:
-    main(**kwargs)
+@functools.wraps(main)  # fire reads main's signature, so --help works
+def _cli(*args, **kwargs) -> None:
+    main(*args, **kwargs)
 
 
 if __name__ == "__main__":

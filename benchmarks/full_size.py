@@ -174,6 +174,47 @@ def measure(case: Case) -> dict:
     }
 
 
+def _real(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if x.dtype in (torch.long, torch.int64, torch.int32):
+        return torch.zeros(x.shape, dtype=x.dtype)
+    return torch.rand(x.shape, generator=generator)
+
+
+def cpu_step(case: Case, bf16: bool = True, max_gib: float = 20.0) -> dict:
+    """One real full-size training step on the CPU (random inputs at the metadata's shapes, batch 1): forward
+    under bf16 autocast (``bf16``), backward, one Adam step; checks that the loss and every gradient are finite.
+
+    Why: the meta device proves shapes, not dtypes or kernels; this runs the real CPU kernels (and autocast's
+    dtype paths) at full size. Refuses (ValueError) a step whose estimate exceeds ``max_gib``.
+    """
+    import time
+
+    estimate = measure(case)
+    need = (16 * estimate["parameters"] + estimate["saved_activations_mib"] * MIB) / 2**30
+    if need > max_gib:
+        raise ValueError(f"{case.bundle} {case.network_id}: a step needs ~{need:.1f} GiB > {max_gib} GiB")
+    meta = metadata(case.bundle)
+    parser = _parser(case)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content(case.network_id).train()
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(_real(x, generator) for x in case.inputs(meta))
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = _first_tensor(case.pick(net(*inputs)))
+        loss = out.float().square().mean()
+    loss.backward()
+    bad = [n for n, p in net.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    optimizer.step()
+    seconds = time.perf_counter() - start
+    return {
+        "bundle": case.bundle, "network": case.network_id, "bf16_autocast": bf16, "output_dtype": str(out.dtype),
+        "loss": float(loss), "finite": bool(torch.isfinite(loss)) and not bad, "nonfinite_grads": bad,
+        "seconds": seconds, "estimate_gib": need,
+    }  # fmt: skip
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| bundle | network | pass | parameters | GFLOP per sample | saved activations per sample "
             "| training step at the config's batch |")
@@ -191,6 +232,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundles", nargs="*", help="bundles to measure (default: all six)")
+    parser.add_argument("--cpu_step", action="store_true",
+                        help="also run one real full-size training step on the CPU (bf16 autocast) per network")
     parser.add_argument("--json", default=str(REPO / "outputs" / "benchmarks" / "full_size.json"))
     args = parser.parse_args(argv)
     rows = []
@@ -200,9 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             rows.append(measure(case))
     print(format_table(rows))
+    steps = []
+    if args.cpu_step:
+        for case in CASES:
+            if case.backward and (not args.bundles or case.bundle in args.bundles):
+                try:
+                    steps.append(cpu_step(case))
+                except ValueError as e:
+                    steps.append({"bundle": case.bundle, "network": case.network_id, "skipped": str(e)})
+                step = steps[-1]
+                print(f"CPU step {case.bundle} {case.network_id}: " + (step.get("skipped") or
+                      f"{step['seconds']:.1f} s, loss {step['loss']:.4g}, output {step['output_dtype']}, "
+                      f"finite {step['finite']}"), flush=True)  # fmt: skip
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2) + "\n")
+    out.write_text(json.dumps({"rows": rows, "cpu_steps": steps, "torch": torch.__version__}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

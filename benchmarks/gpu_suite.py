@@ -19,6 +19,8 @@ each bundle's ``cpu_tiny.json`` overlay):
 - ``cascade_memory``: stage-3 256^3 training step, peak memory with and without gradient checkpointing
   (``torch.cuda.max_memory_allocated``), saved activations (``benchmarks/cascade_memory.py``).
 - ``pe_classifier``: volumes/s of the 3D classifier at 128^3 (inference float32 and bf16, training step).
+- ``full_size_training``: every bundle's training networks at full size (``benchmarks/full_size.py``'s CASES:
+  the metadata's shapes, the config's batch, float32 Adam steps): samples/s and peak GPU memory.
 
 Each item runs in its own process with its own time budget (``BUDGET_S``; the whole suite stays under 8 minutes
 on one H100/H200). An item that fails or runs out of time is recorded with its error and whatever it measured
@@ -50,15 +52,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ITEMS = ("drr", "vqgan_sliding_window", "perx2ct", "latent_ddpm", "cascade_memory", "pe_classifier")
+ITEMS = ("drr", "vqgan_sliding_window", "perx2ct", "latent_ddpm", "cascade_memory", "pe_classifier",
+         "full_size_training")  # fmt: skip
 # Seconds per item on one H100/H200, process start-up included (sum 450 s: under the 8 minutes asked for).
 BUDGET_S = {
-    "drr": 90,
-    "vqgan_sliding_window": 140,
-    "perx2ct": 45,
-    "latent_ddpm": 85,
-    "cascade_memory": 60,
-    "pe_classifier": 30,
+    "drr": 75,
+    "vqgan_sliding_window": 115,
+    "perx2ct": 40,
+    "latent_ddpm": 70,
+    "cascade_memory": 50,
+    "pe_classifier": 25,
+    "full_size_training": 75,
 }
 TOTAL_BUDGET_S = 450
 DRY_RUN_BUDGET_SCALE = 4.0  # CI's 2 shared cores are slower than a GPU at the full sizes
@@ -92,6 +96,11 @@ PARAMS = {
         "full": dict(tiny=False, ct_size=[128, 128, 128], batch=8, train_batch=4, repeats=5),
         "dry_run": dict(tiny=True, ct_size=[16, 16, 16], batch=2, train_batch=2, repeats=1),
     },
+}
+PARAMS["full_size_training"] = {
+    # every training network of benchmarks/full_size.py's CASES at the metadata's shapes and the config's batch
+    "full": dict(tiny=False, repeats=3),
+    "dry_run": dict(tiny=True, repeats=1),
 }
 SOURCE_GLOBS = ("benchmarks/*.py", "bin/*.sh", "bin/*.py", "bundles/*/scripts/*.py", "bundles/*/configs/*.json",
                 "common/*.py", "data_prep/*.py")  # fmt: skip
@@ -457,6 +466,121 @@ def item_pe_classifier(ctx: ItemContext) -> None:
                          "parameters": sum(q.numel() for q in net.parameters())})  # fmt: skip
 
 
+def tiny_metadata(bundle: str) -> dict:
+    """The bundle's metadata with ``network_data_format`` at its ``cpu_tiny.json`` sizes (the dry run)."""
+    from benchmarks.full_size import metadata
+
+    p = bundle_parser(bundle, "train.json", True)
+    meta = metadata(bundle)
+    fmt = meta["network_data_format"]
+    if bundle == "vqgan_3d_patch":
+        fmt["inputs"]["image"]["spatial_shape"] = fmt["outputs"]["pred"]["spatial_shape"] = list(p["patch_size"])
+    elif bundle == "pix2pix_phase":
+        fmt["inputs"]["image"]["spatial_shape"] = fmt["outputs"]["pred"]["spatial_shape"] = [p["image_size"]] * 2
+    elif bundle == "pe_classifier":
+        fmt["inputs"]["image"]["spatial_shape"] = list(p["ct_size"])
+    elif bundle == "perx2ct":
+        fmt["inputs"]["image"]["spatial_shape"] = [p["image_size"]] * 2
+        fmt["outputs"]["pred"]["spatial_shape"] = [p["volume_size"]] * 3
+    elif bundle == "progressive_cascade":
+        fmt["inputs"]["image"]["spatial_shape"] = [p["xray_size"]] * 2
+        fmt["outputs"]["pred"]["spatial_shape"] = [p["volume_sizes"][-1]] * 3
+    elif bundle == "latent_ddpm":
+        latent = [s // 8 for s in p["vqgan_roi"]]
+        channels = p.get_parsed_content("latent_channels")
+        fmt["inputs"]["image"].update(spatial_shape=latent, num_channels=channels)
+        fmt["outputs"]["pred"].update(spatial_shape=latent, num_channels=channels)
+        fmt["inputs"]["context"]["spatial_shape"] = [p["xray_size"]] * 2
+    return meta
+
+
+def _real_inputs(meta_inputs: tuple, batch: int, device) -> list:
+    """``Case.inputs``' meta tensors (batch 1) as real ones of ``batch`` on ``device``: floats uniform in
+    [0, 1), integers (time steps, slice indices) zero."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in meta_inputs:
+        shape = (batch, *t.shape[1:])
+        x = torch.zeros(shape, dtype=t.dtype) if not t.dtype.is_floating_point else torch.rand(shape, generator=g)
+        out.append(x.to(device))
+    return out
+
+
+def train_step_throughput(ctx: ItemContext, case, repeats: int) -> dict:
+    """One network of ``benchmarks/full_size.py``'s CASES trained on random inputs at the metadata's shapes and
+    the config's ``batch_size``: Adam steps (forward, backward, update) per second, float32 as the bundles
+    train, and the peak GPU memory of those steps."""
+    import torch
+
+    from benchmarks.full_size import _first_tensor, metadata
+
+    meta = tiny_metadata(case.bundle) if ctx.params["tiny"] else metadata(case.bundle)
+    parser = bundle_parser(case.bundle, case.config, ctx.params["tiny"], dict(case.overrides))
+    batch = int(parser.get("batch_size", 1))
+    # what one sample is: PerX2CT trains on decoded slices, the VQ-GAN on patches, the others on whole items
+    unit = {"perx2ct": "slices", "vqgan_3d_patch": "patches"}.get(case.bundle, "samples")
+    row = {"bundle": case.bundle, "network": case.network_id, "batch": batch, "unit": unit, "inputs": None}
+    ctx.reset_peak()
+    net = opt = inputs = None
+    try:
+        net = parser.get_parsed_content(case.network_id).to(ctx.device).train()
+        inputs = _real_inputs(case.inputs(meta), batch, ctx.device)
+        row["inputs"] = [list(x.shape) for x in inputs]
+        params = [q for q in net.parameters() if q.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = _first_tensor(case.pick(net(*inputs)))
+            out.float().mean().backward()
+            opt.step()
+
+        step()  # warm-up: cuDNN algorithm choice, Adam's state
+        seconds = statistics.median(timed(ctx, step, repeats))
+        row.update(seconds_per_step=seconds, samples_per_s=batch / seconds, peak_gpu_mib=ctx.peak_gpu_mib(),
+                   parameters=sum(q.numel() for q in net.parameters()))  # fmt: skip
+    except torch.cuda.OutOfMemoryError as e:  # a figure too: this batch does not fit this GPU
+        row.update(error=f"out of memory: {str(e).splitlines()[0]}", peak_gpu_mib=ctx.peak_gpu_mib())
+    finally:
+        net = opt = inputs = None  # noqa: F841 (freed before the next network is built)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def item_full_size_training(ctx: ItemContext) -> None:
+    """Training throughput of every bundle's networks at full size (``benchmarks/full_size.py``'s CASES with a
+    backward pass): samples/s and peak GPU memory, the config's batch, float32. Generators first, so the
+    figures a user needs first survive a tight budget."""
+    from benchmarks.full_size import CASES
+
+    cases = sorted((c for c in CASES if c.backward), key=lambda c: "discriminator" in c.network_id)
+    rows: list[dict] = []
+    for case in cases:
+        done = [r["seconds_total"] for r in rows]
+        predicted = max(done) if done else None
+        label = f"{case.bundle} {case.network_id}"
+        if not ctx.fits(label, predicted):
+            continue
+        t0 = time.monotonic()
+        row = train_step_throughput(ctx, case, ctx.params["repeats"])
+        row["seconds_total"] = time.monotonic() - t0
+        rows.append(row)
+        ctx.record("rows", rows)
+    for r in rows:
+        label = f"{r['bundle']} {r['network']}, batch {r['batch']}"
+        if "error" in r:
+            ctx.result["summary"].append([label, r["error"]])
+            continue
+        text = f"{r['samples_per_s']:.2f} {r['unit']}/s ({r['seconds_per_step']:.3f} s/step)"
+        if r["peak_gpu_mib"] is not None:
+            text += f", peak GPU {r['peak_gpu_mib']:.0f} MiB"
+        ctx.result["summary"].append([label, text])
+    ctx.record("rows", rows)
+
+
 ITEM_FUNCTIONS: dict[str, Callable[[ItemContext], None]] = {
     "drr": item_drr,
     "vqgan_sliding_window": item_vqgan_sliding_window,
@@ -464,6 +588,7 @@ ITEM_FUNCTIONS: dict[str, Callable[[ItemContext], None]] = {
     "latent_ddpm": item_latent_ddpm,
     "cascade_memory": item_cascade_memory,
     "pe_classifier": item_pe_classifier,
+    "full_size_training": item_full_size_training,
 }
 
 

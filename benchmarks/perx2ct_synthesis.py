@@ -200,15 +200,27 @@ def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int 
     print("chunk sweep (fused_cl, CPU s): " + ", ".join(f"{k}: {v:.3f}" for k, v in sweep.items()))
     for name, top in profiles.items():
         print(f"top ops {name}: " + ", ".join(f"{t['op']} {t['share']:.0%}" for t in top[:4]))
-    print(f"server round trip (median) {result['server_latency_s_median']:.3f} s, "
-          f"throughput {result['server_throughput_per_s']:.2f} volumes/s")  # fmt: skip
+    if result["server_requests"]:
+        print(f"server round trip (median) {result['server_latency_s_median']:.3f} s, "
+              f"throughput {result['server_throughput_per_s']:.2f} volumes/s")  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
 
 def _server_round_trips(net: PerX2CTNet, dev: torch.device, n: int, requests: int) -> dict:
-    """A server on 127.0.0.1 (the API's default path) answering ``requests`` sequential clients."""
+    """A server on 127.0.0.1 (the API's default path) answering ``requests`` sequential clients.
+
+    ``requests`` 0 skips the server (no latency to report: the figures are None)."""
+    if requests < 0:
+        raise ValueError(f"server_requests must be >= 0, got {requests}")
+    if requests == 0:
+        return {
+            "server_latency_s_median": None,
+            "server_latency_s_max": None,
+            "server_throughput_per_s": None,
+            "server_requests": 0,
+        }
     api = PerX2CTInference(net, device=dev, amp=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

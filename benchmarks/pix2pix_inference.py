@@ -11,6 +11,7 @@ outputs are checked to agree. ``--gpu`` uses CUDA, the clinical size (512 x 512 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -113,9 +114,10 @@ def main(
     return result
 
 
-def cli(**kwargs) -> None:
+@functools.wraps(main)  # fire reads main's signature, so --help works
+def cli(*args, **kwargs) -> None:
     """fire entry point (prints the table, not the returned dict)."""
-    main(**kwargs)
+    main(*args, **kwargs)
 
 
 if __name__ == "__main__":

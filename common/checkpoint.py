@@ -17,6 +17,13 @@ alone; :func:`load_weights` and :class:`CheckpointLoader` load weights into a ne
 and refuse a config that contradicts the record; checkpoints without a record load through the config with
 a warning.
 
+A checkpoint is hostile input (issue 23): :func:`read_checkpoint`, which every loader calls, checks the zip before
+``torch.load`` (:func:`check_torch_file`: no compressed entries, sizes within the file and a limit) and the record
+before anything is built: its network must be one of :data:`NETWORKS` (checked on the string, so a record never
+imports a module or calls anything else) with plain JSON arguments, and no record value may carry MONAI config
+syntax. The zoo form is a bare state dict ``X.pt`` with ``X.record.json`` bound to it by ``weights_sha256``
+(:func:`export_bare`).
+
 :class:`CheckpointSaver` is MONAI's saver with three guarantees (issue 14, training hardening): files are
 written atomically; the final checkpoint is written only when training completes (MONAI also writes it when
 an exception stops training, e.g. a failed resume, overwriting a trained file with untrained weights); and a
@@ -68,26 +75,93 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-def _locate(target: str):
-    """A class from its path or MONAI short name (``VQVAE``), as MONAI's config parser finds it."""
-    from pydoc import locate
+# The network classes (and factories) a checkpoint's record may name: one qualified name per line, checked on
+# the string before anything is imported (issue 23, item 1). A record is data from whoever sent the file; it
+# never chooses a module to import or a callable to run beyond these. A new network class is one line here
+# (tests/test_checkpoint_security.py fails for a bundle config whose network_def names a class not listed).
+NETWORKS: frozenset[str] = frozenset({
+    "bundles.latent_ddpm.scripts.networks.XrayConditionedUNet",
+    "bundles.pe_classifier.scripts.networks.build_pe_classifier",
+    "bundles.perx2ct.scripts.networks.PerX2CTNet",
+    "bundles.pix2pix_phase.scripts.networks.PhaseGenerator",
+    "bundles.progressive_cascade.scripts.networks.ProgressiveCascade",
+    "bundles.vqgan_3d_patch.scripts.networks.ReconstructionVQVAE",
+    "monai.networks.nets.vqvae.VQVAE",
+})  # fmt: skip
+_EXTRA_NETWORKS: set[str] = set()  # allow_network(): classes registered by code (tests, plug-ins), never by data
 
-    from monai.bundle import ComponentLocator
 
-    path = target
-    if "." not in target:
-        module = ComponentLocator().get_component_module_name(target)
-        if isinstance(module, list):  # several MONAI modules export the name: take the first, as MONAI does
-            module = module[0]
-        path = f"{module}.{target}" if module else target
-    component = locate(path)
-    if component is None:
-        raise InputError(None, f"cannot locate the network class {target!r}")
+def allow_network(target: str) -> None:
+    """Put ``<module>.<class>`` on the allow-list; for code (a test's or a plug-in's network), never for data."""
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(f"allow_network needs '<module>.<class>', got {target!r}")
+    _EXTRA_NETWORKS.add(target)
+
+
+def allowed_network(target: object, source: str | os.PathLike | None = None) -> str:
+    """The allow-listed qualified name ``target`` stands for (a qualified name, or a MONAI class's short name
+    such as ``VQVAE``), decided on the string alone; anything else is :class:`InputError` naming ``source``."""
+    allowed = NETWORKS | _EXTRA_NETWORKS
+    if isinstance(target, str) and target in allowed:
+        return target
+    if isinstance(target, str) and target and "." not in target:
+        matches = sorted(n for n in allowed if n.startswith("monai.") and n.rsplit(".", 1)[1] == target)
+        if len(matches) == 1:
+            return matches[0]
+    raise InputError(
+        None if source is None else os.fspath(source),
+        f"refusing network {str(target)[:200]!r}: not one of xray2ct's network classes "
+        "(common.checkpoint.NETWORKS); a checkpoint never names code to run",
+    )
+
+
+def check_arguments(arguments: Mapping, target: str, source: str | os.PathLike | None = None) -> None:
+    """Refuse network arguments that are not plain JSON (numbers, strings, bools, None, lists, nested dicts of
+    them with string keys), so a record cannot hand a network an object; :class:`InputError` names the file."""
+
+    def bad(value, where: str) -> str | None:
+        if value is None or isinstance(value, (bool, int, str)):
+            return None
+        if isinstance(value, float):
+            return None
+        if isinstance(value, list):
+            return next((b for i, v in enumerate(value) if (b := bad(v, f"{where}[{i}]"))), None)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return f"{where} has a non-string key {k!r}"
+                if b := bad(v, f"{where}.{k}"):
+                    return b
+            return None
+        return f"{where} is a {type(value).__name__}"
+
+    for key, value in arguments.items():
+        problem = f"argument {key!r} is not a string" if not isinstance(key, str) else bad(value, key)
+        if problem:
+            raise InputError(
+                None if source is None else os.fspath(source),
+                f"refusing network {target!r}: {problem}, not a plain JSON value",
+            )
+
+
+def _locate(target: str, source: str | os.PathLike | None = None):
+    """The allow-listed class (or factory) ``target`` names: the string is checked first, then only its own
+    module (one of ours or MONAI's) is imported."""
+    import importlib
+
+    qualified = allowed_network(target, source)
+    module_name, _, name = qualified.rpartition(".")
+    component = getattr(importlib.import_module(module_name), name, None)
+    if component is None or _qualified_name(component) != qualified:
+        raise InputError(None if source is None else os.fspath(source), f"cannot locate the network {target!r}")
     return component
 
 
 def _qualified_name(component) -> str:
     return f"{component.__module__}.{component.__qualname__}"
+
+
+_BUILD_NETWORK = "common.checkpoint.build_network"
 
 
 def plain(value):
@@ -137,15 +211,30 @@ def network_description(network: torch.nn.Module) -> dict | None:
     return _DESCRIPTIONS.get(unwrap(network))
 
 
-def instantiate_network(network_def: Mapping) -> torch.nn.Module:
-    """A network from a recorded or config ``network_def`` (``{"_target_": ..., **arguments}``)."""
+def _definition(network_def: Mapping, source: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """``(allow-listed qualified class name, arguments)`` of a ``network_def``, unwrapping :func:`build_network`;
+    refused (:class:`InputError` naming ``source``) before anything is imported or called."""
+    if not isinstance(network_def, Mapping):
+        raise InputError(source, f"network definition is a {type(network_def).__name__}, not a dict")
     definition = dict(network_def)
     target = definition.pop("_target_", None)
-    if target == _qualified_name(build_network) or target == "common.checkpoint.build_network":
-        target = definition.pop("target")
+    if target in (_BUILD_NETWORK, "build_network"):
+        target = definition.pop("target", None)
     if not target:
-        raise InputError(None, f"network definition without a '_target_': {sorted(definition)}")
-    return build_network(target, **definition)
+        raise InputError(source, f"network definition without a '_target_': {sorted(map(str, definition))}")
+    target = allowed_network(target, source)
+    check_arguments(definition, target, source)
+    return target, definition
+
+
+def instantiate_network(network_def: Mapping, source: str | os.PathLike | None = None) -> torch.nn.Module:
+    """A network from a recorded or config ``network_def`` (``{"_target_": ..., **arguments}``).
+
+    Only allow-listed classes (:data:`NETWORKS`) with plain JSON arguments: a record is untrusted data, so
+    anything else is refused with one :class:`InputError` naming ``source`` (the checkpoint) and the target.
+    """
+    target, arguments = _definition(network_def, source)
+    return build_network(target, **arguments)
 
 
 def _same(a, b) -> bool:
@@ -158,22 +247,23 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def network_differences(recorded: Mapping, configured: Mapping, ignore: Sequence[str] = ()) -> list[str]:
+def network_differences(
+    recorded: Mapping, configured: Mapping, ignore: Sequence[str] = (), source: str | os.PathLike | None = None
+) -> list[str]:
     """Human-readable differences between two network definitions (empty when they build the same network).
 
     Classes agree when one is a subclass of the other (e.g. MONAI ``VQVAE`` and the vqgan bundle's
     ``ReconstructionVQVAE``, same parameters), factory functions when they are the same; an argument present
     on one side only is compared with its default. Arguments in ``ignore`` (run-time settings such as a
-    decoder's chunk size, which change neither the weights nor the output) are not compared.
+    decoder's chunk size, which change neither the weights nor the output) are not compared. Both targets
+    must be allow-listed (:func:`allowed_network`, checked before any import; ``source`` names the file).
     """
-    recorded = {k: v for k, v in plain(dict(recorded)).items() if k not in ignore}
-    configured = {k: v for k, v in plain(dict(configured)).items() if k not in ignore}
-    classes = []
-    for d in (recorded, configured):
-        target = d.pop("_target_", "")
-        if target.endswith("build_network"):
-            target = d.pop("target")
-        classes.append(_locate(target))
+    classes, definitions = [], []
+    for d in (recorded, plain(dict(configured))):  # the config's side is code: its tuples become lists
+        target, arguments = _definition(d, source)
+        classes.append(_locate(target, source))
+        definitions.append({k: v for k, v in plain(arguments).items() if k not in ignore})
+    recorded, configured = definitions
     a_cls, b_cls = classes
     out = []
     if isinstance(a_cls, type) and isinstance(b_cls, type):
@@ -285,23 +375,159 @@ def comparable(a: Mapping | None, b: Mapping | None) -> bool:
     if not a or not b:
         return False
     same_data = (a.get("datalist") or {}).get("sha256") == (b.get("datalist") or {}).get("sha256")
-    return (
-        a.get("bundle") == b.get("bundle")
-        and same_data
-        and bool(a.get("network_def"))
-        and bool(b.get("network_def"))
-        and not network_differences(a["network_def"], b["network_def"])
-    )
+    if not (a.get("bundle") == b.get("bundle") and same_data and a.get("network_def") and b.get("network_def")):
+        return False
+    try:
+        return not network_differences(a["network_def"], b["network_def"])
+    except InputError:  # a record naming a class off the allow-list compares with nothing
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint as ``{"model": state_dict, ...}`` (bare state dicts are wrapped), read safely.
+MAX_CHECKPOINT_BYTES_ENV = "XRAY2CT_MAX_CHECKPOINT_BYTES"
+DEFAULT_MAX_CHECKPOINT_BYTES = 8 << 30  # 8 GiB: above every network of the project with optimiser states
+MAX_SIDECAR_BYTES = 1 << 20
+SIDECAR_SUFFIX = ".record.json"
+_CONFIG_SYNTAX = ("$", "@", "%")  # MONAI ConfigParser: expression, reference, macro
+_CONFIG_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 
-    ``torch.load(weights_only=True)`` (nothing is unpickled); an unreadable file (truncated by an interrupted
-    save or copy, or not a PyTorch checkpoint) raises :class:`InputError` naming the file.
+
+def max_checkpoint_bytes() -> int:
+    """The largest checkpoint (bytes, file and tensors alike) a loader reads: ``$XRAY2CT_MAX_CHECKPOINT_BYTES``
+    or 8 GiB."""
+    text = os.environ.get(MAX_CHECKPOINT_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_CHECKPOINT_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(None, f"{MAX_CHECKPOINT_BYTES_ENV}={text!r} is not a number of bytes") from None
+    if value <= 0:
+        raise InputError(None, f"{MAX_CHECKPOINT_BYTES_ENV}={text!r} must be positive")
+    return value
+
+
+def check_torch_file(path: str | os.PathLike, legacy: str = "refuse", limit: int | None = None) -> None:
+    """Refuse a ``.pt`` that would inflate or lie about its sizes, before ``torch.load`` allocates anything.
+
+    ``torch.save`` writes a zip whose entries are STORED (uncompressed): a compressed entry (a zip bomb: 1 MB
+    inflating to GiB), an entry whose declared size overruns the file, or declared sizes summing above the
+    file's size or ``limit`` (default :func:`max_checkpoint_bytes`) are refused with :class:`InputError`.
+    A file that is not a zip is the pre-1.6 legacy format: ``legacy="refuse"`` (our checkpoints: every
+    torch since 1.6 writes zips) refuses it; ``legacy="size"`` (third-party weights) only checks its size.
+    """
+    import zipfile
+
+    path = os.fspath(path)
+    limit = max_checkpoint_bytes() if limit is None else limit
+    size = os.path.getsize(path)
+    if size > limit:
+        raise InputError(path, f"is {size} bytes, above the {limit}-byte limit for checkpoints ({MAX_CHECKPOINT_BYTES_ENV})")
+    if not zipfile.is_zipfile(path):
+        if legacy == "size":
+            return
+        raise InputError(
+            path, "cannot read the checkpoint (not the zip format torch.save writes since torch 1.6; the legacy "
+            "format is refused): the file is truncated or not a checkpoint",
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise InputError(path, f"unreadable checkpoint archive ({e})") from None
+    total = 0
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
+            raise InputError(
+                path, f"entry {entry.filename[:100]!r} is compressed ({entry.file_size} bytes declared in "
+                f"{entry.compress_size}): torch.save never compresses, refusing a possible zip bomb",
+            )
+        if entry.header_offset + entry.file_size > size:
+            raise InputError(path, f"entry {entry.filename[:100]!r} declares {entry.file_size} bytes beyond the end of the file")
+        total += entry.file_size
+    if total > min(size, limit):
+        raise InputError(path, f"entries declare {total} bytes, more than the file's {size} bytes (limit {limit})")
+
+
+def _check_record_data(record: object, source: str | None) -> dict:
+    """A parsed record, refused unless it is inert data: a dict whose strings carry no MONAI config syntax
+    (``$`` expressions, ``@`` references, ``%`` macros) and whose dicts no ``_target_``-like keys (except an
+    allow-listed ``_target_`` of a ``network_def``, also one nested, such as the VQ-GAN record in latent_ddpm's),
+    since loaders set record values into config parsers."""
+    if not isinstance(record, dict):
+        raise InputError(source, f"checkpoint record is a {type(record).__name__}, not a dict")
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, str):
+            if value.startswith(_CONFIG_SYNTAX):
+                raise InputError(source, f"checkpoint record {where} = {value[:60]!r} is config syntax, not data")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            definition = where.rsplit(".", 1)[-1] == "network_def"  # also a record inside (latent_ddpm's VQ-GAN)
+            if definition:
+                _definition(value, source)  # allow-listed class, plain arguments
+            for k, v in value.items():
+                if k in _CONFIG_KEYS and not (definition and k == "_target_"):
+                    raise InputError(source, f"checkpoint record {where}.{k} = {str(v)[:60]!r} is config syntax, not data")
+                walk(v, f"{where}.{k}")
+
+    for key, value in record.items():
+        walk(value, str(key))
+    if record.get("network_def") is not None:
+        _definition(record["network_def"], source)  # not a dict: refused
+    return record
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+    """``X.record.json`` beside the bare state dict ``X.pt`` (the zoo form, see :func:`export_bare`)."""
+    stem, _ = os.path.splitext(os.fspath(path))
+    return stem + SIDECAR_SUFFIX
+
+
+def _read_sidecar(path: str) -> dict | None:
+    """The record of a bare state dict from its sidecar, refused unless its ``weights_sha256`` is the file's."""
+    sidecar = sidecar_path(path)
+    if not os.path.isfile(sidecar):
+        return None
+    if os.path.getsize(sidecar) > MAX_SIDECAR_BYTES:
+        raise InputError(sidecar, f"record above {MAX_SIDECAR_BYTES} bytes")
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            record = json.load(f)
+    except RecursionError:
+        raise InputError(sidecar, "checkpoint record is nested too deeply") from None
+    except (OSError, ValueError) as e:
+        raise InputError(sidecar, f"unreadable checkpoint record ({e})") from None
+    if not isinstance(record, dict):
+        raise InputError(sidecar, "checkpoint record is not a JSON object")
+    expected = record.pop("weights_sha256", None)
+    if not isinstance(expected, str):
+        raise InputError(sidecar, "record has no weights_sha256: it is not bound to any weights")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise InputError(
+            sidecar, f"record belongs to other weights (weights_sha256 {expected[:12]}..., {os.path.basename(path)} "
+            f"is {actual[:12]}...): refusing a swapped record",
+        )
+    try:
+        return _check_record_data(record, sidecar)
+    except RecursionError:
+        raise InputError(sidecar, "checkpoint record is nested too deeply") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint as ``{"model": state_dict, "record": {"json": ...}, ...}``, read safely.
+
+    :func:`check_torch_file` (no zip bomb) then ``torch.load(weights_only=True)`` (nothing is unpickled); an
+    unreadable file (truncated, or not a PyTorch checkpoint) raises :class:`InputError` naming the file. A
+    bare state dict is wrapped as ``{"model": ...}`` with the record of its sidecar ``X.record.json`` when that
+    exists and its ``weights_sha256`` matches (else refused). The record is checked to be inert data naming an
+    allow-listed network (:func:`allowed_network`).
     """
     path = require_file(path)
+    check_torch_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
@@ -310,20 +536,50 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(checkpoint, Mapping):
         raise InputError(path, f"expected a dict of states, got {type(checkpoint).__name__}")
+    checkpoint = dict(checkpoint)
     if MODEL_KEY not in checkpoint and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        checkpoint = {MODEL_KEY: checkpoint}  # ignite saves a one-entry save_dict as the bare state dict
-    return dict(checkpoint)
+        checkpoint = {MODEL_KEY: checkpoint}  # a bare state dict (ignite's one-entry save_dict, the zoo form)
+        record = _read_sidecar(path)
+        if record is not None:
+            checkpoint[RECORD_KEY] = {"json": json.dumps(record, sort_keys=True)}
+    record_of(checkpoint, path)
+    return checkpoint
 
 
-def record_of(checkpoint: Mapping) -> dict | None:
-    """The record of a checkpoint read by :func:`read_checkpoint` (None for checkpoints saved without one)."""
+def record_of(checkpoint: Mapping, source: str | os.PathLike | None = None) -> dict | None:
+    """The record of a checkpoint read by :func:`read_checkpoint` (None for checkpoints saved without one),
+    refused unless it is inert data naming an allow-listed network."""
+    source = None if source is None else os.fspath(source)
     state = checkpoint.get(RECORD_KEY)
     if state is None:
         return None
     try:
-        return json.loads(state["json"])
+        return _check_record_data(json.loads(state["json"]), source)
+    except RecursionError:
+        raise InputError(source, "checkpoint record is nested too deeply") from None
+    except InputError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(None, f"checkpoint record is unreadable ({e})") from None
+        raise InputError(source, f"checkpoint record is unreadable ({e})") from None
+
+
+def export_bare(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, str]:
+    """Write the zoo form of checkpoint ``src``: the bare state dict ``dst`` (what MONAI's ``ckpt_export``
+    loads without ``key_in_ckpt``) and its record ``dst`` minus ``.pt`` plus ``.record.json``, bound to the
+    weights by ``weights_sha256``. Both files are written atomically; returns ``(weights, record)`` paths."""
+    from common.atomic import atomic_path
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    checkpoint = read_checkpoint(src)
+    record = record_of(checkpoint, src)
+    if record is None:
+        raise InputError(src, "checkpoint has no record to export beside its weights")
+    sidecar = sidecar_path(dst)
+    with atomic_path(dst) as tmp:
+        torch.save(network_state(checkpoint, src), tmp)
+        record = {**record, "weights_sha256": file_sha256(tmp)}
+        atomic_write_text(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return dst, sidecar
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
@@ -366,7 +622,7 @@ def check_record(
     )
     if configured is None or "network_def" not in record:
         return
-    differences = network_differences(record["network_def"], configured, ignore)
+    differences = network_differences(record["network_def"], configured, ignore, source)
     if differences:
         raise InputError(
             source,
@@ -421,10 +677,10 @@ def build_from_checkpoint(
         network = network_def
     elif record is not None and "network_def" in record:
         check_record(record, network_def=network_def, expected_bundle=expected_bundle, source=path)
-        network = instantiate_network(record["network_def"])
+        network = instantiate_network(record["network_def"], path)
     elif network_def is not None:
         check_record(record, network_def=network_def, expected_bundle=expected_bundle, source=path)
-        network = instantiate_network(network_def)
+        network = instantiate_network(plain(dict(network_def)), path)  # the config's: tuples become lists
     else:
         raise InputError(
             path, "checkpoint has no record of its network: give the bundle's network_def to build it"
@@ -537,7 +793,7 @@ def build_for_inference(
                 raise InputError(path, "the config contradicts the checkpoint's record: " + "; ".join(differing))
             definition.update({k: configured[k] for k in runtime_arguments if k in configured})
         definition.update({k: v for k, v in (build_arguments or {}).items() if k in definition})
-        network = instantiate_network(definition)
+        network = instantiate_network(definition, path)
     _load_state(network, network_state(checkpoint, path), path)
     return network.to(device).eval(), record, parser
 

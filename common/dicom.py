@@ -52,6 +52,10 @@ ABS_TOL_MM = 1e-3
 REL_GAP_TOL = 0.01  # a gap may differ from the median gap by 1 % before the series counts as irregular
 TILT_TOL = 2e-3  # in-plane drift per mm along the normal (about 0.1 degree)
 ORIENTATION_TOL = 1e-4
+# Where the slice spacing comes from: "positions" (ours: the step of ImagePositionPatient along the normal,
+# checked for gaps and irregularity) or "slice_thickness" (PerX2CT's data_preprocessing/0_dicom2mhd.py l. 45:
+# SliceThickness, which stretches series whose slices overlap, e.g. 2.5 mm thick every 1.25 mm in LIDC-IDRI).
+Z_SPACINGS = ("positions", "slice_thickness")
 DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib'd
 MAX_INFLATED_BYTES = int(os.environ.get("XRAY2CT_MAX_DICOM_INFLATED_BYTES", 256 * 2**20))
 
@@ -120,13 +124,14 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
 
 
 def load_dicom_series(
-    folder: str | os.PathLike, series_uid: str | None = None, max_voxels: int | None = None
-) -> Volume:
+    folder: str | os.PathLike, series_uid: str | None = None, max_voxels: int | None = None,
+    z_spacing: str = "positions",
+) -> Volume:  # fmt: skip
     """Load one series from ``folder`` as a RAS volume of float32 HU (axes: column, row, slice).
 
     Raises :class:`InputError` when the folder holds several series and ``series_uid`` is None, when a
     DICOM file is unreadable, and for any geometry defect (see :func:`series_geometry`).
-    ``max_voxels``: see :func:`common.io.check_voxel_count`.
+    ``max_voxels``: see :func:`common.io.check_voxel_count`. ``z_spacing``: see :func:`load_series`.
     """
     folder = os.fspath(folder)
     scan = scan_dicom_folder(folder)
@@ -145,19 +150,33 @@ def load_dicom_series(
         if not matches:
             raise InputError(folder, f"series {series_uid} not found; present: {[s.uid for s in scan]}")
         info = matches[0]
-    return load_series(info, max_voxels=max_voxels)
+    return load_series(info, max_voxels=max_voxels, z_spacing=z_spacing)
 
 
-def load_series(info: SeriesInfo, max_voxels: int | None = None) -> Volume:
+def load_series(info: SeriesInfo, max_voxels: int | None = None, z_spacing: str = "positions") -> Volume:
     """Read the pixels of a scanned series, checking its geometry and declared size first.
 
-    Raises :class:`InputError` naming the file for undecodable pixels, non-finite rescale values or
-    non-finite voxels, so a NaN volume is never returned.
+    ``z_spacing`` (:data:`Z_SPACINGS`): "positions" (default) spaces the slices as their positions do;
+    "slice_thickness" uses the SliceThickness tag instead, as PerX2CT's conversion does (slices are still
+    ordered and checked by position). Raises :class:`InputError` naming the file for undecodable pixels,
+    non-finite rescale values or non-finite voxels, so a NaN volume is never returned.
     """
     from common.io import check_voxel_count
 
+    if z_spacing not in Z_SPACINGS:
+        raise ValueError(f"z_spacing must be one of {Z_SPACINGS}, got {z_spacing!r}")
     headers = read_headers(info)
     affine, order = series_geometry(headers, info.files, info.folder)
+    if z_spacing == "slice_thickness":
+        thickness = headers[order[0]].get("SliceThickness")
+        try:
+            dz = float(thickness)
+        except (TypeError, ValueError):
+            dz = float("nan")
+        if not np.isfinite(dz) or dz <= 0:
+            raise InputError(info.files[order[0]], f"z_spacing slice_thickness needs a positive SliceThickness, got {thickness!r}")
+        affine = affine.copy()
+        affine[:3, 2] *= dz / np.linalg.norm(affine[:3, 2])
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     check_voxel_count(info.folder, (cols, rows, len(order)), max_voxels, what="DICOM series")
     array = np.empty((cols, rows, len(order)), dtype=np.float32)  # (col i, row j, slice k)
@@ -195,6 +214,32 @@ def series_warnings(info: SeriesInfo, scan: Sequence[SeriesInfo] = ()) -> list[s
             f"(a file from another series?{where})"
         )
     return warnings
+
+
+def instance_number_direction(info: SeriesInfo) -> str:
+    """Which way InstanceNumber runs in patient space: "superior_to_inferior", "inferior_to_superior",
+    "mixed" or "unknown" (tags missing, or the slices are not axial).
+
+    PerX2CT's conversion stacks slices by InstanceNumber (``data_preprocessing/0_dicom2mhd.py`` l. 57-74)
+    and its released model reads array axis D0 as superior -> inferior (true of LIDC-IDRI-0001: instance 1
+    at z = -10 mm, 133 at -340 mm); a series numbered the other way would be flipped in its pipeline. Ours
+    sorts by position, so our volumes are right either way; this says when the original's would not be.
+    """
+    headers = read_headers(info)
+    try:
+        numbers = [int(h.InstanceNumber) for h in headers]
+        z = [float(h.ImagePositionPatient[2]) for h in headers]
+        iop = [float(v) for v in headers[0].ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return "unknown"
+    if len(headers) < 2 or abs(np.cross(iop[:3], iop[3:])[2]) < 0.5:  # one slice, or not axial
+        return "unknown"
+    dz = np.diff(np.asarray(z)[np.argsort(numbers, kind="stable")])  # DICOM z (LPS) grows superior
+    if np.all(dz < 0):
+        return "superior_to_inferior"
+    if np.all(dz > 0):
+        return "inferior_to_superior"
+    return "mixed"
 
 
 def read_headers(info: SeriesInfo) -> list[pydicom.Dataset]:
@@ -301,7 +346,8 @@ def _read_slice(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """One slice as float32 HU, transposed to (column i, row j); ``shape`` the expected (cols, rows)."""
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f)
         slope, intercept = rescale(ds, path)
         raw = ds.pixel_array
     except InputError:
@@ -356,7 +402,7 @@ def check_inflated_size(path: str, max_bytes: int | None = None) -> None:
             if len(head) < 144 or head[128:132] != b"DICM":
                 return  # no Part 10 file meta: pydicom never inflates such a file
             if head[132:136] == b"\x02\x00\x00\x00" and head[136:138] == b"UL":
-                meta = f.read(struct.unpack("<I", head[140:144])[0])
+                meta = f.read(min(struct.unpack("<I", head[140:144])[0], 1 << 16))  # read(n) allocates n
             else:
                 meta = head[132:] + f.read(4096)  # no group length: the meta group is small
             if DEFLATED_SYNTAX not in meta:
@@ -404,6 +450,39 @@ def check_pixel_bytes(path: str | None, ds: pydicom.Dataset, max_bytes: int) -> 
     return nbytes
 
 
+class SizedFile:
+    """A read-only file for ``pydicom.dcmread`` whose ``read(n)`` never asks for more bytes than are left.
+
+    pydicom reads an element with ``read(declared length)``, and Python allocates those n bytes before
+    reading: a 1 KB file declaring a 4 GB element would cost 4 GB (found by tests/test_fuzz.py).
+    """
+
+    def __init__(self, path: str):
+        self.name = path
+        self._file = open(path, "rb")
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._file.read()
+        return self._file.read(min(size, max(0, self._size - self._file.tell())))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SizedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _NotDicom(Exception):
     pass
 
@@ -411,7 +490,8 @@ class _NotDicom(Exception):
 def _read_header(path: str) -> pydicom.Dataset:
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
     except InvalidDicomError as e:
         if _has_dicm_marker(path):
             raise InputError(path, f"corrupt DICOM header ({e})") from e

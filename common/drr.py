@@ -43,7 +43,9 @@ class DRRGeometry:
     """Point source and flat detector, in millimetres.
 
     ``detector_size_mm`` is the physical (height, width) of the detector; ``detector_pixels`` its
-    (rows, cols). Magnification at the isocenter is ``sid / sad``.
+    (rows, cols). Magnification at the isocenter is ``sid / sad``. ``lateral``: (SAD, SID) of the lateral
+    view when it differs from the PA's (clinical films: PA at 1800 mm, lateral at 1500 mm); :meth:`for_view`
+    gives each view's own geometry.
     """
 
     name: str
@@ -51,12 +53,23 @@ class DRRGeometry:
     sid: float  # source to detector (image receptor)
     detector_pixels: tuple[int, int]
     detector_size_mm: tuple[float, float]
+    lateral: tuple[float, float] | None = None  # (SAD, SID) of the lateral view; None: the PA's
 
     def __post_init__(self) -> None:
         if not (0 < self.sad < self.sid):
             raise ValueError(f"need 0 < SAD < SID, got SAD={self.sad} SID={self.sid}")
         if min(self.detector_pixels) < 1 or min(self.detector_size_mm) <= 0:
             raise ValueError(f"bad detector {self.detector_pixels} px, {self.detector_size_mm} mm")
+        if self.lateral is not None and not (0 < self.lateral[0] < self.lateral[1]):
+            raise ValueError(f"need 0 < SAD < SID for the lateral view, got {self.lateral}")
+
+    def for_view(self, view: str) -> DRRGeometry:
+        """The geometry one view is rendered with (the lateral's own SAD/SID when it has one)."""
+        _view_axes(view)
+        if view != "lateral" or self.lateral is None:
+            return self
+        sad, sid = self.lateral
+        return dataclasses.replace(self, sad=float(sad), sid=float(sid), lateral=None)
 
     @property
     def detector_spacing(self) -> tuple[float, float]:
@@ -85,6 +98,10 @@ class DRRGeometry:
         d["detector_pixels"] = list(self.detector_pixels)
         d["detector_size_mm"] = list(self.detector_size_mm)
         d["detector_spacing_mm"] = list(self.detector_spacing)
+        if self.lateral is None:
+            d.pop("lateral")  # the datasets written before per-view geometries keep comparing equal
+        else:
+            d["lateral"] = [float(v) for v in self.lateral]
         d["views"] = {
             "pa": "source posterior, detector anterior; row 0 superior, col 0 patient right",
             "lateral": "left-lateral, beam right->left; row 0 superior, col 0 anterior",
@@ -99,6 +116,7 @@ class DRRGeometry:
             sid=float(d["sid"]),
             detector_pixels=tuple(int(v) for v in d["detector_pixels"]),  # type: ignore[arg-type]
             detector_size_mm=tuple(float(v) for v in d["detector_size_mm"]),  # type: ignore[arg-type]
+            lateral=None if d.get("lateral") is None else tuple(float(v) for v in d["lateral"]),  # type: ignore[arg-type]
         )
 
     # -- detector coordinates -------------------------------------------------------------------
@@ -116,11 +134,12 @@ class DRRGeometry:
         Consistent with :func:`render_drr`: a point projects to the pixel whose ray passes through it.
         """
         beam, sign, horiz = _view_axes(view)
+        geometry = self.for_view(view)
         points = torch.as_tensor(points)
-        depth = sign * points[..., beam] + self.sad
+        depth = sign * points[..., beam] + geometry.sad
         if torch.any(depth <= 0):
             raise ValueError("a point lies behind the X-ray source")
-        scale = self.sid / depth
+        scale = geometry.sid / depth
         u = -points[..., horiz] * scale
         v = -points[..., 2] * scale
         h, w = self.detector_pixels
@@ -135,11 +154,31 @@ X2CTGAN = DRRGeometry(
 PERX2CT = DRRGeometry(
     "perx2ct", sad=700.0, sid=949.0, detector_pixels=(128, 128), detector_size_mm=(500.0, 500.0)
 )
-PRESETS = {g.name: g for g in (X2CTGAN, PERX2CT)}
+# Clinical chest films: PA at SID ~1800 mm with the chest against the detector (magnification ~1.1 at the
+# mid-chest: SAD 1640 mm puts the isocentre 160 mm in front of the detector), lateral at SID ~1500 mm with the
+# side against it (SAD 1320 mm: magnification 1.14, half a chest width from the detector); a 43 x 43 cm
+# (17 x 17 in) receptor. Beam divergence, not only the scale, differs from the papers' 949 mm presets.
+CLINICAL = DRRGeometry(
+    "clinical", sad=1640.0, sid=1800.0, detector_pixels=(128, 128), detector_size_mm=(430.0, 430.0),
+    lateral=(1320.0, 1500.0),
+)  # fmt: skip
+PRESETS = {g.name: g for g in (X2CTGAN, PERX2CT, CLINICAL)}
+# Both papers render DRRs of HU + 24, not HU: their CTs are stored as HU + 1024 (PerX2CT
+# data_preprocessing/0_dicom2mhd.py l. 74) and ``plastimatch adjust --pw-linear "0, -1000"`` shifts them by
+# -1000 before rendering (X2CT-GAN CT2XRAY/xraypro.py l. 69-70, PerX2CT data_preprocessing/2_xraypro.py l. 83).
+PAPER_DRR_HU_OFFSET = 24.0
+PAPER_PRESETS = (X2CTGAN.name, PERX2CT.name)
+
+
+def paper_hu_offset(geometry: str | dict | DRRGeometry) -> float:
+    """The HU offset the paper behind a geometry preset added before rendering (24 for both papers' presets),
+    0 otherwise (the clinical preset and custom geometries)."""
+    name = geometry if isinstance(geometry, str) else get_geometry(geometry).name
+    return PAPER_DRR_HU_OFFSET if str(name).lower() in PAPER_PRESETS else 0.0
 
 
 def get_geometry(geometry: str | dict | DRRGeometry) -> DRRGeometry:
-    """A preset by name (``"x2ctgan"``, ``"perx2ct"``), a dict from :meth:`DRRGeometry.as_dict`, or as is."""
+    """A preset by name (``"x2ctgan"``, ``"perx2ct"``, ``"clinical"``), a dict from :meth:`DRRGeometry.as_dict`, or as is."""
     if isinstance(geometry, DRRGeometry):
         return geometry
     if isinstance(geometry, dict):
@@ -187,7 +226,7 @@ def render_drr(
     Returns:
         (B, C, H, W) dimensionless line integrals, oriented for display (see module docstring).
     """
-    geometry = get_geometry(geometry)
+    geometry = get_geometry(geometry).for_view(view)
     if mu.ndim != 5:
         raise ValueError(f"mu must be (B, C, X, Y, Z), got shape {tuple(mu.shape)}")
     if method == "auto":  # see the method argument: separable where it is measured to win

@@ -132,7 +132,8 @@ def render_plastimatch(
             prefix = os.path.join(tmp, view)
             cmd = [
                 exe, "drr", "-t", "raw", "-n", " ".join(map(str, _NORMALS[view])), "--vup", "0 0 1",
-                "--sad", str(geometry.sad), "--sid", str(geometry.sid), "-r", f"{cols} {rows}",
+                "--sad", str(geometry.for_view(view).sad), "--sid", str(geometry.for_view(view).sid),
+                "-r", f"{cols} {rows}",
                 "-z", f"{width_mm} {height_mm}", "-o", "0 0 0", "-I", volume, "-O", prefix,
             ]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

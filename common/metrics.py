@@ -22,14 +22,22 @@ from one are not comparable with another:
       border of 3 pixels excluded, per slice, averaged over slices; ``ssim_x2ctgan`` is their
       "SSIM-avg" over the axial, coronal and sagittal stacks.
     * MAE: mean absolute difference of the integer [0, 2500] values (their "MAE"), i.e. HU.
-``perx2ct`` (PerX2CT, Kyung et al. ICASSP 2023): X2CT-GAN's PSNR, but **not** its SSIM
+``perx2ct`` (PerX2CT, Kyung et al. ICASSP 2023): X2CT-GAN's per-slice PSNR on other slices, and **not** its SSIM
     Source: github.com/dek924/PerX2CT ``main_test.py`` (``calculate_metric_per_axis_2D``) and
     ``utils/metrics.py``, with scikit-image 0.19.1 (their ``requirement.txt``). Same [0, 1] scale.
 
-    * PSNR: ``Peak_Signal_to_Noise_Rate_2D(..., use_real_max=True)``: integer [0, 2500] levels, peak
-      4095, 100 dB for a zero MSE, mean over 2D slices: the ``psnr_*_x2ctgan`` values above. (Their
-      slices run perpendicular to the last array axis of each permuted stack, so their per-axis labels
-      are a permutation of ours; the mean over the three stacks, ``psnr_2d_x2ctgan``, is the same.)
+    * PSNR, ``psnr_perx2ct``: ``Peak_Signal_to_Noise_Rate_2D(..., use_real_max=True)``
+      (``utils/metrics.py`` l. 32-49): integer [0, 2500] levels, peak 4095, 100 dB for a zero MSE, but
+      the squared error is averaged over array axes 1 and 2 of the (1, N, H, W) stack, so each "slice"
+      is perpendicular to the stack's **last** axis, not to the slicing axis N. ``run_test`` feeds it
+      the three stacks of ``4_ct_dataset_prepare.py`` (l. 57 ``ct[i]``, l. 70 ``ct[:, i]``, l. 83
+      ``ct[..., i]``): (D0, D1, D2), (D1, D0, D2) and (D2, D0, D1), and averages the three
+      (``main_test.py`` l. 145-192). That is (2 x PSNR perpendicular to D2 + PSNR perpendicular to D1) / 3;
+      D2 is the sagittal axis and D1 the coronal one (:func:`bundles.perx2ct.scripts.geometry.perx2ct_to_ras`),
+      so ``psnr_perx2ct = (2 psnr_sagittal_x2ctgan + psnr_coronal_x2ctgan) / 3``; it is **not**
+      ``psnr_2d_x2ctgan`` (the three-axis mean), from which it differs by ~1 dB on a random pair. (Their
+      axial-only branch, l. 146-154, would give the three-axis mean; their test list holds all three
+      stacks of every case, ``dataset_list/LIDC_CTslice/test_sorted.txt``, so the branch at l. 155 runs.)
     * SSIM, ``ssim_perx2ct``: ``structural_similarity(gt[None], pred[None], data_range=None,
       channel_axis=False)`` on the (N, H, W) stack as a (1, N, H, W) array. ``channel_axis=False`` is
       not None, so skimage loops over axis ``False == 0`` (one "channel") and computes **one 3D SSIM**
@@ -107,13 +115,16 @@ CONVENTIONS: dict[str, dict] = {
         "window": X2CTGAN.as_dict(),
         "scale": "clip(HU + 1024, 0, 2500) / 2500 (float, not truncated)",
         "data_range": PERX2CT_SSIM_DATA_RANGE,
-        "psnr": "as x2ctgan: PerX2CT reports psnr_2d_x2ctgan (mean of the per-axis 2D slice PSNRs)",
+        "psnr": "Peak_Signal_to_Noise_Rate_2D on their three stacks: (2 x PSNR of the 2D slices perpendicular to "
+        "the sagittal axis + PSNR of those perpendicular to the coronal axis) / 3, on integer [0, 2500] levels, "
+        "peak 4095, 100 dB for a zero MSE (not the three-axis mean psnr_2d_x2ctgan)",
         "ssim": "skimage 0.19.1 structural_similarity(channel_axis=False, data_range=None) on a (1, N, H, W) "
         "float64 array: one 3D SSIM, 7x7x7 uniform window, sample covariance, k1 0.01, k2 0.03, "
         "3-voxel border excluded, data range 2.0 (float64 dtype range)",
-        "source": "github.com/dek924/PerX2CT main_test.py calculate_metric_per_axis_2D, utils/metrics.py "
-        "Structural_Similarity_slice; scikit-image==0.19.1",
-        "keys": ["ssim_perx2ct"],
+        "source": "github.com/dek924/PerX2CT main_test.py calculate_metric_per_axis_2D and run_test, utils/metrics.py "
+        "Peak_Signal_to_Noise_Rate_2D and Structural_Similarity_slice, data_preprocessing/4_ct_dataset_prepare.py; "
+        "scikit-image==0.19.1",
+        "keys": ["psnr_perx2ct", "ssim_perx2ct"],
     },
     "mae_hu": {
         "window": XRAY2CT.as_dict(),
@@ -126,7 +137,7 @@ CONVENTIONS: dict[str, dict] = {
 # ----------------------------------------------------------------------------------------------- inputs
 def as_batch(x, name: str = "volume") -> torch.Tensor:
     """(X,Y,Z), (1,X,Y,Z) or (B,1,X,Y,Z) numpy/torch -> float64 tensor (B,1,X,Y,Z); rejects NaN."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach()).cpu()
+    t = torch.as_tensor(np.ascontiguousarray(x) if not isinstance(x, torch.Tensor) else x.detach()).cpu()
     t = t.as_subclass(torch.Tensor).to(torch.float64)
     if t.ndim == 3:
         t = t[None, None]
@@ -272,6 +283,23 @@ def x2ctgan_ssim(pred_hu, target_hu) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def psnr_perx2ct(pred_hu, target_hu) -> float:
+    """PSNR (dB, mean over the batch) as PerX2CT's test script computes it (see the module docstring):
+    ``(2 * PSNR_sagittal + PSNR_coronal) / 3`` of the X2CT-GAN per-slice PSNRs (integer [0, 2500]
+    levels, peak 4095, 100 dB for a zero-MSE slice), for HU volumes (X,Y,Z) or (B,1,X,Y,Z) in RAS."""
+    p, t = _pair(pred_hu, target_hu)
+    pl, tl = x2ctgan_levels(p), x2ctgan_levels(t)
+    batch = p.shape[0]
+
+    def per_axis(axis: int) -> torch.Tensor:
+        return _x2ctgan_psnr_values(_slices(pl, axis), _slices(tl, axis)).reshape(batch, -1).mean(dim=1)
+
+    # their axial (D0, D1, D2) and coronal (D1, D0, D2) stacks are both scored per D2 = sagittal index,
+    # their sagittal stack (D2, D0, D1) per D1 = coronal index
+    values = (2.0 * per_axis(SLICE_AXES["sagittal"]) + per_axis(SLICE_AXES["coronal"])) / 3.0
+    return float(values.mean())
+
+
 def ssim_perx2ct(pred_hu, target_hu) -> float:
     """SSIM in PerX2CT's convention (mean over the batch): one 3D SSIM on the [0, 1] X2CTGAN window,
     7x7x7 uniform window, sample covariance, **data range 2.0** (see the module docstring)."""
@@ -294,6 +322,7 @@ def compute_ct_metrics(pred_hu, target_hu, win_size: int = DEFAULT_SSIM_WIN) -> 
     }
     out.update(x2ctgan_psnr(p, t))
     out.update(x2ctgan_ssim(p, t))
+    out["psnr_perx2ct"] = psnr_perx2ct(p, t)
     out["ssim_perx2ct"] = ssim_perx2ct(p, t)
     return out
 

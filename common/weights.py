@@ -22,6 +22,9 @@ def read_state_dict(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(path, f"{what} file not found")
+    from common.checkpoint import check_torch_file
+
+    check_torch_file(path, legacy="size")  # no zip bomb; legacy (pre-1.6) files: only their size is checked
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickled object that is not allowed

@@ -155,11 +155,12 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    from common.dicom import check_inflated_size, check_pixel_bytes, rescale
+    from common.dicom import SizedFile, check_inflated_size, check_pixel_bytes, rescale
 
     check_inflated_size(path)
     try:
-        ds = pydicom.dcmread(path)
+        with SizedFile(path) as f:
+            ds = pydicom.dcmread(f)
         if ds.get("Rows") is None or ds.get("Columns") is None:
             raise InputError(path, "no Rows/Columns: not an image")
         frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
@@ -170,34 +171,34 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
         raw = ds.pixel_array
     except InputError:
         raise
-    except (
-        InvalidDicomError,
-        AttributeError,
-        KeyError,
-        OSError,
-        ValueError,
-        RuntimeError,
-        NotImplementedError,
-    ) as exc:
+    except InvalidDicomError as exc:
         raise InputError(path, f"cannot read DICOM pixels ({exc})") from None
+    except Exception as exc:  # pydicom raises assorted types on garbage (BytesLengthException, TypeError...)
+        raise InputError(path, f"cannot read DICOM pixels ({type(exc).__name__}: {exc})") from None
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         raw = _to_gray(raw, path)
     if raw.ndim != 2:
         raise InputError(path, f"expected a single-frame 2D radiograph, got pixel data of shape {raw.shape}")
     # float32 and in place where the file allows it (plain rescale, linear window): pydicom's LUT functions
     # return float64 copies, four bytes more per pixel at every step (2.1 GB peak for a 16-bit 8192^2 image)
-    if "ModalityLUTSequence" in ds:
-        image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-    else:
-        slope, intercept = rescale(ds, path)
-        image = raw.astype(np.float32)
-        del raw
-        if slope != 1.0:
-            image *= np.float32(slope)
-        if intercept != 0.0:
-            image += np.float32(intercept)
-    if "VOILUTSequence" in ds or ("WindowCenter" in ds and not _linear_window(image, ds)):
-        image = np.asarray(apply_voi_lut(image, ds), dtype=np.float32)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if "ModalityLUTSequence" in ds:
+                image = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+            else:
+                slope, intercept = rescale(ds, path)
+                image = raw.astype(np.float32)
+                del raw
+                if slope != 1.0:
+                    image *= np.float32(slope)
+                if intercept != 0.0:
+                    image += np.float32(intercept)
+            if "VOILUTSequence" in ds or ("WindowCenter" in ds and not _linear_window(image, ds)):
+                image = np.asarray(apply_voi_lut(image, ds), dtype=np.float32)
+    except InputError:
+        raise
+    except Exception as exc:  # malformed LUT sequences or window values (found by tests/test_fuzz.py)
+        raise InputError(path, f"cannot apply the DICOM intensity LUTs ({type(exc).__name__}: {exc})") from None
     image = _validate(image, path)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         np.negative(image, out=image)  # MONOCHROME1 stores air bright: flip to the usual display

@@ -48,11 +48,15 @@ No other DICOM tag (PatientName, PatientBirthDate, ...) is copied into any outpu
 DRRs: ``--renderer xray2ct`` (default, :mod:`common.drr`) or ``plastimatch`` (optional package, the renderer
 of X2CT-GAN/PerX2CT, same geometry and orientation). ``--attenuation plastimatch`` keeps our fast projector
 but converts HU to attenuation as plastimatch does (HU <= -800 counts as air): DRRs like the papers'.
+The papers' data conventions (PerX2CT's released model was trained on them): ``--z_spacing slice_thickness``
+(DICOM slices spaced by SliceThickness) and ``--drr_hu_offset paper`` (DRRs of HU + 24, their plastimatch
+``adjust --pw-linear "0, -1000"`` on HU + 1024 data); see ``bundles/perx2ct/docs/README.md``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -218,11 +222,20 @@ def _prepare_ct_oblique(vol: Volume, spacing: tuple, size: tuple) -> Volume:
     return Volume(img.array[0].astype(np.float32), np.asarray(img.affine, dtype=np.float64))
 
 
-def load_ct(path: str | os.PathLike) -> Volume:
+def load_ct(path: str | os.PathLike, z_spacing: str = "positions") -> Volume:
     """:func:`common.io.load_volume` with HU clipped to ``HU_CLIP`` in place (so :func:`prepare_ct` needs no
     clipped copy), and a faster NIfTI path: nibabel scales int16 CTs to float64 before our float32 cast
-    (0.5 s per 512x512x133 CT); here the slope/intercept are applied in float32."""
+    (0.5 s per 512x512x133 CT); here the slope/intercept are applied in float32. ``z_spacing``
+    "slice_thickness" spaces DICOM slices by SliceThickness as PerX2CT does (:func:`common.dicom.load_series`)."""
     path = os.fspath(path)
+    if z_spacing != "positions":
+        if not os.path.isdir(path):
+            raise InputError(path, f"z_spacing {z_spacing} needs a DICOM series folder; a volume file keeps its spacing")
+        from common.dicom import load_dicom_series
+
+        vol = load_dicom_series(path, z_spacing=z_spacing)
+        np.clip(vol.array, *HU_CLIP, out=vol.array)
+        return vol
     vol = None
     if path.lower().endswith((".nii", ".nii.gz")):
         try:
@@ -259,8 +272,12 @@ def render_pa_lateral(
     drr_pixels: int = 128,
     renderer: str = "xray2ct",
     attenuation: str = "xray2ct",
+    hu_offset: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """PA and lateral DRR images (H, W) float32 in [0, 1] of a canonical-RAS HU volume.
+
+    ``hu_offset`` is added to the HU before rendering: 24 renders the papers' DRRs of HU + 24
+    (:data:`common.drr.PAPER_DRR_HU_OFFSET`).
 
     ``renderer="plastimatch"`` ray-traces with plastimatch (its own HU -> attenuation conversion, exact
     Siddon path lengths) in our geometry and orientation; see :mod:`common.drr_plastimatch`.
@@ -273,7 +290,8 @@ def render_pa_lateral(
     if renderer == "plastimatch":
         from common.drr_plastimatch import render_plastimatch
 
-        lines = render_plastimatch(ct.array, ct.spacing, geom, views=("pa", "lateral"))
+        array = ct.array if not hu_offset else ct.array.astype(np.float32) + np.float32(hu_offset)
+        lines = render_plastimatch(array, ct.spacing, geom, views=("pa", "lateral"))
         return {v: drr_to_image(torch.from_numpy(lines[v])).numpy().astype(np.float32) for v in lines}
     if renderer != "xray2ct":
         raise ValueError(f"unknown renderer {renderer!r}; expected one of {RENDERERS}")
@@ -283,7 +301,8 @@ def render_pa_lateral(
         convert = hu_to_mu
     else:
         raise ValueError(f"unknown attenuation {attenuation!r}; expected one of {ATTENUATIONS}")
-    mu = convert(torch.from_numpy(np.ascontiguousarray(ct.array, dtype=np.float32)))[None, None]
+    hu = torch.from_numpy(np.ascontiguousarray(ct.array, dtype=np.float32))
+    mu = convert(hu + float(hu_offset) if hu_offset else hu)[None, None]
     with torch.no_grad():
         return {
             view: drr_to_image(render_drr(mu, ct.spacing, geom, view=view))[0, 0].numpy().astype(np.float32)
@@ -325,8 +344,10 @@ def write_case(
     renderer: str = "xray2ct",
     timings: dict | None = None,
     attenuation: str = "xray2ct",
+    hu_offset: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Write ``ct.nii.gz`` (int16 HU), its PA/lateral DRRs, ``label.json`` and ``<key>.nii.gz`` extras.
+    ``hu_offset``: added to the HU for the DRRs only (:func:`render_pa_lateral`).
 
     Returns the DRR images. The CT is stored as int16 (whole HU, the scanner's own precision); the DRRs
     are rendered from exactly the stored values. ``timings`` (optional) receives seconds per step.
@@ -337,7 +358,7 @@ def write_case(
     folder.mkdir(parents=True, exist_ok=True)
     ct = ct.with_array(np.rint(ct.array).astype(np.int16))
     t0 = time.perf_counter()
-    drrs = render_pa_lateral(ct, geometry, drr_pixels, renderer, attenuation)
+    drrs = render_pa_lateral(ct, geometry, drr_pixels, renderer, attenuation, hu_offset)
     t1 = time.perf_counter()
     pixel = get_geometry(geometry).resized(drr_pixels).detector_spacing
     for key, vol in (extra_volumes or {}).items():
@@ -744,8 +765,11 @@ def build_settings(
     drr_pixels: int,
     renderer: str = "xray2ct",
     attenuation: str = "xray2ct",
+    z_spacing: str = "positions",
+    drr_hu_offset: float = 0.0,
 ) -> dict:
-    """Everything that determines a case's files (a case built with other settings is not reused)."""
+    """Everything that determines a case's files (a case built with other settings is not reused).
+    ``z_spacing`` and ``drr_hu_offset`` are recorded only when not the default (older builds stay valid)."""
     from common.drr import get_geometry
 
     if renderer not in RENDERERS:
@@ -763,6 +787,8 @@ def build_settings(
         "renderer": renderer,
         "attenuation": attenuation,
         "hu_clip": list(HU_CLIP),
+        **({"z_spacing": z_spacing} if z_spacing != "positions" else {}),
+        **({"drr_hu_offset": float(drr_hu_offset)} if drr_hu_offset else {}),
     }
 
 
@@ -836,7 +862,7 @@ def process_case(job: dict) -> dict:
         remove_partial_files(case_dir(root, case), recursive=False, min_age_s=0)  # this worker owns the case
         (case_dir(root, case) / CASE_META_FILE).unlink(missing_ok=True)  # not done until rewritten
         t0 = time.perf_counter()
-        vol = load_ct(path)
+        vol = load_ct(path, job.get("z_spacing", "positions"))
         t1 = time.perf_counter()
         ct = prepare_ct(vol, job["spacing"], job["size"])
         ct.validate(path)
@@ -845,7 +871,7 @@ def process_case(job: dict) -> dict:
         timings.update(load=t1 - t0, prepare=t2 - t1)
         drrs = write_case(
             root, case, ct, job["geometry"], job["drr_pixels"], renderer=job["renderer"], timings=timings,
-            attenuation=job["attenuation"],
+            attenuation=job["attenuation"], hu_offset=job.get("drr_hu_offset", 0.0),
         )  # fmt: skip
         if job["previews"]:
             t3 = time.perf_counter()
@@ -948,12 +974,19 @@ def build_pairs(
     renderer: str = "xray2ct",
     attenuation: str = "xray2ct",
     raw_ids: bool = False,
+    z_spacing: str = "positions",
+    drr_hu_offset: float | str = 0.0,
 ) -> dict:
     """Convert CTs to the paired dataset layout; returns (and writes to build_report.json) a summary.
 
     DICOM series get pseudonymous case and patient ids (:func:`pseudonymise_plan`; key and mapping in
     ``<out_root>.pseudonym-key`` / ``<out_root>.pseudonyms.json`` beside the folder, mode 0600) unless
     ``raw_ids``: then their folder names and PatientIDs go into the datalist and reports as they are.
+
+    PerX2CT's data conventions, to feed its released model data like its training data: ``z_spacing
+    "slice_thickness"`` (DICOM inputs spaced by SliceThickness, :mod:`data_prep.dicom_to_nifti`) and
+    ``drr_hu_offset "paper"`` (the geometry preset's paper offset, +24 HU for x2ctgan/perx2ct: their DRRs
+    are of HU + 24, :data:`common.drr.PAPER_DRR_HU_OFFSET`), or a number of HU. The CT stays in HU.
 
     With ``total_parts > 1`` this run builds its part only and writes ``parts/part_<i>_of_<n>.json``; the
     datalist is written once every part has finished (by the last one, or by :func:`merge_parts`), and the
@@ -964,7 +997,13 @@ def build_pairs(
         raise ValueError(f"need 0 <= part_index < total_parts, got {part_index}/{total_parts}")
     root = Path(out_root)
     spacing3, size3 = _triple(spacing), _triple(size, int)
-    settings = build_settings(size3, spacing3, geometry, drr_pixels, renderer, attenuation)
+    from common.dicom import Z_SPACINGS
+    from common.drr import paper_hu_offset
+
+    if z_spacing not in Z_SPACINGS:
+        raise ValueError(f"z_spacing must be one of {Z_SPACINGS}, got {z_spacing!r}")
+    hu_offset = paper_hu_offset(geometry) if drr_hu_offset == "paper" else float(drr_hu_offset)
+    settings = build_settings(size3, spacing3, geometry, drr_pixels, renderer, attenuation, z_spacing, hu_offset)
     settings_fp = fingerprint(settings)
     plan = plan_cases(inputs, group_by, patients, split_file, unlisted_split)
     sources = _pseudonymise(plan, root) if not raw_ids else {}
@@ -985,7 +1024,7 @@ def build_pairs(
                          source=item["path"], patient=item["patient"],
                          size=size3, spacing=spacing3, geometry=geometry, drr_pixels=int(drr_pixels),
                          renderer=renderer, attenuation=settings["attenuation"], previews=bool(previews),
-                         settings_fp=settings_fp))  # fmt: skip
+                         settings_fp=settings_fp, z_spacing=z_spacing, drr_hu_offset=hu_offset))  # fmt: skip
     desc = "build_pairs" if total_parts == 1 else f"build_pairs part {part_index + 1}/{total_parts}"
     for res in _run_jobs(jobs, workers, desc):
         if res["status"] == "failed":
@@ -1165,11 +1204,13 @@ def _mean_timings(rows: list[dict]) -> dict:
     return {k: round(float(np.mean([r[k] for r in rows if k in r])), 4) for k in keys}
 
 
+@functools.wraps(build_pairs)  # fire reads build_pairs' signature, so --help works
 def _cli(*args, **kwargs) -> None:
     """CLI entry: the summary goes to build_report.json (printing it would flood the terminal)."""
     build_pairs(*args, **kwargs)
 
 
+@functools.wraps(merge_parts)
 def _cli_merge(*args, **kwargs) -> None:
     merge_parts(*args, **kwargs)
 

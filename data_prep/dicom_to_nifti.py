@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m data_prep.dicom_to_nifti <input_dir> <output_dir> [--series_uid UID] [--recursive False]
+    python -m data_prep.dicom_to_nifti <input_dir> <output_dir> [--series_uid UID] [--recursive False] \
+        [--z_spacing positions|slice_thickness]
 
 Output names: ``<PatientID>_<SeriesNumber>_<SeriesInstanceUID>.nii.gz`` (unsafe characters replaced;
 when that changed the key, e.g. the synthetic key of a series without a SeriesInstanceUID, a short hash
@@ -11,6 +12,11 @@ output is never overwritten silently: it is kept and reported as ``exists`` unle
 A series that fails (missing slices, tilt, corrupt files, non-finite rescale values...) is reported
 with its reason and does not stop the others; unreadable files that belong to no series are reported
 too. Legal but suspicious series (a single slice, likely a stray file) are converted with a WARNING.
+``--z_spacing slice_thickness`` spaces slices by their SliceThickness tag as PerX2CT's conversion does
+(``data_preprocessing/0_dicom2mhd.py`` l. 45), to feed its released model data like its training data:
+a series whose slices overlap (thicker than their step) is then stretched along z, and a WARNING says
+so, and also when InstanceNumber runs inferior -> superior (PerX2CT's conversion, which stacks by
+InstanceNumber, would flip that series; ours sorts by position either way).
 The exit code is 1 when anything failed, so scripts notice. Leftovers of a killed earlier run (hidden
 ``.*.part*`` files in the output folder) are removed first.
 """
@@ -23,10 +29,18 @@ import os
 import re
 import sys
 
+import numpy as np
 from tqdm import tqdm
 
 from common.atomic import remove_partial_files
-from common.dicom import SeriesInfo, load_series, scan_dicom_folder, series_warnings
+from common.dicom import (
+    Z_SPACINGS,
+    SeriesInfo,
+    instance_number_direction,
+    load_series,
+    scan_dicom_folder,
+    series_warnings,
+)
 from common.errors import InputError
 from common.io import save_volume
 
@@ -81,8 +95,13 @@ def convert_folder(
     series_uid: str | None = None,
     recursive: bool = True,
     overwrite: bool = False,
+    z_spacing: str = "positions",
 ) -> tuple[list[ConversionResult], list[str]]:
-    """Convert each series; returns per-series results and the unreadable-file problems of the scan."""
+    """Convert each series; returns per-series results and the unreadable-file problems of the scan.
+
+    ``z_spacing``: "positions" (slice step from ImagePositionPatient) or "slice_thickness" (PerX2CT's)."""
+    if z_spacing not in Z_SPACINGS:
+        raise ValueError(f"z_spacing must be one of {Z_SPACINGS}, got {z_spacing!r}")
     scan = scan_dicom_folder(input_dir, recursive=recursive)
     problems = [f"{p.path}: {p.problem}" for p in scan.problems]
     series = [s for s in scan if series_uid is None or s.uid == series_uid]
@@ -103,13 +122,43 @@ def convert_folder(
             result.output, result.exists = target, True
             continue
         try:
-            vol = load_series(info)
+            vol = load_series(info, z_spacing=z_spacing)
             vol.validate(info.folder)  # never write NaN/inf voxels (load_series already refuses them)
+            if z_spacing == "slice_thickness":
+                result.warnings += _perx2ct_warnings(info, vol)
             result.output = save_volume(vol, target)
             result.shape, result.spacing = vol.shape, tuple(round(s, 4) for s in vol.spacing)
         except InputError as e:  # a bad series is reported, the others still convert
             result.error = str(e)
     return results, problems
+
+
+def _perx2ct_warnings(info: SeriesInfo, vol) -> list[str]:
+    """What ``z_spacing=slice_thickness`` (PerX2CT's convention) changes for this series."""
+    out = []
+    by_position = _series_step(info)
+    if by_position is not None and abs(vol.spacing[2] - by_position) > 1e-3:
+        out.append(
+            f"z spacing {vol.spacing[2]:g} mm from SliceThickness, slices are {by_position:g} mm apart: "
+            f"stretched x{vol.spacing[2] / by_position:.3g} along z, as in PerX2CT"
+        )
+    direction = instance_number_direction(info)
+    if direction == "inferior_to_superior":
+        out.append("InstanceNumber runs inferior -> superior: PerX2CT's conversion would flip this series in z")
+    return out
+
+
+def _series_step(info: SeriesInfo) -> float | None:
+    """The slice step (mm) from the positions, None for a single slice or an invalid series."""
+    from common.dicom import read_headers, series_geometry
+
+    if info.n_files < 2:
+        return None
+    try:
+        affine, _ = series_geometry(read_headers(info), info.files, info.folder)
+    except InputError:
+        return None
+    return float(np.linalg.norm(affine[:3, 2]))
 
 
 def format_table(results: list[ConversionResult]) -> str:
@@ -144,11 +193,15 @@ def main(
     series_uid: str | None = None,
     recursive: bool = True,
     overwrite: bool = False,
+    z_spacing: str = "positions",
 ) -> None:
-    """Convert and print a summary table; exit code 1 if any series or file failed."""
+    """Convert and print a summary table; exit code 1 if any series or file failed.
+
+    ``z_spacing``: "positions" (default) or "slice_thickness" (PerX2CT's conversion; see the module doc)."""
     results, problems = convert_folder(
-        input_dir, output_dir, series_uid=series_uid, recursive=recursive, overwrite=overwrite
-    )
+        input_dir, output_dir, series_uid=series_uid, recursive=recursive, overwrite=overwrite,
+        z_spacing=z_spacing,
+    )  # fmt: skip
     print(format_table(results))
     for p in problems:
         print(f"UNREADABLE  {p}")

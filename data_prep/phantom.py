@@ -427,6 +427,7 @@ def make_phantom_dataset(
         seed=seed,
         strata=labels,
         description=f"xray2ct synthetic thorax phantoms (data_prep.phantom, seed {seed})",
+        extra={"contrast_phase": "ctpa"},  # the arteries hold contrast (HU_CONTRAST)
     )
 
 
@@ -481,6 +482,7 @@ def make_pe_dataset(
         "spacing": [float(spacing)] * 3,
         "size": list(shape),  # with the DRR geometry: an X-ray -> CT bundle can train on these pairs
         "geometry": get_geometry(geometry).resized(int(drr_pixels)).as_dict(),
+        "contrast_phase": "ctpa",
         "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
     }
     path = os.path.join(root, "dataset.json")

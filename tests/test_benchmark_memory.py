@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import network_atol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,5 +133,6 @@ def test_buffered_blending_matches_the_bundles_path(vqgan_sw):
         inferer = LatentSlidingWindowInferer((32, 32, 16), overlap=0.25, mode="gaussian", sw_device="cpu", device="cpu")
         reference = reconstruct_per_window(net, volume, inferer)
         buffered = vqgan_sw.monai_buffered(fn, volume, (32, 32, 16), 0.25, "cpu", "cpu")
-    torch.testing.assert_close(buffered.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    reference = reference.as_subclass(torch.Tensor)  # float32 reorderings of one network (tests/numerics.py)
+    torch.testing.assert_close(buffered.as_subclass(torch.Tensor), reference,
+                               rtol=0, atol=network_atol(net, reference, torch.float32))  # fmt: skip

@@ -42,6 +42,7 @@ import torch
 from monai.apps.utils import download_url
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.transforms import Compose, LoadImaged
+from numerics import network_atol
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = (
@@ -402,7 +403,8 @@ def test_torchscript_export_as_the_metadata_states(bundle, tiny_bundles, tmp_pat
     )  # fmt: skip
     exported = torch.jit.load(str(ts))
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), eager(x), rtol=1e-4, atol=1e-5)
+        want = eager(x)  # TorchScript may fuse and reorder float32 sums (tests/numerics.py)
+        torch.testing.assert_close(exported(x), want, rtol=0, atol=network_atol(eager, want, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------- MONAI Label

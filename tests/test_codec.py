@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import VQVAE
+from numerics import network_atol
 
 from common.checkpoint import CheckpointRecord, build_network
 from common.codec import (
@@ -35,6 +36,7 @@ def windows(roi=(16, 16, 16), overlap=0.25) -> LatentSlidingWindowInferer:
     return LatentSlidingWindowInferer(roi, overlap=overlap)
 
 
+@pytest.mark.numerics
 def test_codec_single_window_matches_network(tiny_vqgan):
     """A volume of one window: encode -> decode equals the network's own forward pass."""
     torch.manual_seed(2)
@@ -47,14 +49,13 @@ def test_codec_single_window_matches_network(tiny_vqgan):
         direct = tiny_vqgan(volume)[0]
         codes = tiny_vqgan.index_quantize(volume)
     torch.testing.assert_close(latents.indices, codes)
-    torch.testing.assert_close(
-        decode_latents(tiny_vqgan, latents, windows()), direct, rtol=0, atol=1e-5
-    )
+    atol = network_atol(tiny_vqgan, direct, torch.float32)  # float32 reorderings (tests/numerics.py)
+    torch.testing.assert_close(decode_latents(tiny_vqgan, latents, windows()), direct, rtol=0, atol=atol)
     # the three latent forms decode to the same volume
     from_indices = decode_latents(tiny_vqgan, latents.indices, windows())
-    torch.testing.assert_close(from_indices, direct, rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_indices, direct, rtol=0, atol=atol)
     for recon in (reconstruct_volume(tiny_vqgan, volume, windows()), reconstruct_per_window(tiny_vqgan, volume, windows())):
-        torch.testing.assert_close(recon, direct, rtol=0, atol=1e-5)
+        torch.testing.assert_close(recon, direct, rtol=0, atol=atol)
 
 
 def test_codec_whole_volume_shapes(tiny_vqgan):

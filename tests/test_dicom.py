@@ -404,3 +404,62 @@ def test_scan_ignores_partial_files_of_interrupted_writes(chest_five):
     scan = scan_dicom_folder(chest_five)
     assert len(scan) == 1 and scan[0].n_files == 5
     assert load_dicom_series(chest_five).shape == (512, 512, 5)
+
+
+# -- PerX2CT's conventions (issue 24 item 3) ----------------------------------------------------------------
+def test_z_spacing_slice_thickness_stretches_overlapping_slices(chest_five, tmp_path):
+    """Five slices 2.5 mm apart declared 5 mm thick (overlapping): PerX2CT's conversion (0_dicom2mhd.py l. 45)
+    spaces them by SliceThickness, ours by position; only the z column of the affine changes."""
+    for f in chest_five.iterdir():
+        edit(f, SliceThickness="5.0")
+    ours = load_dicom_series(chest_five)
+    theirs = load_dicom_series(chest_five, z_spacing="slice_thickness")
+    assert ours.spacing[2] == pytest.approx(2.5, abs=1e-6) and theirs.spacing[2] == pytest.approx(5.0, abs=1e-6)
+    np.testing.assert_array_equal(theirs.array, ours.array)
+    np.testing.assert_array_equal(theirs.affine[:, [0, 1, 3]], ours.affine[:, [0, 1, 3]])
+    np.testing.assert_allclose(theirs.affine[:3, 2], 2.0 * ours.affine[:3, 2], rtol=1e-12)
+    with pytest.raises(ValueError, match="z_spacing"):
+        load_dicom_series(chest_five, z_spacing="thickness")
+    from data_prep.dicom_to_nifti import convert_folder
+
+    results, _ = convert_folder(chest_five, tmp_path / "out", z_spacing="slice_thickness")
+    assert results[0].ok and results[0].spacing[2] == pytest.approx(5.0)
+    assert any("stretched x2 along z, as in PerX2CT" in w for w in results[0].warnings), results[0].warnings
+    results, _ = convert_folder(chest_five, tmp_path / "out2")
+    assert results[0].spacing[2] == pytest.approx(2.5) and not results[0].warnings
+
+
+def test_z_spacing_slice_thickness_needs_the_tag(chest_five):
+    for f in chest_five.iterdir():
+        edit(f, SliceThickness="0")
+    with pytest.raises(InputError, match="positive SliceThickness"):
+        load_dicom_series(chest_five, z_spacing="slice_thickness")
+
+
+def test_instance_number_direction(chest_five):
+    """LIDC-IDRI-0001 numbers its instances superior -> inferior, as PerX2CT's D0 assumes; renumbered the
+    other way, the original's InstanceNumber stacking would flip it, our position sort would not."""
+    from common.dicom import instance_number_direction
+
+    (info,) = list(scan_dicom_folder(chest_five))
+    assert instance_number_direction(info) == "superior_to_inferior"
+    before = load_dicom_series(chest_five)
+    files = sorted(chest_five.iterdir(), key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber))
+    for i, f in enumerate(reversed(files)):
+        edit(f, InstanceNumber=i + 1)
+    (info,) = list(scan_dicom_folder(chest_five))
+    assert instance_number_direction(info) == "inferior_to_superior"
+    after = load_dicom_series(chest_five)
+    np.testing.assert_array_equal(after.array, before.array)
+    np.testing.assert_array_equal(after.affine, before.affine)
+
+
+def test_real_siemens_series_with_overlapping_slices(abdomen_dir):
+    """The real abdomen series: 3 mm slices every 2 mm; PerX2CT's convention stretches it 1.5x in z."""
+    from common.dicom import instance_number_direction
+
+    ours = load_dicom_series(abdomen_dir)
+    theirs = load_dicom_series(abdomen_dir, z_spacing="slice_thickness")
+    assert ours.spacing[2] == pytest.approx(2.0, abs=1e-3) and theirs.spacing[2] == pytest.approx(3.0, abs=1e-3)
+    (info,) = list(scan_dicom_folder(abdomen_dir))
+    assert instance_number_direction(info) == "superior_to_inferior"

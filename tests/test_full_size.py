@@ -8,6 +8,7 @@ on a user's first GPU run. Figures (parameters, FLOPs, saved activations): ``pyt
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -44,3 +45,19 @@ def test_inference_config_builds_the_trained_network(bundle):
         net = build(dataclasses.replace(case, config=config))
         shapes[config] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert shapes["train.json"] == shapes["inference.json"]
+
+
+FULL_SIZE_CPU = os.environ.get("XRAY2CT_FULL_SIZE_CPU") == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL_SIZE_CPU, reason="opt-in: XRAY2CT_FULL_SIZE_CPU=1 (minutes to ~20 min per network, <= 20 GiB)")
+@pytest.mark.parametrize("case", [c for c in CASES if c.backward], ids=lambda c: f"{c.bundle}-{c.network_id}")
+def test_one_real_full_size_training_step_on_cpu_with_bf16_autocast(case):
+    from benchmarks.full_size import cpu_step
+
+    try:
+        result = cpu_step(case, bf16=True)
+    except ValueError as e:  # over the 24 GB machine: listed in README "Full size without a GPU"
+        pytest.skip(str(e))
+    assert result["finite"], result

@@ -99,6 +99,11 @@ def test_dry_run_runs_every_item(tmp_path, example_ct):
     off, on = items["cascade_memory"]["report"]["rows"]
     assert on["saved_mib"] < off["saved_mib"]
     assert {r["mode"] for r in items["pe_classifier"]["rows"]} == {"inference", "training"}
+    from benchmarks.full_size import CASES
+
+    trained = {(r["bundle"], r["network"]): r for r in items["full_size_training"]["rows"]}
+    assert set(trained) == {(c.bundle, c.network_id) for c in CASES if c.backward}
+    assert all(r["samples_per_s"] > 0 and "error" not in r for r in trained.values())
 
 
 def test_failing_item_is_recorded(tmp_path):

@@ -15,6 +15,7 @@ from common.metrics import (
     compute_ct_metrics,
     mae_hu,
     psnr,
+    psnr_perx2ct,
     ssim2d_skimage,
     ssim3d,
     ssim3d_skimage,
@@ -199,3 +200,68 @@ def test_functions_accept_numpy_torch_and_batches():
 def test_bad_input_raises(pred, target, problem):
     with pytest.raises(InputError, match=problem):
         compute_ct_metrics(pred, target)
+
+
+def _perx2ct_psnr_2d(target_unit: np.ndarray, output_unit: np.ndarray) -> float:
+    """PerX2CT utils/metrics.py Peak_Signal_to_Noise_Rate_2D(target[None], output[None], 0, 2500,
+    use_real_max=True), re-implemented in numpy from reading: un-min-max, int32 truncation, squared error
+    averaged over axes 1 and 2 of the (1, N, H, W) stack, 100 dB for a zero MSE, mean over the last axis."""
+    arr1 = (target_unit[None] * 2500.0).astype(np.int32).astype(np.float64)
+    arr2 = (output_unit[None] * 2500.0).astype(np.int32).astype(np.float64)
+    se = (arr1 - arr2) ** 2
+    mse = se.mean(axis=1, keepdims=True).mean(axis=2, keepdims=True).squeeze(2).squeeze(1)
+    zero = np.where(mse == 0)
+    mse[zero] = 1e-10
+    value = 20 * np.log10(4095 / np.sqrt(mse))
+    value[zero] = 100
+    return float(value.mean(1)[0])
+
+
+def _perx2ct_test_script_psnr(target_unit: np.ndarray, output_unit: np.ndarray) -> float:
+    """PerX2CT main_test.py run_test/calculate_metric_per_patient on one case: the axial, coronal and sagittal
+    stacks written by data_preprocessing/4_ct_dataset_prepare.py (ct[i], ct[:, i], ct[..., i]), each scored by
+    Peak_Signal_to_Noise_Rate_2D, averaged over the three."""
+    stacks = [
+        lambda v: np.stack([v[i] for i in range(v.shape[0])]),
+        lambda v: np.stack([v[:, i] for i in range(v.shape[1])]),
+        lambda v: np.stack([v[..., i] for i in range(v.shape[2])]),
+    ]
+    return sum(_perx2ct_psnr_2d(s(target_unit), s(output_unit)) for s in stacks) / 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_psnr_perx2ct_is_their_test_script_not_the_three_axis_mean(seed):
+    rng = np.random.default_rng(seed)
+    # the original's array layout (D0, D1, D2), values on their [0, 1] scale half-way between two integer
+    # levels (so both sides' truncation to an integer level is exact whatever the float rounding); an error
+    # that grows along D0 (superior -> inferior), the axis their script never slices across
+    shape = (12, 10, 11)
+    target_levels = rng.integers(0, 2500, shape)
+    noise = rng.normal(0, 1, shape) * np.linspace(5, 200, shape[0])[:, None, None]
+    output_levels = np.clip(target_levels + np.rint(noise), 0, 2499)
+    target_unit, output_unit = (target_levels + 0.5) / 2500.0, (output_levels + 0.5) / 2500.0
+    reference = _perx2ct_test_script_psnr(target_unit, output_unit)
+
+    ras = lambda unit: np.flip(unit * 2500.0 - 1024.0, (0, 1, 2)).swapaxes(0, 2)  # noqa: E731 - (D0,D1,D2) -> RAS HU
+    got = psnr_perx2ct(ras(output_unit), ras(target_unit))
+    # float64 logs of O(100) dB: equal to rounding
+    assert got == pytest.approx(reference, abs=1e-9)
+    m = compute_ct_metrics(ras(output_unit), ras(target_unit))
+    assert m["psnr_perx2ct"] == got
+    assert got == pytest.approx((2 * m["psnr_sagittal_x2ctgan"] + m["psnr_coronal_x2ctgan"]) / 3, abs=1e-9)
+    # the three-axis mean the module used to claim is off by a large fraction of a dB
+    assert abs(m["psnr_2d_x2ctgan"] - got) > 0.3
+
+
+def test_psnr_perx2ct_on_a_random_pair_differs_from_the_three_axis_mean():
+    """The kind of gap quoted in issue 24 (34.82 vs 35.70 dB): an error that varies from slice to slice
+    along the superior axis (RAS axis 2), which only the three-axis mean slices across."""
+    rng = np.random.default_rng(24)
+    target = rng.uniform(-1024.0, 1476.0, (16, 16, 16))
+    pred = target + rng.normal(0.0, 60.0, target.shape) * np.linspace(0.2, 2.0, 16)[None, None, :]
+    m = compute_ct_metrics(pred, target)
+    assert m["psnr_perx2ct"] == pytest.approx(
+        (2 * m["psnr_sagittal_x2ctgan"] + m["psnr_coronal_x2ctgan"]) / 3, abs=1e-9
+    )
+    assert abs(m["psnr_perx2ct"] - m["psnr_2d_x2ctgan"]) > 0.3
+    assert psnr_perx2ct(target, target) == 100.0

@@ -88,3 +88,80 @@ def test_wrong_depth_foreign_and_truncated_files_are_refused(tmp_path):
         networks.build_encoder("resnet10", 3, 1, 0.25, pretrained_path=str(truncated))
     with pytest.raises(InputError, match="not found"):
         networks.build_encoder("resnet10", 3, 1, 0.25, pretrained_path=str(tmp_path / "none.pth"))
+
+
+def test_a_resnet_101_file_names_values_ct_arch_accepts(tmp_path):
+    """MedicalNet also released ResNet-101/152/200; ct_arch does not take them, so the fix is not 'resnet101'."""
+    state = {"conv1.weight": torch.zeros(1, 1, 1, 1, 1)}
+    for layer, blocks in enumerate((3, 4, 23, 3), start=1):
+        for i in range(blocks):
+            state[f"layer{layer}.{i}.conv3.weight"] = torch.zeros(1)
+    path = tmp_path / "resnet_101.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    with pytest.raises(InputError) as err:
+        networks.build_encoder("resnet50", 3, 1, 0.25, pretrained_path=str(path))
+    message = str(err.value)
+    assert "resnet_101.pth" in message and "ResNet-101" in message
+    assert "set ct_arch to resnet101" not in message and "resnet10, resnet18, resnet34, resnet50" in message
+
+
+def test_medicalnet_normalisation_is_their_formula():
+    """Tencent/MedicalNet datasets/brains18.py __itensity_normalize_one_volume__, by hand on 6 voxels."""
+    from bundles.pe_classifier.scripts.data import medicalnet_normalize
+
+    volume = torch.tensor([0.0, 2.0, 4.0, -3.0, 6.0, 0.0])
+    noise = torch.tensor([0.5, 9.0, 9.0, 9.0, 9.0, -1.5])
+    # voxels > 0: 2, 4, 6 -> mean 4, population std sqrt(8/3); the negative voxel is scaled but not counted
+    std = (8.0 / 3.0) ** 0.5
+    expected = torch.tensor([0.5, -2.0 / std, 0.0, -7.0 / std, 2.0 / std, -1.5])
+    torch.testing.assert_close(medicalnet_normalize(volume, noise), expected, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="at least two voxels > 0"):
+        medicalnet_normalize(torch.tensor([0.0, -1.0, 5.0]), torch.zeros(3))
+
+
+def test_ct_normalisation_follows_the_weights(caplog):
+    from monai.transforms import Identityd, ScaleIntensityRanged
+
+    from bundles.pe_classifier.scripts import data
+
+    assert data.resolve_ct_normalization("auto", None) == "hu_window"
+    assert data.resolve_ct_normalization("auto", "resnet_10_23dataset.pth") == "medicalnet"
+    assert data.resolve_ct_normalization("hu_window", "resnet_10_23dataset.pth") == "hu_window"
+    with pytest.raises(ValueError, match="ct_normalization"):
+        data.resolve_ct_normalization("zscore")
+    assert isinstance(data.ct_window_transform("ct", "xray2ct", "auto", None), ScaleIntensityRanged)
+    assert isinstance(data.ct_window_transform("ct", "xray2ct", "auto", "w.pth"), Identityd)
+    with caplog.at_level(logging.INFO, logger=data.__name__):
+        zscore = data.ct_zscore_transform("ct", "auto", "w.pth")
+    assert "MedicalNet weights are loaded" in caplog.text
+    assert isinstance(data.ct_zscore_transform("ct", "auto", None), Identityd)
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        data.ct_zscore_transform("ct", "hu_window", "w.pth")
+    assert "pretrained on z-scored volumes" in caplog.text
+    # seeded noise in the zeros, the formula elsewhere
+    volume = torch.zeros(1, 4, 4, 4)
+    volume[0, 1:3, 1:3, 1:3] = torch.arange(1.0, 9.0).reshape(2, 2, 2)
+    zscore.set_random_state(seed=7)
+    a = zscore({"ct": volume})["ct"]
+    zscore.set_random_state(seed=7)
+    b = zscore({"ct": volume})["ct"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    inner = a[0, 1:3, 1:3, 1:3].flatten()
+    torch.testing.assert_close(inner.mean(), torch.tensor(0.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inner.std(unbiased=False), torch.tensor(1.0), rtol=0, atol=1e-6)
+    assert float(a[0, 0].std()) > 0.3  # noise, not zeros
+
+
+def test_bundle_configs_wire_the_normalisation():
+    import json
+    import os
+
+    from monai.bundle import ConfigParser
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("train.json", "inference.json"):
+        parser = ConfigParser(json.load(open(os.path.join(here, "bundles/pe_classifier/configs", name))))
+        assert parser["ct_normalization"] == "auto"
+        parser["network_def"]["ct_pretrained"] = "resnet_10_23dataset.pth"
+        chain = parser.get_parsed_content("ct_transforms")
+        assert type(chain[-1]).__name__ == "MedicalNetNormalized", name

@@ -28,6 +28,7 @@ PAIR = "pneumocystis-pneumonia-2"
 REPORT_KEYS = {
     "format", "case", "created", "inputs", "model", "options", "ct", "stages", "drr_consistency",
     "drr_consistency_baseline", "drr_consistency_note", "pe", "previews", "conventions", "seconds", "software",
+    "preparation", "agreement", "domain_gap", "plausibility",
 }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import check_anatomy_report
 from monai.bundle import ConfigParser, ckpt_export, run, verify_net_in_out
+from numerics import network_atol
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "progressive_cascade"
 CONFIGS = BUNDLE / "configs"
@@ -135,4 +136,5 @@ def test_train_three_stages_evaluate_infer_export(dataset_dir, tmp_path):
     net.load_state_dict(_weights(models / "stage3_model.pt"))
     net.eval()
     with torch.no_grad():
-        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+        want = net(x)  # TorchScript may fuse and reorder float32 sums (tests/numerics.py)
+        torch.testing.assert_close(scripted(x), want, rtol=0, atol=network_atol(net, want, torch.float32))

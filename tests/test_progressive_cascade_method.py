@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from numerics import network_atol
 
 from bundles.progressive_cascade.scripts.data import CascadeBatch, read_dataset_info
 from bundles.progressive_cascade.scripts.losses import CascadeStageLoss, TriPlanarPerceptualLoss, gradient_l1
@@ -154,7 +155,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(dataset, batch):
         net.train()
         net(xrays).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    # recomputation repeats the forward; float32 reorderings at most (tests/numerics.py)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=network_atol(net, grads[0], torch.float32))
     assert grads[0].abs().sum() > 0
 
 

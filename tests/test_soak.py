@@ -10,6 +10,7 @@ written there as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -34,7 +35,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 180) -> No
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"server exited early: {proc.stderr.read()[-3000:] if proc.stderr else proc.args}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -227,7 +228,8 @@ def test_webapp_soak(tiny_checkpoint, tmp_path, repo_root, png_bomb):
     n_uploads = int(50 * SCALE)
     port = free_port()
     cmd = [sys.executable, "-m", "webapp", "--checkpoint", tiny_checkpoint, "--config", "cpu_tiny",
-           "--port", str(port), "--workdir", str(tmp_path / "jobs"), "--max_upload_mb", "20"]  # fmt: skip
+           "--port", str(port), "--workdir", str(tmp_path / "jobs"), "--max_upload_mb", "20",
+           "--max_connections_per_client", "0"]  # fmt: skip  (all these clients share 127.0.0.1)
     proc = subprocess.Popen(
         cmd, cwd=repo_root, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -350,3 +352,142 @@ def big_uploads(base: str, httpx, lateral: bytes, n: int = 4) -> dict:
 
     run_all([threading.Thread(target=upload) for _ in range(n)])
     return {"big_uploads": n, "big_upload_bytes": len(data), "big_upload_codes": sorted(codes)}
+
+
+# ----------------------------------------------------------------------------------------------- slow headers
+def open_files_limit(n: int):
+    """``preexec_fn`` for the server: its open-file limit, as in issue 23's attack (256)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_webapp_survives_slow_header_attack(tiny_checkpoint, tmp_path, repo_root):
+    """Issue 23 item 5: 260 connections that never finish their headers, under an open-file limit of 256.
+
+    Before, they exhausted the file descriptors (accept failed with EMFILE) and good requests timed out. The
+    attacker (127.0.0.2) opens ``n_slow`` connections, drips a header line into each every 0.5 s and reopens
+    every one the server closes, for ``attack_s`` seconds; meanwhile a good client (127.0.0.1) sends requests
+    one after another, each on a new connection. Every good request must be answered 200 well within its
+    10 s timeout; the attacker keeps at most ``--max_connections_per_client`` sockets, each for at most
+    ``--head_timeout`` s.
+    """
+    import selectors
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    n_slow, attack_s, head_timeout, per_client, fd_limit = int(260 * SCALE), 10.0 * SCALE, 2.0, 8, 256
+    port = free_port()
+    cmd = [sys.executable, "-m", "webapp", "--checkpoint", tiny_checkpoint, "--config", "cpu_tiny",
+           "--port", str(port), "--workdir", str(tmp_path / "jobs"), "--head_timeout", str(head_timeout),
+           "--max_connections_per_client", str(per_client)]  # fmt: skip
+    log_path = tmp_path / "server.log"  # a file: a pipe nobody reads would block the server once full
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            cmd, cwd=repo_root, env=child_env(), stdout=subprocess.DEVNULL, stderr=log_file,
+            preexec_fn=open_files_limit(fd_limit),
+        )  # fmt: skip
+    counts = {"opened": 0, "refused_503": 0, "closed_408": 0, "closed_other": 0, "connect_errors": 0}
+    most_fds, latencies, statuses = [0], [], []
+    stop = threading.Event()
+
+    def open_one(selector) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.bind(("127.0.0.2", 0))
+            sock.connect_ex(("127.0.0.1", port))
+            selector.register(sock, selectors.EVENT_READ)
+            counts["opened"] += 1
+        except OSError:
+            counts["connect_errors"] += 1
+            sock.close()
+
+    def attacker() -> None:
+        selector = selectors.DefaultSelector()
+        for _ in range(n_slow):
+            open_one(selector)
+        started, next_drip = time.monotonic(), 0.0
+        while time.monotonic() - started < attack_s:
+            for key, _ in selector.select(timeout=0.05):
+                sock = key.fileobj
+                try:
+                    answer = sock.recv(4096)
+                except OSError:
+                    answer = b""
+                kind = {b"HTTP/1.1 503": "refused_503", b"HTTP/1.1 408": "closed_408"}.get(answer[:12])
+                counts[kind or "closed_other"] += 1
+                selector.unregister(sock)
+                sock.close()
+                if counts["opened"] < 20 * n_slow:
+                    open_one(selector)  # keep the pressure up: every refused or closed one comes back
+            if time.monotonic() >= next_drip:
+                next_drip = time.monotonic() + 0.5
+                for key in list(selector.get_map().values()):
+                    with contextlib.suppress(OSError):  # not connected yet, or closed meanwhile
+                        sent = key.data or 0
+                        key.fileobj.send(HEAD if sent == 0 else b"X-Slow-%d: y\r\n" % sent)
+                        selector.modify(key.fileobj, selectors.EVENT_READ, sent + 1)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+
+    def watch_fds() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                most_fds[0] = max(most_fds[0], len(os.listdir(f"/proc/{proc.pid}/fd")))
+            time.sleep(0.1)
+
+    try:
+        wait_for_port(port, proc)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/api/models", timeout=60, trust_env=False).status_code == 200  # warm
+        memory = MemorySampler(proc.pid)
+        threads = [threading.Thread(target=attacker), threading.Thread(target=watch_fds, daemon=True)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the attack is in place
+        while threads[0].is_alive():
+            t0 = time.perf_counter()
+            try:
+                statuses.append(httpx.get(base + "/api/models", timeout=10, trust_env=False).status_code)
+            except httpx.HTTPError as e:
+                statuses.append(f"{type(e).__name__}: {e}")
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        threads[0].join(60)
+        stop.set()
+        peak = memory.stop()
+        alive = proc.poll() is None
+    finally:
+        stop.set()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log = log_path.read_text(errors="replace")
+    ok = sum(s == 200 for s in statuses)
+    figures = {
+        "slow_connections": n_slow,
+        "attack_s": attack_s,
+        "open_file_limit": fd_limit,
+        **{f"attacker_{k}": v for k, v in counts.items()},
+        "server_fds_max": most_fds[0],
+        "good_requests": len(statuses),
+        "good_answered_200": ok,
+        "good_latency_median_ms": round(1000 * float(np.median(latencies)), 1) if latencies else None,
+        "good_latency_max_ms": round(1000 * max(latencies), 1) if latencies else None,
+        "peak_rss_mb": round(peak / MB, 1),
+    }
+    report("webapp_slow_headers", figures)
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
+    assert alive, figures
+    assert statuses and ok == len(statuses), ([s for s in statuses if s != 200][:5], figures)
+    assert max(latencies) < 5.0, figures  # half the client's timeout; EMFILE made them time out
+    assert counts["refused_503"] >= n_slow - per_client, figures  # the per-client cap
+    assert counts["closed_408"] >= 1, figures  # the head deadline
+    assert most_fds[0] < fd_limit, figures
+
+
+HEAD = b"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -47,27 +47,47 @@ def serve(
     vqgan: str | None = None,
     max_sampling_steps: int = 200,
     baseline: bool = True,
+    head_timeout: float = 10.0,
+    keep_alive_timeout: float = 5.0,
+    max_connections: int = 64,
+    max_connections_per_client: int = 16,
 ) -> None:
     """Load the checkpoint(s) and serve the page and API until Ctrl-C.
 
     ``bundle``: the bundle of checkpoints saved without a record (default perx2ct; with a record it must
     agree). ``vqgan``: latent_ddpm's VQ-GAN (default: the file its record names). ``max_sampling_steps``:
     the most diffusion steps a page may ask for. ``baseline``: score the mean training CT beside each CT.
+    Connections (:mod:`webapp.connections`): a request head must arrive within ``head_timeout`` s, an idle
+    keep-alive connection closes after ``keep_alive_timeout`` s; at most ``max_connections`` are open, at
+    most ``max_connections_per_client`` from one address (0: no per-client cap, e.g. behind a proxy).
     """
     import uvicorn
 
     from webapp.app import create_app
-    from webapp.loaders import load_classifier, load_models
+    from webapp.connections import uvicorn_options
+    from webapp.loaders import classifier_refusals, load_classifier, load_models
     from webapp.security import WILDCARDS, allowed_hosts_for
 
     torch.set_num_threads(int(threads))
+    try:
+        limits = uvicorn_options(
+            float(head_timeout),
+            float(keep_alive_timeout),
+            int(max_connections),
+            int(max_connections_per_client),
+        )
+    except ValueError as exc:
+        sys.exit(f"cannot start the web demo: {exc}")
     try:
         models = load_models(
             as_list(checkpoint), bundle, as_list(config), device, vqgan, int(max_sampling_steps), bool(baseline)
         )
         classifier = load_classifier(pe_checkpoint, device, pe_threshold_report)
+        refusals = classifier_refusals(classifier, models)
     except InputError as exc:
         sys.exit(f"cannot start the web demo: {exc}")
+    for reason in refusals.values():
+        print(f"WARNING: {reason}")
     hosts = sorted(allowed_hosts_for(host, as_list(allowed_hosts)))
     app = create_app(
         models,
@@ -85,7 +105,7 @@ def serve(
         + (f"  PE classifier: {classifier.name}" if classifier else "")
         + f"  hosts served: {', '.join(hosts)}"
     )
-    uvicorn.run(app, host=host, port=int(port), log_level="info", server_header=False)
+    uvicorn.run(app, host=host, port=int(port), log_level="info", server_header=False, **limits)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class Job:
     scores: dict[str, dict | None] = dataclasses.field(default_factory=dict)  # stage -> DRR consistency
     baseline: dict | None = None  # the mean training CT's DRR consistency on the same views
     pe: dict | None = None
+    checks: dict | None = None  # {"domain_gap", "plausibility"} of the inputs and the final CT (issue 22)
     stage_files: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> NIfTI path
 
 
@@ -176,6 +177,7 @@ class JobQueue:
             out["drr_consistency"] = job.scores.get(next(reversed(job.stages))) if job.stages else None
             out["drr_consistency_baseline"] = job.baseline
             out["pe"] = job.pe
+            out.update(job.checks or {})
         return out
 
     def close(self) -> None:
@@ -255,8 +257,13 @@ class JobQueue:
             job.stage_files = {
                 n: save_volume(v, os.path.join(job.folder, f"{n}.nii.gz")) for n, v in stages.items()
             }
+        from common.domain_gap import domain_gap
+        from common.plausibility import plausibility
+
+        reference = ((model.record or {}).get("inputs") or {}).get("drr_statistics")
+        job.checks = {"domain_gap": domain_gap(views, model.views, reference), "plausibility": plausibility(final)}
         if job.classifier is not None:
             self._stage(job, "PE classifier")
-            job.pe = job.classifier.assess(files["nifti"] if "ct" in job.classifier.api.needs else None, views[0])
+            job.pe = job.classifier.assess_volume(final, model.contrast_phase, files["nifti"], views[0], job.folder)
         job.stages, job.volume, job.files = stages, final, files
         job.drrs = job.stage_drrs.get(last, {})

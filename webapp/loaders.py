@@ -8,13 +8,13 @@ A ``pe_classifier`` checkpoint adds a PE probability to every job (:func:`load_c
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from common.errors import InputError, require_file
 from xray2ct.models import LOADERS, PEModel, XrayToCTModel, bundle_of, config_paths, load_model, load_pe_model
 
 LoadedModel = XrayToCTModel  # the name the app and its tests use
-__all__ = ["LoadedModel", "config_paths", "load_classifier", "load_models"]
+__all__ = ["LoadedModel", "classifier_refusals", "config_paths", "load_classifier", "load_models"]
 
 
 def load_models(
@@ -61,3 +61,19 @@ def load_classifier(
     if not checkpoint:
         return None
     return load_pe_model(checkpoint, (), device, threshold_report)
+
+
+def classifier_refusals(classifier: PEModel | None, models: Mapping[str, LoadedModel]) -> dict[str, str]:
+    """``{model name: why the classifier is refused for its CTs}`` (their jobs show the reason, no probability);
+    :class:`InputError` when it fits none of the models (a classifier that can give no meaningful number)."""
+    if classifier is None:
+        return {}
+    refused = {}
+    for name, model in models.items():
+        try:
+            classifier.check(model)
+        except InputError as exc:
+            refused[name] = exc.problem
+    if refused and len(refused) == len(models):
+        raise InputError(classifier.checkpoint, "; ".join(refused.values()))
+    return refused

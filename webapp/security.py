@@ -15,7 +15,9 @@ and neither checks ``Origin``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -25,6 +27,9 @@ from starlette.exceptions import HTTPException
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST = re.compile(rf"({_LABEL}(?:\.{_LABEL})*)(?::([0-9]{{1,5}}))?", re.ASCII)
+_IP_LITERAL = re.compile(r"\[([0-9a-f:.]+)\](?::([0-9]{1,5}))?", re.ASCII)
 
 
 class BodyTooLarge(HTTPException):
@@ -48,13 +53,39 @@ def allowed_hosts_for(bind_host: str, extra: Iterable[str] = ()) -> set[str]:
 
 
 def split_host(value: str) -> tuple[str, str | None]:
-    """``"Example.org:8000"`` -> (``"example.org"``, ``"8000"``); IPv6 ``"[::1]:80"`` -> (``"::1"``, ``"80"``)."""
+    """``"Example.org:8000"`` -> (``"example.org"``, ``"8000"``); IPv6 ``"[::1]:80"`` -> (``"::1"``, ``"80"``).
+
+    Strict (RFC 3986 host and port, DNS names and IP literals only): anything else, e.g. ``"[::1]evil.example"``,
+    ``"a@b"``, a port over 65535 or non-ASCII digits, raises ``ValueError`` instead of being read leniently.
+    """
     value = value.strip().lower()
+    if len(value) > 260:
+        raise ValueError("host name too long")
     if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        return name, rest[1:] if rest.startswith(":") else None
-    name, sep, port = value.rpartition(":")
-    return (name, port) if sep and port.isdigit() else (value, None)
+        match = _IP_LITERAL.fullmatch(value)
+        if match is None:
+            raise ValueError(f"malformed IPv6 host {value!r}")
+        try:
+            name = str(ipaddress.IPv6Address(match.group(1)))
+        except ValueError:
+            raise ValueError(f"malformed IPv6 address in {value!r}") from None
+    else:
+        match = _HOST.fullmatch(value)
+        if match is None or len(match.group(1)) > 253:
+            raise ValueError(f"malformed host {value!r}")
+        name = match.group(1)
+    port = match.group(2)
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return name, port
+
+
+def host_name(value: str) -> str | None:
+    """The name part of a ``Host`` header, or None when it is malformed (see :func:`split_host`)."""
+    try:
+        return split_host(value)[0]
+    except ValueError:
+        return None
 
 
 def _same_origin(origin: str, host: str, scheme: str) -> bool:
@@ -62,8 +93,11 @@ def _same_origin(origin: str, host: str, scheme: str) -> bool:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return False  # "null" (sandboxed frames, file://) and anything odd
     default = {"http": "80", "https": "443"}
-    o_name, o_port = split_host(parts.netloc)
-    h_name, h_port = split_host(host)
+    try:
+        o_name, o_port = split_host(parts.netloc)
+        h_name, h_port = split_host(host)
+    except ValueError:
+        return False
     return o_name == h_name and (o_port or default[parts.scheme]) == (h_port or default.get(scheme, "80"))
 
 
@@ -80,7 +114,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
-        if split_host(host)[0] not in self.allowed_hosts:
+        if host_name(host) not in self.allowed_hosts:
             return await _json(send, 400, f"host {host!r} is not served here (see --allowed_hosts)")
         method = scope["method"].upper()
         if method not in SAFE_METHODS:

@@ -45,7 +45,7 @@ def image_size(path: str, fmt: str, name: str, max_inflated_bytes: int) -> tuple
     if fmt == "dicom":
         import pydicom
 
-        from common.dicom import check_inflated_size, check_pixel_bytes
+        from common.dicom import SizedFile, check_inflated_size, check_pixel_bytes
         from common.xray import MAX_DECODED_BYTES
 
         try:
@@ -53,7 +53,8 @@ def image_size(path: str, fmt: str, name: str, max_inflated_bytes: int) -> tuple
         except InputError as exc:
             raise InputError(name, exc.problem) from None
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with SizedFile(path) as f:  # a declared element length costs no more than the upload holds
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
             frames = int(ds.get("NumberOfFrames") or 1) * int(ds.get("SamplesPerPixel") or 1)
             check_pixel_bytes(name, ds, MAX_DECODED_BYTES)  # bits allocated count too: 32-bit RLE
             return int(ds.Rows) * frames, int(ds.Columns)

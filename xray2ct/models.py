@@ -68,6 +68,13 @@ class XrayToCTModel:
     def views(self) -> tuple[str, ...]:
         return ("pa", "lateral") if self.needs_lateral else ("pa",)
 
+    @property
+    def contrast_phase(self) -> str:
+        """The contrast phase of the CTs the model was trained on (its record; ``"unknown"`` without one)."""
+        from common.ct_domain import UNKNOWN
+
+        return str(((self.record or {}).get("inputs") or {}).get("contrast_phase") or UNKNOWN)
+
     def check_options(self, options: Mapping | None) -> dict:
         """``options`` validated against :attr:`options` (defaults filled in); :class:`InputError` otherwise."""
         options = {k: v for k, v in (options or {}).items() if v is not None}
@@ -410,8 +417,56 @@ class PEModel:
     checkpoint: str
     api: object  # bundles.pe_classifier.scripts.inference.PEClassifierInference
 
+    def plan(self, shape: Sequence[int], spacing: Sequence[float], phase: str) -> dict | None:
+        """How a generated CT of this grid and contrast phase may reach the classifier
+        (:func:`common.ct_domain.pe_input_plan`); None for an X-ray classifier (it reads the input PA)."""
+        if "ct" not in self.api.needs:
+            return None
+        from common.ct_domain import pe_input_plan
+
+        return pe_input_plan((self.api.record or {}).get("inputs"), shape, spacing, phase)
+
+    def check(self, model: XrayToCTModel) -> dict | None:
+        """The plan for ``model``'s final CT; :class:`InputError` naming the classifier when it is refused."""
+        from common.ct_domain import describe_plan
+
+        plan = self.plan(model.volume_shape, model.spacing, model.contrast_phase)
+        if plan is not None and plan["action"] == "refused":
+            raise InputError(self.checkpoint, f"{describe_plan(plan)} (generator {model.name})")
+        return plan
+
+    def assess_volume(self, volume: Volume, phase: str, ct_file: str | None, pa_view: np.ndarray | None,
+                      work_dir: str | None = None) -> dict:  # fmt: skip
+        """:meth:`assess` of a generated CT after the grid check: ``{"refused", "input_grid"}`` when the
+        classifier does not fit the CT (no probability), else its result with ``input_grid`` (what was done).
+        A crop is written to ``<work_dir>/pe_input.nii.gz`` (the file the classifier read)."""
+        from common.ct_domain import crop_centre, describe_plan
+        from common.io import save_volume
+
+        volume = volume.to_canonical()
+        plan = self.plan(volume.shape, volume.spacing, phase)
+        if plan is None:
+            return {**self.assess(None, pa_view), "input_grid": None}
+        plan = {**plan, "summary": describe_plan(plan)}
+        if plan["action"] == "refused":
+            return {"refused": plan["summary"], "probability": None, "input_grid": plan,
+                    "classifier": self._identity()}  # fmt: skip
+        if plan["action"] == "crop_and_resample":
+            crop = crop_centre(volume, plan["crop_voxels"])
+            if work_dir is None:
+                raise InputError(None, "cropping a CT for the PE classifier needs a folder to write it in")
+            ct_file = save_volume(crop, os.path.join(work_dir, "pe_input.nii.gz"))
+            plan["file"] = os.path.basename(ct_file)
+        return {**self.assess(ct_file, pa_view), "input_grid": plan}
+
+    def _identity(self) -> dict:
+        return {"name": self.name, "checkpoint": os.path.abspath(self.checkpoint),
+                "sha256": file_sha256(self.checkpoint)}  # fmt: skip
+
     def assess(self, ct_file: str | None, pa_view: np.ndarray | None) -> dict:
-        """``{"probability", "threshold", "positive", "training_prevalence", "modality", "input", "classifier"}``."""
+        """``{"probability", "threshold", "positive", "training_prevalence", "modality", "input", "classifier"}``.
+
+        No grid check: callers with a generated CT use :meth:`assess_volume`."""
         api = self.api
         probability = api.probability(ct=ct_file, xray=pa_view)
         threshold = api.threshold
@@ -423,14 +478,16 @@ class PEModel:
             "training_prevalence": api.training_prevalence,
             "modality": api.modality,
             "input": inputs[api.modality],
-            "classifier": {"name": self.name, "checkpoint": os.path.abspath(self.checkpoint),
-                           "sha256": file_sha256(self.checkpoint)},  # fmt: skip
+            "classifier": self._identity(),
         }
 
     def describe(self) -> dict:
+        inputs = (self.api.record or {}).get("inputs") or {}
         return {
             "name": self.name,
             "modality": self.api.modality,
+            "contrast_phase": inputs.get("contrast_phase"),
+            "ct_grid": inputs.get("ct_grid"),
             "threshold": self.api.threshold,
             "training_prevalence": self.api.training_prevalence,
         }
@@ -454,7 +511,10 @@ PE_CONVENTION = (
     "PE probability: sigmoid of the pe_classifier's logit for the generated CT (its config's HU window and "
     "resize) or the PA X-ray, per the classifier's modality; training_prevalence is the trivial baseline's "
     "probability; threshold (Youden's J on the classifier's validation split) only with its metrics report. "
-    "A research figure, not a diagnosis: the classifier's accuracy on generated CTs is measured in its own report."
+    "A research figure, not a diagnosis: the classifier's accuracy on generated CTs is measured in its own report. "
+    "input_grid: how the generated CT reached the classifier (as_is, resample down, centred crop_and_resample); "
+    "a classifier trained on another contrast phase, a larger field of view or a finer grid than the generated "
+    "CT's is refused (no probability)."
 )
 
 

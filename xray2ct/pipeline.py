@@ -14,6 +14,7 @@ perx2ct and progressive_cascade (which bundle a checkpoint belongs to comes from
     preview.png              middle axial/coronal/sagittal slices of every stage beside the input X-rays
     axial.gif                the final CT's axial slices
     drr.png                  the X-rays as the model saw them beside DRRs of the CT (what the score compares)
+    pe_input.nii.gz          the centred crop a PE classifier read, when it was trained on a smaller field of view
     report.json              written last: inputs, model, volumes, DRR consistency (+ mean-CT baseline), PE
 
 A case with a ``report.json`` is finished (every file is written atomically, the report last), so a killed
@@ -21,6 +22,9 @@ batch resumes where it stopped; a case that fails is listed with its reason in `
 ``errors.csv`` and the batch goes on. ``pipeline.json`` records the model, classifier and settings of an
 output folder: a rerun with others is refused (``--overwrite True`` redoes every case). Case names that are
 not plain file names are mapped to ``<sanitised>-<sha256[:12]>`` (:func:`common.datalist.safe_case_name`).
+A PE classifier trained on another contrast phase, field of view or a finer grid than the generated CT's is
+refused before any case runs (:func:`common.ct_domain.pe_input_plan`; the report's ``pe.input_grid`` says what
+was done).
 The layer that loads models (``xray2ct.models``) calls each bundle's ``scripts/inference.py`` API only.
 """
 
@@ -37,12 +41,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common.agreement import CONVENTION as AGREEMENT_CONVENTION
+from common.agreement import MEASURE as AGREEMENT_MEASURE
+from common.agreement import agreement_scores
 from common.atomic import atomic_path, atomic_write_text, remove_partial_files
 from common.checkpoint import file_sha256
 from common.datalist import safe_case_name
+from common.domain_gap import domain_gap
 from common.errors import InputError, require_file
 from common.handlers import write_json
 from common.io import save_volume
+from common.plausibility import plausibility
 from common.preview import save_montage_png, save_slice_gif
 from common.tables import csv_text
 from common.volume import Volume
@@ -56,6 +65,7 @@ from xray2ct.models import (
     load_pe_model,
     score_against_inputs,
 )
+from xray2ct.preparation import INTENSITIES, PREPARATIONS, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +269,12 @@ CONVENTIONS = {
     "(PA: patient's right on the left; lateral: anterior on the left)",
     "drr_consistency": DRR_SCORE_CONVENTION,
     "pe": PE_CONVENTION,
+    "agreement": AGREEMENT_CONVENTION,
+    "domain_gap": "structure statistics of each view as the model saw it (spectral slope, gradient CV, "
+    "fine-to-coarse energy, body width fraction; common.domain_gap) against the training DRRs' range recorded at "
+    "training; score = mean |z|; a warning per statistic outside the range widened by half its width",
+    "plausibility": "the final CT against published adult ranges (lung volume, body width and depth, "
+    "cardiothoracic ratio, heart offset; common.plausibility, sources in the block), not the training set's",
 }
 
 
@@ -273,6 +289,8 @@ def run_case(
     options: Mapping | None = None,
     previews: bool = True,
     progress=None,
+    preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """Reconstruct one case into ``<output_dir>/<safe case name>/`` and return its report (also written)."""
     suffix = FORMATS.get(str(fmt).lstrip("."))
@@ -291,7 +309,7 @@ def run_case(
 
     start = clock
     options = model.check_options(options)
-    views = model.preprocess(pa, lateral if model.needs_lateral else None)
+    views, prepared, aligned = prepare_inputs(model, pa, lateral, preparation, intensity)
     lap("preprocess")
     volumes = model.run(views, options, progress)
     lap("reconstruct")
@@ -300,6 +318,10 @@ def run_case(
     stage_scores = {name: score_against_inputs(model, vol, views) for name, vol in volumes.items()}
     scores, drrs = stage_scores[names[-1]]
     baseline = baseline_scores(model, views)
+    agreement = _agreement(model, drrs, aligned)
+    gap = domain_gap(views, model.views, ((model.record or {}).get("inputs") or {}).get("drr_statistics"))
+    plausible = plausibility(final)
+    lap("checks")
     lap("drr_consistency")
     ct_file = save_volume(final, os.path.join(folder, "ct" + suffix))
     stage_files = {}
@@ -308,7 +330,7 @@ def run_case(
     lap("write")
     pe_result = None
     if pe is not None:
-        pe_result = pe.assess(ct_file if "ct" in pe.api.needs else None, views[0])
+        pe_result = pe.assess_volume(final, model.contrast_phase, ct_file, views[0], folder)
         lap("pe")
     preview_files = {}
     if previews:
@@ -332,6 +354,10 @@ def run_case(
         "inputs": {"pa": _input_info(pa), "lateral": _input_info(lateral if model.needs_lateral else None)},
         "model": {**model.fingerprint(), "views": list(model.views), "image_size": model.image_size},
         "options": options,
+        "preparation": prepared,
+        "agreement": agreement,
+        "domain_gap": gap,
+        "plausibility": plausible,
         "ct": _volume_info(final, ct_file),
         "stages": [
             {"name": n, **_volume_info(v, stage_files.get(n, ct_file)), "drr_consistency": stage_scores[n][0]}
@@ -352,8 +378,33 @@ def run_case(
     return report
 
 
+def _checks(report: Mapping) -> dict:
+    """The batch summary's per-case figures: domain gap, plausibility warnings, scale sources, agreement."""
+    gap, plausible = report.get("domain_gap") or {}, report.get("plausibility") or {}
+    views = (report.get("preparation") or {}).get("views") or {}
+    agreement = (report.get("agreement") or {}).get("ct") or {}
+    return {
+        "domain_gap": gap.get("score"),
+        "warnings": list(gap.get("warnings") or []) + list(plausible.get("warnings") or []),
+        "scale_source": {v: info.get("scale_source") for v, info in views.items()},
+        "agreement": agreement.get("mean"),
+    }
+
+
+def _agreement(model: XrayToCTModel, drrs: Mapping[str, np.ndarray], aligned: np.ndarray) -> dict | None:
+    """The fixed-reference agreement of the CT and of the mean training CT (None without a DRR geometry)."""
+    if not drrs:
+        return None
+    mean_ct = None
+    if model.baseline and "volume" in model.baseline:
+        _, base_drrs = score_against_inputs(model, model.baseline["volume"], aligned)
+        mean_ct = agreement_scores(base_drrs, aligned, model.views)
+    return {"measure": AGREEMENT_MEASURE, "ct": agreement_scores(drrs, aligned, model.views), "mean_ct": mean_ct}
+
+
 # ----------------------------------------------------------------------------------------------- batch
-def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mapping) -> dict:
+def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mapping,
+              preparation: str = "geometry", intensity: str = "match") -> dict:  # fmt: skip
     return {
         "format": REPORT_FORMAT,
         "model": {"bundle": model.bundle, "sha256": model.sha256(), "checkpoint": model.checkpoint},
@@ -361,6 +412,8 @@ def _settings(model: XrayToCTModel, pe: PEModel | None, fmt: str, options: Mappi
                                        "threshold": pe.api.threshold},  # fmt: skip
         "volume_format": fmt,
         "options": dict(options),
+        "preparation": preparation,
+        "intensity": intensity,
     }
 
 
@@ -372,7 +425,7 @@ def _check_settings(output_dir: str, settings: dict, overwrite: bool) -> None:
     if os.path.isfile(path) and not overwrite:
         with open(path) as f:
             previous = json.load(f)
-        keys = ("model", "pe", "volume_format", "options")
+        keys = ("model", "pe", "volume_format", "options", "preparation", "intensity")
         differ = [k for k in keys if _without_paths(previous.get(k)) != _without_paths(settings.get(k))]
         if differ:
             raise InputError(
@@ -399,6 +452,8 @@ def run_batch(
     previews: bool = True,
     overwrite: bool = False,
     progress_bars: bool = True,
+    preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """Run every case (resumable); returns and writes the summary. Per-case errors never stop the batch."""
     if str(fmt).lstrip(".") not in FORMATS:
@@ -406,7 +461,11 @@ def run_batch(
     options = model.check_options(options)
     os.makedirs(output_dir, exist_ok=True)
     remove_partial_files(output_dir)  # leftovers of a killed run (an hour old: never a live writer's)
-    _check_settings(output_dir, _settings(model, pe, fmt, options), overwrite)
+    if preparation not in PREPARATIONS:
+        raise InputError(None, f"unknown --preparation {preparation!r}; choose from {PREPARATIONS}")
+    if intensity not in INTENSITIES:
+        raise InputError(None, f"unknown --intensity {intensity!r}; choose from {INTENSITIES}")
+    _check_settings(output_dir, _settings(model, pe, fmt, options, preparation, intensity), overwrite)
     names = [safe_case_name(c["case"]) for c in cases]
     rows, counts = [], {"cases": len(cases), "written": 0, "already_done": 0, "failed": 0}
     for item, name in tqdm(list(zip(cases, names)), desc="X-ray -> CT", unit="case", disable=not progress_bars):
@@ -421,9 +480,9 @@ def run_batch(
         else:
             bar = _step_bar(model, progress_bars)
             try:
-                run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt, options,
-                         previews, bar.update if bar else None)  # fmt: skip
-                row["status"] = "written"
+                report = run_case(model, item["pa"], item.get("lateral"), output_dir, item["case"], pe, fmt,
+                                  options, previews, bar.update if bar else None, preparation, intensity)  # fmt: skip
+                row.update(status="written", **_checks(report))
             except InputError as exc:
                 row.update(status="failed", error=str(exc))
             except Exception as exc:  # one case's failure (a decoder's error, out of memory) must not end the batch
@@ -488,18 +547,26 @@ def pipeline(
     previews: bool = True,
     baseline: bool = True,
     overwrite: bool = False,
+    preparation: str = "geometry",
+    intensity: str = "match",
 ) -> dict:
     """One case (``--pa``, ``--lateral``) or a batch (``--inputs`` folder or CSV) through one model.
 
     ``--config cpu_tiny`` (overlays of the bundle's inference.json) is checked against the checkpoint's
     record; ``--vqgan`` for latent_ddpm (default: the file its record names); ``--sampling_steps``,
     ``--guidance_scale``, ``--seed``: the diffusion's sampling (latent_ddpm only); ``--baseline False`` skips
-    averaging the training CTs for the baseline DRR score. Returns the batch summary.
+    averaging the training CTs for the baseline DRR score. ``--preparation geometry`` (default) maps each film
+    onto the training DRRs' scale (DICOM tags, else an estimate: the report's ``preparation`` says which);
+    ``legacy``: the centred square crop. ``--intensity match`` (default) maps each view onto the training DRRs'
+    intensity quantiles (recorded at training; ``none``: unmatched). ``agreement`` in each report scores the
+    CT's DRRs against the geometry-only views (:mod:`common.agreement`). Returns the batch summary.
     """
     if (pa is None) == (inputs is None):
         raise InputError(None, "give either --pa (and --lateral) for one case or --inputs (folder or CSV)")
     model = load_model(checkpoint, bundle, _as_list(config), device, vqgan, baseline=bool(baseline))
     pe = load_pe_model(pe_checkpoint, (), device, pe_threshold_report) if pe_checkpoint else None
+    if pe is not None:
+        pe.check(model)  # no meaningless PE numbers: another contrast phase, field of view or a finer grid
     options = {"sampling_steps": sampling_steps, "guidance_scale": guidance_scale, "seed": seed}
     options = {k: v for k, v in options.items() if v is not None}
     if inputs is not None:
@@ -508,7 +575,8 @@ def pipeline(
         if model.needs_lateral and lateral is None:
             raise InputError(pa, f"{model.bundle} needs a PA + lateral pair: give --lateral")
         cases = [{"case": case or case_name(pa), "pa": require_file(pa), "lateral": lateral}]
-    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite)
+    return run_batch(model, cases, output_dir, pe, format, options, previews, overwrite, preparation=preparation,
+                     intensity=intensity)  # fmt: skip
 
 
 @functools.wraps(pipeline)

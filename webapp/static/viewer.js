@@ -104,12 +104,22 @@ function scoreTable(table, scores, baseline, views) {
 
 function peText(pe) {
   if (!pe) return "";
+  if (pe.refused) return pe.refused;
   let text = `PE probability ${fmt(pe.probability, 3)} (${pe.input}`;
   if (pe.training_prevalence !== null && pe.training_prevalence !== undefined)
     text += `; training prevalence ${fmt(pe.training_prevalence, 2)}`;
   text += pe.threshold === null || pe.threshold === undefined
     ? "; no operating threshold loaded)" : `; threshold ${fmt(pe.threshold, 3)}: ${pe.positive ? "positive" : "negative"})`;
   return text + " - a research figure, not a diagnosis";
+}
+
+// The domain gap of the inputs and the plausibility of the CT (issue 22): a line, warnings included.
+function checksText(s) {
+  const gap = s.domain_gap, plaus = s.plausibility;
+  if (!gap && !plaus) return "";
+  const warnings = [...((gap && gap.warnings) || []), ...((plaus && plaus.warnings) || [])];
+  let text = gap && gap.score !== null && gap.score !== undefined ? ` | domain gap ${fmt(gap.score, 2)} (mean |z|)` : "";
+  return text + (warnings.length ? ` | warnings: ${warnings.join("; ")}` : " | no plausibility warning");
 }
 
 // Slice index along `axis` of a volume (shape, spacing) at `mm` from its centre (the DRR isocentre).

@@ -8,14 +8,16 @@ per-modality transform chains are ``_target_`` lists in the configs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import ImageReader
+from monai.data import ImageReader, MetaTensor
 from monai.engines import PrepareBatch
+from monai.transforms import Identityd, MapTransform, Randomizable
 from torch.utils.data import WeightedRandomSampler
 
 from common.datalist import load_split as common_load_split
@@ -202,3 +204,90 @@ class PEPrepareBatch(PrepareBatch):
         label = get(self.label_key) if self.label_key in batchdata else None
         args = (get(self.xray_key),) if self.modality == "fusion" else ()
         return image, label, args, {}
+
+
+# ----------------------------------------------------------------------------------------------- CT intensities
+CT_NORMALIZATIONS = ("auto", "hu_window", "medicalnet")
+
+
+def resolve_ct_normalization(normalization: str, ct_pretrained: str | None = None) -> str:
+    """``auto`` -> ``medicalnet`` when MedicalNet weights are loaded (``ct_pretrained``), else ``hu_window``.
+
+    MedicalNet was pretrained on z-scored volumes (:class:`MedicalNetNormalized`), not on a [0, 1] HU window;
+    fine-tuning its weights on another input scale wastes the initialisation, so ``auto`` feeds it what it saw.
+    """
+    if normalization not in CT_NORMALIZATIONS:
+        raise ValueError(f"ct_normalization must be one of {CT_NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "auto":
+        normalization = "medicalnet" if ct_pretrained else "hu_window"
+    return normalization
+
+
+def medicalnet_normalize(volume: np.ndarray | torch.Tensor, noise: np.ndarray | torch.Tensor):
+    """MedicalNet's input normalisation (Tencent/MedicalNet ``datasets/brains18.py`` l. 133-148,
+    ``__itensity_normalize_one_volume__``): ``(v - mean) / std`` with mean and std (population, numpy's
+    default) of the voxels ``> 0``; voxels ``== 0`` are replaced by ``noise`` (their N(0, 1) draw).
+    Any shape; ``noise`` has the volume's shape. Applied to the values as loaded (HU here), after the resize,
+    as in their ``__training_data_process__``/``__testing_data_process__``.
+    """
+    v = torch.as_tensor(volume).as_subclass(torch.Tensor)
+    n = torch.as_tensor(noise, dtype=v.dtype if v.is_floating_point() else torch.float32)
+    v = v.to(n.dtype)
+    if n.shape != v.shape:
+        raise InputError("ct", f"noise shape {tuple(n.shape)} differs from the volume's {tuple(v.shape)}")
+    pixels = v[v > 0]
+    if pixels.numel() < 2:
+        raise InputError("ct", "MedicalNet normalisation needs at least two voxels > 0 (mean/std of the positives)")
+    std = pixels.std(unbiased=False)
+    if not std > 0:
+        raise InputError("ct", "MedicalNet normalisation: the voxels > 0 are all equal (std 0)")
+    out = (v - pixels.mean()) / std
+    return torch.where(v == 0, n, out)
+
+
+class MedicalNetNormalized(MapTransform, Randomizable):
+    """:func:`medicalnet_normalize` as a MONAI dict transform; the noise comes from the transform's seeded
+    random state (``set_random_state``; MONAI datasets seed it), so a run is reproducible."""
+
+    def __init__(self, keys, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+
+    def randomize(self, data: Any = None) -> None:  # the draw happens per key in __call__
+        pass
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            noise = self.R.standard_normal(tuple(img.shape)).astype(np.float32)
+            out = medicalnet_normalize(torch.as_tensor(img).as_subclass(torch.Tensor).float(), noise)
+            d[key] = MetaTensor(out, meta=img.meta) if isinstance(img, MetaTensor) else out
+        return d
+
+
+def ct_window_transform(key: str, hu_window: str, normalization: str = "auto", ct_pretrained: str | None = None):
+    """The CT transform before the resize: the HU window (``hu_window``), or nothing for MedicalNet's
+    normalisation, which works on HU and comes after the resize (:func:`ct_zscore_transform`)."""
+    from common.transforms import hu_window_transform
+
+    if resolve_ct_normalization(normalization, ct_pretrained) == "medicalnet":
+        return Identityd(keys=key)
+    return hu_window_transform(key, hu_window)
+
+
+def ct_zscore_transform(key: str, normalization: str = "auto", ct_pretrained: str | None = None):
+    """The CT transform after the resize: MedicalNet's z-score with noise (:class:`MedicalNetNormalized`)
+    when the normalisation is ``medicalnet`` (``auto`` with MedicalNet weights), else nothing. Logged."""
+    resolved = resolve_ct_normalization(normalization, ct_pretrained)
+    if resolved == "medicalnet":
+        logging.getLogger(__name__).info(
+            "CT input: MedicalNet's normalisation (z-score over voxels > 0, N(0, 1) noise in the zeros)%s",
+            " because MedicalNet weights are loaded" if normalization == "auto" else "",
+        )
+        return MedicalNetNormalized(keys=key)
+    if ct_pretrained:
+        logging.getLogger(__name__).warning(
+            "CT input: HU window although MedicalNet weights are loaded (%s); MedicalNet was pretrained on "
+            "z-scored volumes: ct_normalization 'auto' or 'medicalnet' feeds it that", ct_pretrained
+        )
+    return Identityd(keys=key)

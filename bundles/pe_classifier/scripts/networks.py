@@ -116,9 +116,11 @@ def load_medicalnet_weights(net: nn.Module, path: str, arch: str) -> dict[str, l
         )
     if depth != want:
         found = f"ResNet-{depth}" if depth > 0 else "a ResNet of unknown depth"
-        raise InputError(
-            path, f"checkpoint is {found} but the encoder is {arch}: set ct_arch to resnet{depth}"
-        )
+        if f"resnet{depth}" in RESNET_LAYERS:
+            fix = f"set ct_arch to resnet{depth}"
+        else:  # 101/152/200 exist in MedicalNet's release but not among ct_arch's values
+            fix = f"ct_arch accepts {', '.join(RESNET_LAYERS)}: use MedicalNet's resnet_{{10,18,34,50}} weights"
+        raise InputError(path, f"checkpoint is {found} but the encoder is {arch}: {fix}")
     ours = net.state_dict()
     if ours["conv1.weight"].shape != state["conv1.weight"].shape:
         raise InputError(

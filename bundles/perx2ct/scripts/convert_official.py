@@ -31,6 +31,7 @@ import fire
 import torch
 
 from common.atomic import atomic_path
+from common.checkpoint import check_torch_file
 from common.errors import InputError, require_file
 
 ENCODER_PREFIX = "encoder.network_fn.cond_encoder."
@@ -75,6 +76,7 @@ def read_lightning_state_dict(path: str) -> dict[str, torch.Tensor]:
     path = require_file(path)
     if os.path.getsize(path) == 0:
         raise InputError(path, "empty file, not a checkpoint")
+    check_torch_file(path, legacy="size")  # no zip bomb, no declared size beyond the file or the limit
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -291,12 +293,17 @@ def convert(
     Returns the network arguments (put them in the config if they differ from ``perx2ct_official.json``).
     """
     state = read_lightning_state_dict(checkpoint)
-    kwargs = infer_network_kwargs(state, checkpoint)
-    if volume_size is not None:
-        kwargs["feature_res"] = int(volume_size) // 2 ** (len(kwargs["decoder_channels"]) - 1)
-    net = build_official_network(kwargs, image_size)
-    converted = convert_state_dict(state, net, kwargs)
-    missing, unexpected = net.load_state_dict(converted, strict=False)
+    try:  # a crafted state dict (odd shapes, missing keys) is bad input, not a crash
+        kwargs = infer_network_kwargs(state, checkpoint)
+        if volume_size is not None:
+            kwargs["feature_res"] = int(volume_size) // 2 ** (len(kwargs["decoder_channels"]) - 1)
+        net = build_official_network(kwargs, image_size)
+        converted = convert_state_dict(state, net, kwargs)
+        missing, unexpected = net.load_state_dict(converted, strict=False)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(checkpoint, f"not a convertible PerX2CT checkpoint ({type(e).__name__}: {e})") from None
     if missing or unexpected:
         raise InputError(
             checkpoint, f"conversion incomplete: missing {missing[:6]}, unexpected {unexpected[:6]}"
@@ -314,7 +321,11 @@ def convert(
 
 
 def main(checkpoint: str, output: str, volume_size: int | None = None, image_size: int | None = None) -> None:
-    kwargs = convert(checkpoint, output, volume_size, image_size)
+    """``convert`` with a one-line ``error: <file>: <problem>`` (exit status 1) for bad input, no traceback."""
+    try:
+        kwargs = convert(checkpoint, output, volume_size, image_size)
+    except InputError as exc:
+        raise SystemExit("error: " + " ".join(str(exc).split())) from None  # torch's messages span lines
     print(f"wrote {output}")
     print("architecture read from the checkpoint:")
     for key, value in kwargs.items():

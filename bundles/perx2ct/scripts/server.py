@@ -60,6 +60,7 @@ FRAME = struct.Struct("!4sIQ")  # magic, header bytes, payload bytes
 DTYPES = ("bool", "uint8", "uint16", "int16", "int32", "float32", "float64")
 KEY_ENV, KEY_FILE_ENV = "XRAY2CT_SERVER_KEY", "XRAY2CT_SERVER_KEY_FILE"
 MIN_KEY_BYTES = 16  # for keys read from the environment or a key file
+MAX_DIM = 2**31 - 1  # any one array dimension, even of a zero-size array (numpy refuses larger ones)
 VIEWS = ("frontal", "lateral")
 
 
@@ -219,10 +220,10 @@ def parse_array_specs(header: dict, payload_bytes: int, limits: Limits) -> list[
         if (
             not isinstance(shape, list)
             or len(shape) > limits.max_ndim
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
         ):
             raise ProtocolError(
-                f"'{name}': shape must be at most {limits.max_ndim} non-negative integers", fatal=False
+                f"'{name}': shape must be at most {limits.max_ndim} integers from 0 to {MAX_DIM}", fatal=False
             )
         names.add(name)
         dt = np.dtype(dtype).newbyteorder("<")
@@ -251,16 +252,19 @@ def read_frame(
     transfer_timeout: float,
     check_header=None,
     budget: ByteBudget | None = None,
+    deadline: float | None = None,
 ) -> tuple[dict, int]:
     """:func:`read_message` plus the payload size, which the caller gives back to ``budget`` when done.
 
     ``check_header(header, specs)`` may raise ``ProtocolError(fatal=False)`` to refuse a request from its
     header alone (the payload is then skipped without being stored). ``budget`` (a :class:`ByteBudget`)
-    must grant the payload's bytes before they are allocated.
+    must grant the payload's bytes before they are allocated. ``deadline`` (``time.monotonic()`` seconds): the
+    whole frame must have arrived by then, whatever the two timeouts allow (the handshake's single deadline).
     """
-    first = time.monotonic() + (idle_timeout if idle_timeout is not None else 10**9)
+    end = deadline if deadline is not None else math.inf
+    first = min(end, time.monotonic() + (idle_timeout if idle_timeout is not None else 10**9))
     frame = bytes(_recv_exact(sock, 1, first))
-    deadline = time.monotonic() + transfer_timeout
+    deadline = min(end, time.monotonic() + transfer_timeout)
     frame += bytes(_recv_exact(sock, FRAME.size - 1, deadline))
     magic, header_bytes, payload_bytes = FRAME.unpack(frame)
     if magic != MAGIC:
@@ -332,17 +336,33 @@ def _mac(key: bytes, role: bytes, nonce: bytes) -> str:
 
 
 def _server_handshake(sock: socket.socket, key: bytes, timeout: float) -> None:
+    """Challenge, answer, proof: all within ``timeout`` seconds of the connection, however the bytes trickle in."""
+    deadline = time.monotonic() + timeout
     nonce = secrets.token_bytes(32)
+    sock.settimeout(timeout)
     send_message(sock, {"protocol": PROTOCOL, "challenge": nonce.hex()})
-    answer = read_message(sock, HANDSHAKE_LIMITS, timeout, timeout)
+    answer = read_frame(sock, HANDSHAKE_LIMITS, timeout, timeout, deadline=deadline)[0]
     response, challenge = answer.get("response"), answer.get("challenge")
-    if not isinstance(response, str) or not hmac.compare_digest(response, _mac(key, b"client", nonce)):
+    expected = _mac(key, b"client", nonce).encode()
+    # compared as bytes: compare_digest raises TypeError on a str with non-ASCII characters
+    if not isinstance(response, str) or not hmac.compare_digest(
+        response.encode("utf-8", "replace"), expected
+    ):
         with contextlib.suppress(OSError):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
             send_message(sock, {"ok": False, "error": "authentication failed"})
         raise ProtocolError("authentication failed (wrong key)")
-    if not isinstance(challenge, str) or len(challenge) != 64:
+    if not isinstance(challenge, str) or len(challenge) != 64 or not _is_hex(challenge):
+        with contextlib.suppress(OSError):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            send_message(sock, {"ok": False, "error": "handshake without a client challenge (64 hex digits)"})
         raise ProtocolError("handshake without a client challenge")
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
     send_message(sock, {"ok": True, "response": _mac(key, b"server", bytes.fromhex(challenge))})
+
+
+def _is_hex(text: str) -> bool:
+    return text.isascii() and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _client_handshake(sock: socket.socket, key: bytes, timeout: float) -> None:
@@ -383,9 +403,12 @@ def handle_request(predictor, request, max_pixels: int | None = Limits.max_pixel
             "ok": False,
             "error": f"expected a dict with 'frontal' and 'lateral' arrays, got {type(request).__name__}",
         }
-    if request.get("cmd") == "ping":
+    cmd = request.get("cmd")
+    if cmd is not None and not isinstance(cmd, str):
+        return {"ok": False, "error": f"'cmd' must be a string, got {type(cmd).__name__}"}
+    if cmd == "ping":
         return {"ok": True, "pong": True}
-    if request.get("cmd") is not None:
+    if cmd is not None:
         return {"ok": False, "error": f"unknown cmd {request.get('cmd')!r} (ping, shutdown)"}
     missing = [k for k in VIEWS if request.get(k) is None]
     if missing:
@@ -524,6 +547,11 @@ class PerX2CTServer:
             except (ProtocolError, OSError, ValueError) as e:  # TimeoutError and ConnectionError are OSErrors
                 logger.warning("rejected %s during the handshake: %s: %s", peer, type(e).__name__, e)
                 return
+            except Exception as e:  # a bug must cost this connection only, with one line in the log
+                logger.error(
+                    "rejected %s during the handshake (unexpected): %s: %s", peer, type(e).__name__, e
+                )
+                return
             while not self._stop.is_set():
                 try:
                     request, payload = read_frame(
@@ -535,14 +563,19 @@ class PerX2CTServer:
                         self.budget,
                     )
                 except ProtocolError as e:
+                    logger.info("client %s: refused a frame: %s", peer, e)
                     if not self._reply(conn, {"ok": False, "error": str(e)}) or e.fatal:
                         return
                     continue
                 except (OSError, ValueError) as e:  # closed, reset or timed out (maybe mid-message)
                     logger.info("client %s gone: %s: %s", peer, type(e).__name__, e)
                     return
+                except Exception as e:  # a bug: one log line, an error reply, then close
+                    logger.error("client %s: unreadable frame: %s: %s", peer, type(e).__name__, e)
+                    self._reply(conn, {"ok": False, "error": f"unreadable frame: {type(e).__name__}"})
+                    return
                 try:
-                    if request.get("cmd") == "shutdown":
+                    if isinstance(request.get("cmd"), str) and request["cmd"] == "shutdown":
                         if self.allow_shutdown:
                             self._reply(conn, {"ok": True, "shutdown": True})
                             self.shutdown()
@@ -551,6 +584,9 @@ class PerX2CTServer:
                     else:
                         with self._model_lock:
                             reply = handle_request(self.predictor, request, self.limits.max_pixels)
+                except Exception as e:  # handle_request never raises for bad input: this is a bug
+                    logger.error("client %s: request failed: %s: %s", peer, type(e).__name__, e)
+                    reply = {"ok": False, "error": f"request failed: {type(e).__name__}"}
                 finally:
                     del request
                     self.budget.release(payload)

@@ -9,6 +9,7 @@ group is needed; RANK / WORLD_SIZE / LOCAL_RANK come from torchrun's environment
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -22,6 +23,17 @@ def synthesize_rank(**kwargs) -> dict:
     device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     kwargs.setdefault("device", device)
     return synthesize(part_index=rank, total_parts=world, **kwargs)
+
+
+# fire reads this signature (synthesize's options less the two the rank sets), so --help works
+synthesize_rank.__doc__ = synthesize.__doc__
+synthesize_rank.__signature__ = inspect.signature(synthesize).replace(  # type: ignore[attr-defined]
+    parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(synthesize).parameters.items()
+        if name not in ("part_index", "total_parts") and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+)
 
 
 if __name__ == "__main__":
