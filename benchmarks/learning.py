@@ -21,6 +21,15 @@ training split (``smoke_test``) fails the row.
   augmented crops (144 mm cubes at random positions in the chest, 32^3 at 4.5 mm, DRR pairs by
   ``data_prep.build_pairs`` with a 250 mm detector; validation: other random cubes of the same CT).
 
+* 64^3 at 5 mm (the papers' 320 mm field of view), PA + lateral DRRs 128^2 in the ``perx2ct`` geometry
+  (issue 21 item 3), 24 training / 12 validation / 12 test each, with each bundle's ``cpu_64.json`` overlay:
+  perx2ct, progressive_cascade, vqgan_3d_patch and latent_ddpm (on that dataset's VQ-GAN) on ``cohort64``
+  (``data_prep.cohort`` from the example chest CT and its labels: same-source, the reports say so) and on
+  ``phantoms64`` (``data_prep.phantom``: no shared patient, the cross-source check). Baselines: the mean
+  training CT and the extent-scaled mean CT, with paired bootstrap intervals and the anatomy metrics. The
+  ``cpu_64.json`` recipes are starting points scaled from ``cpu_small.json``, to be chosen with
+  ``--split validation``; so far each 64^3 row has only run with ``--smoke`` (wiring, not figures).
+
 Recipes (the ``cpu_small.json`` overlays) were chosen on the validation splits only (``--split validation``
 scores that split instead; such figures choose recipes and are not results). The table gives PSNR in the
 xray2ct convention (HU [-1024, 2048] -> [0, 1], data range 1, per volume, mean over the cases); the JSON
@@ -50,18 +59,34 @@ from common.io import load_volume, save_volume  # noqa: E402
 from common.volume import Volume  # noqa: E402
 
 BUNDLES = REPO / "bundles"
-ROWS = (  # run in this order (latent_ddpm needs the phantom VQ-GAN)
+ROWS = (  # run in this order (latent_ddpm needs the VQ-GAN of its dataset)
     "vqgan_phantoms",
     "perx2ct_phantoms",
     "latent_ddpm_phantoms",
     "vqgan_real",
     "perx2ct_real",
     "cascade_phantoms",
+    # issue 21 item 3: 64^3 at 5 mm (320 mm field), X-rays 128^2, cpu_64.json overlays
+    "perx2ct_cohort64",
+    "cascade_cohort64",
+    "vqgan_cohort64",
+    "latent_ddpm_cohort64",
+    "perx2ct_phantoms64",
+    "cascade_phantoms64",
+    "vqgan_phantoms64",
+    "latent_ddpm_phantoms64",
 )
+NEEDS_VQGAN = {"latent_ddpm_phantoms": "vqgan_phantoms", "latent_ddpm_cohort64": "vqgan_cohort64",
+               "latent_ddpm_phantoms64": "vqgan_phantoms64"}  # fmt: skip
 METRIC = "psnr_xray2ct"
 TARGET_DB = 1.0
-BUDGET_MIN = 20.0  # issue 12: at most 20 minutes in all on 2 cores
+BUDGET_MIN = 60.0  # issue 21: at most 60 minutes in all on 2 cores (issue 12's 32^3 rows: 20 minutes)
 PHANTOMS = dict(n_cases=48, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=64, seed=0)
+# 64^3 at 5 mm: the papers' 320 mm field of view, X-rays 128^2; 24 training / 12 validation / 12 test each
+PHANTOMS64 = dict(n_cases=48, size=64, spacing=5.0, geometry="perx2ct", drr_pixels=128, seed=0)
+COHORT64 = dict(n_cases=48, size=64, spacing=5.0, geometry="perx2ct", drr_pixels=128, seed=0, val_fraction=0.25,
+                test_fraction=0.25)  # fmt: skip
+OVERLAY, OVERLAY_64 = "cpu_small.json", "cpu_64.json"
 REAL_SPACING_VQ = 3.0
 # one training volume: 6 iterations of 4 patches per epoch, as the phantom row (24 volumes, batch 4)
 REAL_VQ_OVERRIDES = {"patches_per_volume": 4, "epoch_length": 6}
@@ -99,17 +124,20 @@ def bundle_run(run_id: str, files: list[str], overrides: dict) -> dict:
     return {"wall_s": clock.wall, "cpu_s": clock.cpu}
 
 
-def train_and_evaluate(bundle: str, overrides: dict, split: str, stages: tuple = (None,)) -> dict:
-    """Train (each of ``stages``) with train.json + cpu_small.json, evaluate ``split`` with evaluate.json.
+def train_and_evaluate(
+    bundle: str, overrides: dict, split: str, stages: tuple = (None,), overlay: str = OVERLAY
+) -> dict:
+    """Train (each of ``stages``) with train.json + ``overlay`` (cpu_small.json, or cpu_64.json for the 64^3
+    rows), evaluate ``split`` with evaluate.json.
 
     Returns the bundle's metrics report with the timings (``train_*``, ``eval_*``, ``wall_s``, ``cpu_s``).
     """
     over = {**overrides, **SMOKE}
-    train, times = configs(bundle, "train.json", "cpu_small.json"), {"wall_s": 0.0, "cpu_s": 0.0}
+    train, times = configs(bundle, "train.json", overlay), {"wall_s": 0.0, "cpu_s": 0.0}
     for stage in stages:
         t = bundle_run("training", train, over if stage is None else {**over, "stage": stage})
         times = {k: times[k] + t[k] for k in times}
-    evaluate = configs(bundle, "train.json", "evaluate.json", "cpu_small.json")
+    evaluate = configs(bundle, "train.json", "evaluate.json", overlay)
     e = bundle_run("evaluating", evaluate, {**over, "eval_split": split})
     report = json.loads((Path(over["output_dir"]) / "metrics_report.json").read_text())
     if report.get("smoke_test") and split != "training":
@@ -132,6 +160,23 @@ def phantom_dataset(work: Path) -> Path:
 
     root = work / "phantoms"
     make_phantom_dataset(root, **PHANTOMS)
+    return root
+
+
+def phantom64_dataset(work: Path) -> Path:
+    from data_prep.phantom import make_phantom_dataset
+
+    root = work / "phantoms64"
+    make_phantom_dataset(root, **PHANTOMS64)
+    return root
+
+
+def cohort64_dataset(work: Path) -> Path:
+    """The realistic cohort (``data_prep.cohort``) from the example chest CT: one source, so same-source."""
+    from data_prep.cohort import make_cohort
+
+    root = work / "cohort64"
+    make_cohort(root, **COHORT64)
     return root
 
 
@@ -244,28 +289,43 @@ def perx_real_dataset(work: Path, volumes: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def run_vqgan(dataset: Path, work: Path, name: str, split: str, extra: dict | None = None) -> dict:
+def run_vqgan(
+    dataset: Path, work: Path, name: str, split: str, extra: dict | None = None, overlay: str = OVERLAY
+) -> dict:
     over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), **(extra or {})}
-    result = train_and_evaluate("vqgan_3d_patch", over, split)
+    result = train_and_evaluate("vqgan_3d_patch", over, split, overlay=overlay)
     result["checkpoint"] = str(work / name / "models" / "model.pt")
     return result
 
 
-def run_perx2ct(dataset: Path, work: Path, name: str, split: str) -> dict:
-    return train_and_evaluate("perx2ct", {"dataset_dir": str(dataset), **bundle_dirs(work, name)}, split)
-
-
-def run_cascade(dataset: Path, work: Path, name: str, split: str) -> dict:
+def run_perx2ct(dataset: Path, work: Path, name: str, split: str, overlay: str = OVERLAY) -> dict:
     over = {"dataset_dir": str(dataset), **bundle_dirs(work, name)}
-    return train_and_evaluate("progressive_cascade", over, split, stages=(1, 2, 3))
+    return train_and_evaluate("perx2ct", over, split, overlay=overlay)
 
 
-def run_latent_ddpm(dataset: Path, work: Path, name: str, split: str, vqgan: dict) -> dict:
+def run_cascade(dataset: Path, work: Path, name: str, split: str, overlay: str = OVERLAY) -> dict:
+    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name)}
+    return train_and_evaluate("progressive_cascade", over, split, stages=(1, 2, 3), overlay=overlay)
+
+
+def run_latent_ddpm(dataset: Path, work: Path, name: str, split: str, vqgan: dict, overlay: str = OVERLAY) -> dict:
     over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), "vqgan_checkpoint": vqgan["checkpoint"]}
-    result = train_and_evaluate("latent_ddpm", over, split)
+    result = train_and_evaluate("latent_ddpm", over, split, overlay=overlay)
     # the ceiling: the VQ-GAN's own reconstruction of the same cases (the best a perfect sampler decodes)
     result["vqgan_ceiling_psnr"] = vqgan["report"]["model"][METRIC]
     return result
+
+
+def _jobs64(key: str, label: str, dataset: Path | None, work: Path, split: str, results: dict) -> dict:
+    """The 64^3 rows of one dataset (``<model>_<key>``), each with the bundle's cpu_64.json overlay."""
+    o = OVERLAY_64
+    return {
+        f"perx2ct_{key}": ("perx2ct", label, lambda: run_perx2ct(dataset, work, f"perx2ct_{key}", split, o)),
+        f"cascade_{key}": ("progressive_cascade", label, lambda: run_cascade(dataset, work, f"cascade_{key}", split, o)),
+        f"vqgan_{key}": ("vqgan_3d_patch", label, lambda: run_vqgan(dataset, work, f"vqgan_{key}", split, overlay=o)),
+        f"latent_ddpm_{key}": ("latent_ddpm", label, lambda: run_latent_ddpm(
+            dataset, work, f"latent_ddpm_{key}", split, results[f"vqgan_{key}"], o)),
+    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -354,8 +414,9 @@ def main(
     unknown = set(selected) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
-    if "latent_ddpm_phantoms" in selected and "vqgan_phantoms" not in selected:
-        selected.insert(0, "vqgan_phantoms")  # the latent model needs the phantom VQ-GAN
+    for latent, vqgan in NEEDS_VQGAN.items():  # the latent model needs the VQ-GAN of its dataset
+        if latent in selected and vqgan not in selected:
+            selected.insert(0, vqgan)
     threads = int(threads)
     torch.set_num_threads(threads)
     work_dir = (REPO / work) if not Path(work).is_absolute() else Path(work)
@@ -364,6 +425,8 @@ def main(
     t0, c0 = time.time(), time.process_time()
     phantoms = phantom_dataset(work_dir) if any(r.endswith("phantoms") for r in selected) else None
     volumes = real_volumes() if any(r.endswith("real") for r in selected) else None
+    data64 = {"cohort64": cohort64_dataset, "phantoms64": phantom64_dataset}
+    data64 = {key: make(work_dir) for key, make in data64.items() if any(r.endswith(key) for r in selected)}
     results: dict[str, dict] = {}
     jobs: dict[str, tuple[str, str, Callable[[], dict]]] = {
         "vqgan_phantoms": ("vqgan_3d_patch", "phantoms", lambda: run_vqgan(phantoms, work_dir, "vqgan_phantoms", split)),
@@ -376,6 +439,8 @@ def main(
         "perx2ct_real": ("perx2ct", "real DRR pairs", lambda: run_perx2ct(
             perx_real_dataset(work_dir, volumes), work_dir, "perx2ct_real", split)),
     }  # fmt: skip
+    for key, label in (("cohort64", "cohort 64^3"), ("phantoms64", "phantoms 64^3")):
+        jobs.update(_jobs64(key, label, data64.get(key), work_dir, split, results))
     table_rows: list[dict] = []
     out_path = (REPO / out) if not Path(out).is_absolute() else Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,8 +462,11 @@ def main(
             "threads": threads,
             "torch": torch.__version__,
             "phantoms": PHANTOMS,
+            "phantoms64": PHANTOMS64,
+            "cohort64": COHORT64,
             "real_cube": {**CUBE, "geometry": CUBE_GEOMETRY},
-            "configs": "train.json + cpu_small.json (training), train.json + evaluate.json + cpu_small.json (evaluation)",
+            "configs": "train.json + cpu_small.json (training), train.json + evaluate.json + cpu_small.json "
+            "(evaluation); the *64 rows: cpu_64.json instead of cpu_small.json",
         }
         atomic_write_text(out_path, json.dumps(report, indent=2, default=float) + "\n")
         return report

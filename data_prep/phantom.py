@@ -457,6 +457,7 @@ def make_pe_dataset(
     PA/lateral DRRs of the crop are written too (an X-ray-only classifier sees no clot: its baseline role).
     Resumable like :func:`make_phantom_dataset`.
     """
+    from common.drr import get_geometry
     from data_prep.build_pairs import case_entry, case_is_done, write_case
 
     root = os.fspath(root)
@@ -479,6 +480,8 @@ def make_pe_dataset(
         "description": "phantom CTPA crops with and without pulmonary emboli (data_prep.phantom.make_pe_dataset)",
         **splits,
         "spacing": [float(spacing)] * 3,
+        "size": list(shape),  # with the DRR geometry: an X-ray -> CT bundle can train on these pairs
+        "geometry": get_geometry(geometry).resized(int(drr_pixels)).as_dict(),
         "contrast_phase": "ctpa",
         "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
     }
