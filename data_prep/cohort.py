@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -881,6 +882,7 @@ def _path_list(value):
     )
 
 
+@functools.wraps(make_cohort)  # fire reads make_cohort's signature, so --help works
 def main(root: str, **kwargs) -> str:
     """CLI: :func:`make_cohort` (fire prints the datalist path it returns); bad input ends with one line."""
     for key in ("sources", "masks"):

@@ -200,7 +200,8 @@ def dicom_bytes(modality: str = "DX", z: float = 0.0, instance: int = 1, rows: i
 
 def checkpoint_seed() -> bytes:
     net = torch.nn.Linear(3, 2)
-    record = {"format": "xray2ct.checkpoint_record/1", "network_def": {"_target_": "torch.nn.Linear"}}
+    # a record names an allow-listed class (common.checkpoint.NETWORKS); read_checkpoint checks, never builds it
+    record = {"format": "xray2ct.checkpoint_record/1", "network_def": {"_target_": "monai.networks.nets.vqvae.VQVAE"}}
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "record": {"json": json.dumps(record)}, "epoch": 3}, buffer)
     return buffer.getvalue()

@@ -149,11 +149,12 @@ def accepts(module: str, function: str, option: str) -> bool:
     return option in inspect.signature(fn).parameters
 
 
-def fidelity_args(module: str, function: str) -> list[str]:
-    """``--z_spacing slice_thickness --drr_hu_offset paper``, each only where ``module.function`` accepts it."""
+def fidelity_args(module: str, function: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """``--z_spacing slice_thickness --drr_hu_offset paper``, each only where ``module.function`` accepts it
+    (and not in ``skip``)."""
     out = []
     for option, value in FIDELITY_FLAGS.items():
-        if accepts(module, function, option):
+        if option not in skip and accepts(module, function, option):
             out += [f"--{option}", value]
     return out
 
@@ -295,8 +296,8 @@ class Recipe:
             cmd += ["--renderer", "plastimatch"]
         elif p.renderer == "plastimatch":
             cmd += ["--attenuation", "plastimatch"]  # CI has no plastimatch: our projector, its HU conversion
-        if p.fidelity:
-            cmd += fidelity_args("data_prep.build_pairs", "build_pairs")
+        if p.fidelity:  # the z spacing was set by dicom_to_nifti (the nifti step); build_pairs reads NIfTI here
+            cmd += fidelity_args("data_prep.build_pairs", "build_pairs", skip=("z_spacing",))
         return cmd
 
     def train_command(self) -> list[str]:
