@@ -883,13 +883,16 @@ def _path_list(value):
 
 
 @functools.wraps(make_cohort)  # fire reads make_cohort's signature, so --help works
-def main(root: str, **kwargs) -> str:
+def main(*args, **kwargs) -> str:
     """CLI: :func:`make_cohort` (fire prints the datalist path it returns); bad input ends with one line."""
+    import inspect
+
+    bound = inspect.signature(make_cohort).bind(*args, **kwargs)  # fire passes every flag positionally
     for key in ("sources", "masks"):
-        if key in kwargs:
-            kwargs[key] = _path_list(kwargs[key])
+        if key in bound.arguments:
+            bound.arguments[key] = _path_list(bound.arguments[key])
     try:
-        return make_cohort(root, **kwargs)
+        return make_cohort(*bound.args, **bound.kwargs)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
 

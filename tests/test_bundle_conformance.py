@@ -64,6 +64,7 @@ CONFIG_BASES = {
     "multi_gpu_train.json": ("train.json",),
     "cpu_tiny.json": ("train.json", "inference.json", "train.json+evaluate.json"),
     "cpu_small.json": ("train.json", "train.json+evaluate.json"),
+    "cpu_64.json": ("train.json", "train.json+evaluate.json"),
     "perx2ct_official.json": ("inference.json",),
     "xray2ctpa_encoder.json": ("train.json", "inference.json"),
 }
