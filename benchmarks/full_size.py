@@ -203,14 +203,18 @@ def cpu_step(case: Case, bf16: bool = True, max_gib: float = 20.0) -> dict:
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = _first_tensor(case.pick(net(*inputs)))
-        loss = out.float().square().mean()
+        # against a random target: a zero-initialised output layer (MONAI's diffusion UNet) must still get gradients
+        target = torch.rand(out.shape, generator=generator)
+        loss = (out.float() - target).square().mean()
     loss.backward()
     bad = [n for n, p in net.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    moved = sum(int(p.grad is not None and bool(p.grad.abs().sum() > 0)) for p in net.parameters())
     optimizer.step()
     seconds = time.perf_counter() - start
     return {
         "bundle": case.bundle, "network": case.network_id, "bf16_autocast": bf16, "output_dtype": str(out.dtype),
-        "loss": float(loss), "finite": bool(torch.isfinite(loss)) and not bad, "nonfinite_grads": bad,
+        "loss": float(loss), "finite": bool(torch.isfinite(loss)) and not bad and moved > 0, "nonfinite_grads": bad,
+        "parameters_with_nonzero_grad": moved,
         "seconds": seconds, "estimate_gib": need,
     }  # fmt: skip
 
