@@ -52,8 +52,8 @@ from bundles.perx2ct.scripts.geometry import (
 )
 from common.drr import get_geometry
 
-# torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
 logger = logging.getLogger(__name__)
+# torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
