@@ -95,7 +95,12 @@ class Subprocess:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
+            try:
+                _, status, usage = os.wait4(child.pid, 0)  # the child's own CPU time
+            except BaseException:  # interrupted: the run must not go on alone
+                child.kill()
+                child.wait()
+                raise
             child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode != 0:
             raise RuntimeError(f"{run_id} failed (exit {child.returncode}); log: {self.log}")
