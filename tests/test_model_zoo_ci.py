@@ -67,11 +67,24 @@ def zoo_bundle(bundle: str, root: Path) -> Path:
         vqgan = path.name == "vqgan.pt"
         torch.manual_seed(0)
         net = parser.get_parsed_content("vqgan_def" if vqgan else "network_def")
-        record = CheckpointRecord("vqgan_3d_patch" if vqgan else bundle, network=net, version=version)
+        inputs = latent_space(parser) if bundle == "latent_ddpm" and not vqgan else None
+        record = CheckpointRecord("vqgan_3d_patch" if vqgan else bundle, network=net, inputs=inputs, version=version)
         torch.save({"model": net.state_dict(), "record": record.state_dict()}, path)
     exported = export_zoo_weights(folder)
     assert [Path(w).name for w, _ in exported] == [Path(e["path"]).name for e in large_files(bundle)]
     return folder
+
+
+def latent_space(parser: ConfigParser) -> dict:
+    """What latent_ddpm's training records of its latent space (``scripts/data.py`` ``LATENT_SPACE_KEYS``)."""
+    roi = list(parser["vqgan_roi"])
+    return {
+        "latent_shape": [parser.get_parsed_content("latent_channels"), *(s // 8 for s in roi)],
+        "scale_factor": 1.0,
+        "spacing": [1.5, 1.5, 1.5],
+        "image_size": roi,
+        "prediction_type": parser["prediction_type"],
+    }
 
 
 @pytest.fixture(scope="module")
