@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_net_in_out
 from numerics import network_atol
-from test_bundle_conformance import BUNDLES, large_files, make_tiny_bundle
+from test_bundle_conformance import BUNDLES, REPO, large_files, make_tiny_bundle
 
 from common.checkpoint import CheckpointRecord, read_checkpoint, read_record, sidecar_path
 from xray2ct.zoo import export_zoo_weights
@@ -217,3 +219,81 @@ def test_zoo_form_weights_are_read_by_our_loaders(bundle, zoo_bundles):
         assert os.path.isfile(sidecar_path(path))
         record = read_record(path)
         assert record["bundle"] == ("vqgan_3d_patch" if path.name == "vqgan.pt" else bundle)
+
+
+# ------------------------------------------------------------------------------------- data and licences
+DATA_LICENCES = {"LIDC-IDRI": "CC BY 3.0", "covid-chestxray-dataset": "CC BY-NC-SA", "TotalSegmentator": "Apache-2.0"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_names_the_data_and_its_licence(bundle):
+    """As zoo bundles do: ``data_source``, ``data_type``, and the data's terms (``data_license`` here, the
+    zoo's ``docs/data_license.txt`` beside it); each named dataset carries its licence."""
+    folder = REPO / "bundles" / bundle
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    assert meta["data_source"].strip() and meta["data_type"].strip()
+    terms = meta["data_license"]
+    text = (folder / "docs" / "data_license.txt").read_text()
+    for dataset, licence in DATA_LICENCES.items():
+        if dataset in meta["data_source"]:
+            assert dataset in terms, (bundle, dataset)
+        if dataset in terms:
+            assert f"{licence}" in terms.split(dataset, 1)[1].split(";")[0], (bundle, dataset)
+            assert dataset in text and licence in text, (bundle, dataset)
+
+
+# ------------------------------------------------------------------------------- self-contained bundles
+CODE_ROOTS = ("monai", "torch", "ignite", "numpy", "os", "glob", "json", "common", "data_prep")
+IMPORT = re.compile(r"^\$(?:import|from) ([\w.]+)")
+
+
+def _named_modules(value, bundle: str, where: str = ""):
+    """(where, module) of every ``_target_`` with a dotted path and every ``$import`` in a config."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "_target_" and isinstance(v, str) and "." in v:
+                yield where, v
+            yield from _named_modules(v, bundle, f"{where}#{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _named_modules(v, bundle, f"{where}#{i}")
+    elif isinstance(value, str) and IMPORT.match(value):
+        yield where, IMPORT.match(value).group(1)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_configs_name_only_the_installed_package(bundle):
+    """A bundle folder copied anywhere runs against the installed ``xray2ct`` distribution: its configs name
+    MONAI/torch/ignite, the shared ``common``/``data_prep`` packages, or this bundle's own
+    ``bundles.<bundle>.scripts`` (installed with it) — never another bundle, never a relative ``scripts.`` that
+    would depend on the folder being on ``sys.path``."""
+    for path in sorted((REPO / "bundles" / bundle / "configs").glob("*.json")):
+        for where, module in _named_modules(json.loads(path.read_text()), bundle):
+            root = module.split(".")[0]
+            own = module == "bundles" or module.startswith(f"bundles.{bundle}.")
+            assert root in CODE_ROOTS or own, f"{path.name}{where}: {module}"
+
+
+@pytest.mark.slow
+def test_a_copied_bundle_folder_runs_inference(tmp_path):
+    """vqgan_3d_patch copied out of the repository (as a zoo download or a MONAI Label model folder), zoo-form
+    weights, cpu_tiny: inference from the copy writes a CT in HU on the input's grid."""
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import run
+
+    folder = zoo_bundle("vqgan_3d_patch", tmp_path / "elsewhere")
+    configs = folder / "configs"
+    shutil.copy(REPO / "bundles" / "vqgan_3d_patch" / "configs" / "cpu_tiny.json", configs / "cpu_tiny.json")
+    (tmp_path / "in").mkdir()
+    affine = np.diag([1.5, 1.5, 2.5, 1.0])
+    hu = np.random.default_rng(0).uniform(-1000.0, 400.0, (40, 36, 34)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "in" / "ct.nii.gz"))
+    run("run", config_file=[str(configs / "inference.json"), str(configs / "cpu_tiny.json")],
+        meta_file=str(configs / "metadata.json"), bundle_root=str(folder), dataset_dir=str(tmp_path / "in"),
+        output_dir=str(tmp_path / "out"), previews=False)  # fmt: skip
+    written = sorted((tmp_path / "out").glob("*.nii.gz"))
+    assert len(written) == 1, sorted(p.name for p in (tmp_path / "out").iterdir())
+    out = nib.load(str(written[0]))
+    assert out.shape == hu.shape and np.allclose(out.affine, affine)
+    assert np.isfinite(out.get_fdata()).all()
