@@ -123,9 +123,13 @@ def test_verify_data_shape(bundle, zoo_bundles):
 
 @pytest.mark.parametrize("bundle", sorted(EXCLUDE_VERIFY_SHAPE))
 def test_verify_data_shape_exclusion_is_real(bundle, zoo_bundles):
-    """The exclusion is needed: the zoo's call (one input) cannot run the network."""
+    """The exclusion is needed: the zoo's call (one input) cannot run the network. In its place, the same check
+    with the other inputs metadata declares (``extra_forward_args``, which the zoo never passes)."""
+    files = _files(zoo_bundles[bundle])
     with pytest.raises(TypeError, match="timesteps"):
-        verify_net_in_out(net_id="network_def", **_files(zoo_bundles[bundle]))
+        verify_net_in_out(net_id="network_def", **files)
+    _, timesteps, context = _export_inputs(bundle, json.loads(Path(files["meta_file"]).read_text()))
+    verify_net_in_out(net_id="network_def", **files, extra_forward_args={"timesteps": timesteps, "context": context})
 
 
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if b not in EXCLUDE_VERIFY_TORCHSCRIPT])
