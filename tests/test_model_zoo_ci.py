@@ -301,3 +301,53 @@ def test_a_copied_bundle_folder_runs_inference(tmp_path):
     out = nib.load(str(written[0]))
     assert out.shape == hu.shape and np.allclose(out.affine, affine)
     assert np.isfinite(out.get_fdata()).all()
+
+
+# ----------------------------------------------------------------------------------- xray2ct-zoo-export
+def _bundle_with(tmp_path: Path, listing: str, weights: dict[str, object]) -> Path:
+    root = tmp_path / "b"
+    (root / "models").mkdir(parents=True)
+    (root / "large_files.yml").write_text(listing)
+    for name, obj in weights.items():
+        torch.save(obj, root / "models" / name)
+    return root
+
+
+def _training_form() -> dict:
+    from common.checkpoint import build_network
+
+    net = build_network("bundles.pix2pix_phase.scripts.networks.PhaseGenerator", **PIX2PIX_TINY)
+    return {"model": net.state_dict(), "record": CheckpointRecord("pix2pix_phase", network=net, version="0").state_dict()}
+
+
+PIX2PIX_TINY = {"image_size": 16, "base_channels": 4, "max_downsamplings": 2}
+
+
+def test_zoo_export_in_place_is_idempotent_and_loadable(tmp_path):
+    root = _bundle_with(tmp_path, 'large_files:\n  - path: "models/model.pt"\n', {"model.pt": _training_form()})
+    [(weights, sidecar)] = export_zoo_weights(root)
+    first = torch.load(weights, weights_only=True)
+    # again: the same pair and weights (torch.save's bytes name the temporary file, so the hash is re-bound)
+    assert export_zoo_weights(root) == [(weights, sidecar)]
+    bare = torch.load(weights, weights_only=True)
+    assert set(bare) == set(_training_form()["model"]) and all(torch.equal(bare[k], first[k]) for k in bare)
+    assert read_record(weights)["bundle"] == "pix2pix_phase"  # the sidecar's hash is the file's
+
+
+@pytest.mark.parametrize(
+    "listing, weights, problem",
+    [
+        ('large_files:\n  - path: "models/model.pt"\n', {}, "not found|no such|does not exist"),
+        ('large_files:\n  - path: "models/model.pt"\n', {"model.pt": {"w": torch.zeros(1)}}, "no record"),
+        ('large_files:\n  - path: "../outside.pt"\n', {}, "not a file directly under models/"),
+        ('large_files:\n  - path: "models/sub/x.pt"\n', {}, "not a file directly under models/"),
+        ("large_files: [\n", {}, "unreadable"),
+    ],
+)
+def test_zoo_export_refuses(tmp_path, listing, weights, problem):
+    from common.errors import InputError
+
+    root = _bundle_with(tmp_path, listing, weights)
+    with pytest.raises(InputError, match=problem):
+        export_zoo_weights(root)
+    assert not (root / "outside.pt").exists() and not list((root / "models").glob("*.record.json"))
