@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from common.errors import InputError
 
-# file names that say nothing about the case: the case is the folder holding them
-GENERIC_NAMES = ("ct", "image", "label", "avg", "phase0", "pa", "lateral", "latent", "volume", "mask")
+# file names that say nothing about the case (compared without case): the case is the folder holding them
+GENERIC_NAMES = (
+    "ct", "image", "img", "label", "avg", "phase0", "pa", "lateral", "latent", "volume", "vol", "mask", "scan", "data"
+)  # fmt: skip
 _SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5", ".npy", ".png", ".jpg", ".jpeg", ".dcm")
 _SLAB_VOXELS = 16 * 1024 * 1024  # values are checked in slabs of this many voxels (bounded memory)
 
@@ -138,15 +140,17 @@ def split_sources(datalist_file: str | os.PathLike, split: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- case ids
-def _name_of(path) -> str:
-    text = os.path.normpath(str(path))
-    base = os.path.basename(text)
-    stem = base
+def case_id_of_path(path: str | os.PathLike) -> str:
+    """The case a file belongs to: its name without the suffix, or its folder's name when the name says nothing
+    about the case (``<case>/ct.nii.gz``, :data:`GENERIC_NAMES`). The one rule for ids taken from file names:
+    datalist items (:func:`case_id`), build inputs (:mod:`data_prep.inputs`), inference inputs."""
+    text = os.path.normpath(os.fspath(path))
+    stem = os.path.basename(text)
     for suffix in _SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    if stem in GENERIC_NAMES:
+    if stem.lower() in GENERIC_NAMES:
         parent = os.path.basename(os.path.dirname(text))
         return parent or stem
     return stem
@@ -180,7 +184,7 @@ def case_id(item: Mapping | None, index: int | None = None, key: str | None = No
     for value in candidates:
         filename = _filename(value)
         if filename:
-            return _name_of(filename)
+            return case_id_of_path(filename)
     return f"case_{0 if index is None else index:04d}"
 
 
