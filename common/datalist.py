@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import InputError
+from common.io import load_nifti_image, load_volume
 
 # file names that say nothing about the case (compared without case): the case is the folder holding them
 GENERIC_NAMES = (
@@ -249,8 +250,6 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
     """
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        from common.io import load_nifti_image
-
         img = load_nifti_image(path)
         shape = tuple(int(s) for s in img.shape)
         bad = _check_array_slabs(img.dataobj, shape) if check_values else 0
@@ -264,8 +263,6 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
         image, _ = load_xray(path)
         shape, bad = tuple(image.shape), 0
     else:
-        from common.io import load_volume
-
         array = load_volume(path, dtype=None, allow_nan=True).array
         shape, bad = tuple(int(s) for s in array.shape), (_finite_count(array) if check_values else 0)
     while len(shape) > 2 and shape[-1] == 1:

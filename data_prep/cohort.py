@@ -88,6 +88,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -96,6 +97,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
@@ -104,7 +106,9 @@ from common.anatomy import ANATOMY_LABELS
 from common.atomic import atomic_write_text
 from common.errors import InputError, require_file
 from common.io import load_volume, save_volume
+from common.preview import save_montage_png
 from common.volume import Volume
+from data_prep.example_ct import fetch_example_ct
 from data_prep.inputs import input_case_id
 from data_prep.layout import assign_splits, case_entry, write_case, write_datalist
 from data_prep.resample import load_ct, prepare_ct
@@ -801,8 +805,6 @@ def _unique_ids(ids: list[str]) -> list[str]:
 def _resolve_sources(sources, masks, structures, cache_dir):
     """(CT paths, mask paths or None, structure names) from the arguments (default: the example CT)."""
     if sources is None or sources == "example":
-        from data_prep.example_ct import fetch_example_ct
-
         ex = fetch_example_ct(cache_dir)
         return [ex["ct"]], [ex["mask"]], read_structures(ex["structures"])
     source_list = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
@@ -844,8 +846,6 @@ IDENTITY = {
 def _write_preview(root: Path, entries, source: Source | None, spacing: float, size: int) -> str:
     """``preview.png``: the source on the output grid (no variation) above a few generated cases, with the
     first case's PA and lateral DRRs as the last row."""
-    from common.preview import save_montage_png
-
     volumes = {}
     if source is not None:
         volumes[f"source {source.id} (no variation)"] = generate_case(
@@ -859,8 +859,6 @@ def _write_preview(root: Path, entries, source: Source | None, spacing: float, s
 
 
 def _load_2d(path) -> np.ndarray:
-    import nibabel as nib
-
     return np.asarray(nib.load(os.fspath(path)).dataobj, dtype=np.float32)
 
 
@@ -880,8 +878,6 @@ def _path_list(value):
 @functools.wraps(make_cohort)  # fire reads make_cohort's signature, so --help works
 def main(*args, **kwargs) -> str:
     """CLI: :func:`make_cohort` (fire prints the datalist path it returns); bad input ends with one line."""
-    import inspect
-
     bound = inspect.signature(make_cohort).bind(*args, **kwargs)  # fire passes every flag positionally
     for key in ("sources", "masks"):
         if key in bound.arguments:

@@ -157,7 +157,7 @@ def assign_splits(
     the patient's split. Within each stratum (of a patient's first case) patients are ordered by
     :func:`split_order` and cut by :func:`_cut`. A patient keeps its split when others are added unless it
     sits at a boundary, and no random state is involved. ``split_hash="md5"`` reproduces the splits that
-    prepare_pairs wrote before version 1.x (see docs/ARCHITECTURE.md, "Splits").
+    prepare_pairs wrote before the rule was shared (docs/ARCHITECTURE.md, "Splits").
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= val, test and val + test < 1, got {val_fraction}, {test_fraction}")
