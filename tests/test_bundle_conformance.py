@@ -45,6 +45,8 @@ from monai.bundle import ConfigParser, ckpt_export
 from monai.transforms import Compose, LoadImaged
 from numerics import network_atol
 
+from common.checkpoint import CheckpointRecord
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = (
     "vqgan_3d_patch",
@@ -151,6 +153,12 @@ def config_shapes(bundle: str, p: ConfigParser) -> dict[str, object]:
     raise KeyError(bundle)
 
 
+def tiny_vqgan() -> torch.nn.Module:
+    """latent_ddpm's codec at cpu_tiny size: vqgan_3d_patch's network_def (the one definition of the VQ-GAN)."""
+    parser = ConfigParser(merged_config("vqgan_3d_patch", "inference.json", "cpu_tiny.json"))
+    return parser.get_parsed_content("network_def")
+
+
 def make_tiny_bundle(bundle: str, root: Path) -> Path:
     """``root/<bundle>``: what CI needs for the zoo's checks. The bundle's files; configs/inference.json =
     inference.json + cpu_tiny.json in one file (train.json likewise); metadata at those sizes; random weights
@@ -180,8 +188,12 @@ def make_tiny_bundle(bundle: str, root: Path) -> Path:
     for entry in large_files(bundle):
         path = target / entry["path"]
         if not path.exists():
-            weights = p.get_parsed_content("vqgan_def") if path.name == "vqgan.pt" else network
-            torch.save({"model": weights.state_dict()}, path)
+            if path.name == "vqgan.pt":  # latent_ddpm builds its codec from this record
+                vqgan = tiny_vqgan()
+                record = CheckpointRecord("vqgan_3d_patch", network=vqgan, inputs={"hu_window": "xray2ct"})
+                torch.save({"model": vqgan.state_dict(), "record": record.state_dict()}, path)
+            else:
+                torch.save({"model": network.state_dict()}, path)
     return target
 
 

@@ -150,6 +150,18 @@ def evaluation_items(path: str | os.PathLike, split: str = "test") -> list[dict]
 LATENT_SPACE_KEYS = ("latent_shape", "scale_factor", "spacing", "image_size")
 
 
+def check_latent_channels(latent_datalist: str | os.PathLike, latent_channels: int) -> None:
+    """Refuse a diffusion network whose ``latent_channels`` differ from the cached latents' channels (the VQ-GAN's
+    ``embedding_dim``, read from its checkpoint record: the configs hold no copy of its architecture)."""
+    channels = int(read_latent_datalist(latent_datalist)["latent_shape"][0])
+    if channels != int(latent_channels):
+        raise InputError(
+            latent_datalist,
+            f"the VQ-GAN's latents have {channels} channels (its embedding_dim) but the diffusion network is "
+            f"configured for latent_channels {latent_channels}: set latent_channels {channels}",
+        )
+
+
 def latent_space(checkpoint: str | os.PathLike, latent_datalist: str | os.PathLike | None = None) -> dict:
     """``{"latent_shape", "scale_factor", "spacing", "image_size", ...}`` the diffusion model was trained in.
 
