@@ -6,7 +6,8 @@ had other names before 0.4.0 are listed in ``RENAMED``. Two ways keep the old na
 * on ``python -m monai.bundle run`` command lines (``--checkpoint x``, ``--lr 1e-3``): the configs keep the old id
   as a ``null`` alias and read it where the value is used, through ``renamed(@old, 'old', 'new', @new)``;
 * in override dicts of our Python callers (``apply_deprecated_ids(bundle, overrides)``), which also renames
-  section paths (``base_transforms#0`` -> ``preprocessing#transforms#0`` is not attempted: only whole ids).
+  paths under an old id (vqgan's list ``base_transforms#0`` -> ``preprocessing#transforms#0``) and the ids
+  the configs do not alias (latent_ddpm's ``dataset_check``, a list of checks nobody sets on a command line).
 
 Checkpoints and records written before still load: records store the training arguments under their own
 names (``record["training"]``), never read back as config ids.
@@ -23,18 +24,22 @@ __all__ = ["RENAMED", "DeprecatedConfigId", "apply_deprecated_ids", "renamed", "
 
 _log = logging.getLogger(__name__)
 
-# bundle -> {old id: new id}; the configs of that bundle keep ``old`` as a null alias where marked in ALIASED
+# bundle -> {old id: new id (or the path that now holds its value)}; ALIASED says which the configs keep as nulls
 RENAMED: dict[str, dict[str, str]] = {
-    "latent_ddpm": {"dataset_check": "datalist_check"},
-    "pe_classifier": {},
-    "perx2ct": {},
+    "latent_ddpm": {"dataset_check": "datalist_check", "evaluate": "validate"},
+    "pe_classifier": {
+        "train#postprocessing": "postprocessing",
+        "validate#postprocessing": "postprocessing",
+        "test": "validate",
+    },
+    "perx2ct": {"validate#postprocessing": "postprocessing"},
     "pix2pix_phase": {"checkpoint": "ckpt_path", "lr": "learning_rate"},
-    "progressive_cascade": {"checkpoint": "ckpt_path"},
+    "progressive_cascade": {"checkpoint": "ckpt_path", "evaluate": "validate"},
     "vqgan_3d_patch": {
         "checkpoint": "ckpt_path",
         "lr_g": "learning_rate",
         "lr_d": "learning_rate_d",
-        "base_transforms": "preprocessing",
+        "base_transforms": "preprocessing#transforms",
     },
 }
 
@@ -87,13 +92,13 @@ def apply_deprecated_ids(bundle: str, overrides: Mapping[str, Any]) -> dict[str,
     table = RENAMED.get(bundle, {})
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        head, sep, rest = key.partition("#")
-        new = table.get(head)
-        if new is None:
+        old = next((o for o in sorted(table, key=len, reverse=True) if key == o or key.startswith(o + "#")), None)
+        if old is None:
             out.setdefault(key, value)
             continue
-        _warn(head, new)
-        new_key = new + sep + rest
+        new = table[old]
+        _warn(old, new.partition("#")[0] if new.endswith("#transforms") else new)
+        new_key = new + key[len(old) :]
         if new_key not in overrides:
             out[new_key] = value
     return out
