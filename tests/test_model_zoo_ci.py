@@ -39,7 +39,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_net_in_out
 from numerics import network_atol
-from test_bundle_conformance import BUNDLES, REPO, large_files, make_tiny_bundle
+from test_bundle_conformance import BUNDLES, REPO, large_files, make_tiny_bundle, tiny_vqgan
 
 from common.checkpoint import CheckpointRecord, read_checkpoint, read_record, sidecar_path
 from xray2ct.zoo import export_zoo_weights
@@ -68,7 +68,8 @@ def zoo_bundle(bundle: str, root: Path) -> Path:
         path = folder / entry["path"]
         vqgan = path.name == "vqgan.pt"
         torch.manual_seed(0)
-        net = parser.get_parsed_content("vqgan_def" if vqgan else "network_def")
+        # latent_ddpm's codec: vqgan_3d_patch's network_def (the one definition; latent_ddpm's vqgan_def is null)
+        net = tiny_vqgan() if vqgan else parser.get_parsed_content("network_def")
         inputs = latent_space(parser) if bundle == "latent_ddpm" and not vqgan else None
         record = CheckpointRecord("vqgan_3d_patch" if vqgan else bundle, network=net, inputs=inputs, version=version)
         torch.save({"model": net.state_dict(), "record": record.state_dict()}, path)
