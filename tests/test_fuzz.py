@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import traced
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -110,14 +111,12 @@ def mutated(draw, seed: bytes, header: int = 512) -> bytes:
 
 def loads_or_input_error(load, path: Path) -> None:
     """``load(path)`` returns or raises InputError naming the file; its traced peak stays small."""
-    tracemalloc.start()
-    try:
-        load(path)
-    except InputError as e:
-        assert e.path is None or os.path.basename(e.path) == path.name or path.name in str(e), e
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+    with traced() as memory:
+        try:
+            load(path)
+        except InputError as e:
+            assert e.path is None or os.path.basename(e.path) == path.name or path.name in str(e), e
+    peak = memory.peak
     assert peak < MAX_TRACED_BYTES, f"{peak / 2**20:.0f} MiB allocated for a {path.stat().st_size}-byte file"
 
 
