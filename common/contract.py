@@ -27,12 +27,7 @@ _log = logging.getLogger(__name__)
 # bundle -> {old id: new id (or the path that now holds its value)}; ALIASED says which the configs keep as nulls
 RENAMED: dict[str, dict[str, str]] = {
     "latent_ddpm": {"dataset_check": "datalist_check", "evaluate": "validate"},
-    "pe_classifier": {
-        "train#postprocessing": "postprocessing",
-        "validate#postprocessing": "postprocessing",
-        "test": "validate",
-    },
-    "perx2ct": {"validate#postprocessing": "postprocessing"},
+    "pe_classifier": {"test": "validate"},
     "pix2pix_phase": {"checkpoint": "ckpt_path", "lr": "learning_rate"},
     "progressive_cascade": {"checkpoint": "ckpt_path", "evaluate": "validate"},
     "vqgan_3d_patch": {

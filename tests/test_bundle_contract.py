@@ -154,7 +154,8 @@ def test_old_id_on_the_command_line_takes_effect_with_a_warning(bundle, files, o
         ("vqgan_3d_patch", {"base_transforms#0#keys": "ct"}, {"preprocessing#transforms#0#keys": "ct"}),
         ("latent_ddpm", {"dataset_check": []}, {"datalist_check": []}),
         ("latent_ddpm", {"evaluate#dataloader#num_workers": 0}, {"validate#dataloader#num_workers": 0}),
-        ("pe_classifier", {"train#postprocessing": None}, {"postprocessing": None}),
+        ("pe_classifier", {"test#dataloader#num_workers": 0}, {"validate#dataloader#num_workers": 0}),
+        ("pe_classifier", {"train#postprocessing": None}, {"train#postprocessing": None}),  # MONAI's property id
         ("pix2pix_phase", {"lr": 1e-3, "learning_rate": 2e-3}, {"learning_rate": 2e-3}),  # both: the new id wins
         ("perx2ct", {"learning_rate": 1e-3}, {"learning_rate": 1e-3}),
     ],
