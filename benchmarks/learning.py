@@ -113,6 +113,7 @@ def configs(bundle: str, *names: str) -> list[str]:
 
 
 SMOKE: dict = {}  # --smoke: a few steps per model, to check the pipeline (its figures mean nothing)
+EVALUATE_ONLY: dict = {}  # --evaluate_only: score the models an earlier run trained in the same --work
 
 
 def bundle_run(run_id: str, files: list[str], overrides: dict) -> dict:
@@ -134,7 +135,7 @@ def train_and_evaluate(
     """
     over = {**overrides, **SMOKE}
     train, times = configs(bundle, "train.json", overlay), {"wall_s": 0.0, "cpu_s": 0.0}
-    for stage in stages:
+    for stage in stages if not EVALUATE_ONLY else ():
         t = bundle_run("training", train, over if stage is None else {**over, "stage": stage})
         times = {k: times[k] + t[k] for k in times}
     evaluate = configs(bundle, "train.json", "evaluate.json", overlay)
@@ -398,16 +399,22 @@ def main(
     split: str = "test",
     smoke: bool = False,
     merge: str | tuple = (),
+    evaluate_only: bool = False,
 ) -> None:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
     ``--split validation`` scores the validation split (how the recipes were chosen). ``--smoke`` trains
     every model for 2 epochs (one per cascade stage) to check the pipeline only. ``--merge a.json,b.json``
     runs nothing: it combines the rows of earlier runs into ``--out`` and prints the table.
+    ``--evaluate_only`` trains nothing: it scores ``--split`` with the checkpoints an earlier run of the same
+    rows left in ``--work`` (the recipe chosen on validation, scored once on test without retraining it;
+    the train_* times are then 0: take them from the run that trained).
     """
     if merge:
         merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
         return
+    if evaluate_only:
+        EVALUATE_ONLY.update(evaluate_only=True)
     if smoke:
         SMOKE.update(max_epochs=2, val_interval=1, save_interval=2, stage_epochs=[1, 1, 1])
     selected = list(ROWS) if rows == "all" else list(rows.split(",") if isinstance(rows, str) else rows)
@@ -449,6 +456,7 @@ def main(
         report = {
             "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:]),
             "smoke": bool(smoke),
+            "evaluate_only": bool(evaluate_only),
             "split": split,
             "complete": len(table_rows) == len([r for r in ROWS if r in selected]),
             "metric": METRIC,
