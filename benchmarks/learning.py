@@ -27,8 +27,8 @@ training split (``smoke_test``) fails the row.
   (``data_prep.cohort`` from the example chest CT and its labels: same-source, the reports say so) and on
   ``phantoms64`` (``data_prep.phantom``: no shared patient, the cross-source check). Baselines: the mean
   training CT and the extent-scaled mean CT, with paired bootstrap intervals and the anatomy metrics. The
-  ``cpu_64.json`` recipes are starting points scaled from ``cpu_small.json``, to be chosen with
-  ``--split validation``; so far each 64^3 row has only run with ``--smoke`` (wiring, not figures).
+  ``cpu_64.json`` recipes were cut to one loaded 2-core session and run on validation, then scored once on
+  test (``--evaluate_only``): the cohort64 figures are in docs/LEARNING.md (issue 21 item 4).
 
 Recipes (the ``cpu_small.json`` overlays) were chosen on the validation splits only (``--split validation``
 scores that split instead; such figures choose recipes and are not results). The table gives PSNR in the
