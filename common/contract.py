@@ -28,6 +28,7 @@ _log = logging.getLogger(__name__)
 RENAMED: dict[str, dict[str, str]] = {
     "latent_ddpm": {"dataset_check": "datalist_check", "evaluate": "validate"},
     "pe_classifier": {"test": "validate"},
+    "perx2ct": {},
     "pix2pix_phase": {"checkpoint": "ckpt_path", "lr": "learning_rate"},
     "progressive_cascade": {"checkpoint": "ckpt_path", "evaluate": "validate"},
     "vqgan_3d_patch": {
