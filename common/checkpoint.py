@@ -70,8 +70,10 @@ from common.checkpoint_records import (
     record_of,
     sidecar_path,
 )
-from common.checkpoint_registry import (
+from common.checkpoint_registry import (  # noqa: F401  (_locate, _qualified_name: for the security tests)
     NETWORKS,
+    _locate,
+    _qualified_name,
     allow_network,
     allowed_network,
     build_network,

@@ -194,6 +194,27 @@ def write_prediction(prediction: Prediction, output_dir: str | os.PathLike, case
     return written
 
 
+def renamed(old_value: Any, old_id: str, new_id: str, value: Any) -> Any:
+    """``value``, or ``old_value`` with a :class:`DeprecationWarning` naming ``new_id`` when the old id was set
+    (on a command line: ``--checkpoint``). Same signature as ``common.contract.renamed``, which replaces it."""
+    if old_value is None:
+        return value
+    import warnings
+
+    warnings.warn(f"config id {old_id!r} is deprecated: use {new_id!r}", DeprecationWarning, stacklevel=2)
+    return old_value
+
+
+def legacy_views(input_path: Any, pa_file: str | None = None, lateral_file: str | None = None,
+                 case: str | None = None) -> Any:  # fmt: skip
+    """``input_path``, or ``{"pa", "lateral", "id"}`` from the cascade's old ids ``pa_file`` / ``lateral_file`` /
+    ``case_id`` (deprecated: a warning names ``input_path``)."""
+    if pa_file is None and lateral_file is None:
+        return input_path
+    old = {"pa": pa_file, "lateral": lateral_file, "id": case or "case"}
+    return renamed(old, "pa_file/lateral_file/case_id", "input_path", input_path)
+
+
 def inference_items(input_path: str | os.PathLike | Mapping | None, datalist_file: str | os.PathLike,
                     split: str, view_names: Sequence[str],
                     base_dir: str | os.PathLike | None = None) -> list[dict]:  # fmt: skip
