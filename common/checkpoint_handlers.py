@@ -89,22 +89,47 @@ class _ProgressRecord:
         self.record.load_state_dict(state)
 
 
+class _MeanCTBaseline:
+    """The mean training CT of the record's datalist as a checkpoint entry (``common.baselines.BASELINE_KEY``),
+    computed once per run at the first save: loaders read the baseline from the checkpoint instead of loading
+    every training CT again (:func:`common.baselines.mean_ct_baseline`)."""
+
+    def __init__(self, record: CheckpointRecord):
+        self.record, self._state = record, None
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            from common.baselines import mean_ct_state
+
+            self._state = mean_ct_state(self.record.data)
+        return self._state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._state = dict(state)
+
+
 class CheckpointSaver(MonaiCheckpointSaver):
     """MONAI's ``CheckpointSaver`` that never leaves a half-written file or replaces a better one (see module doc).
 
     Same arguments as MONAI's; a :class:`CheckpointRecord` in ``save_dict`` is written with the progress
-    (epoch, iteration, key metric) that the guards compare.
+    (epoch, iteration, key metric) that the guards compare. Checkpoints of the X-ray -> CT bundles
+    (``common.baselines.MEAN_CT_BUNDLES``) also carry the mean training CT (entry ``baseline``).
     """
 
     def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any):
         self._engine = None
         self._record: CheckpointRecord | None = None
+        from common.baselines import BASELINE_KEY, MEAN_CT_BUNDLES
+
         wrapped = {}
         for key, obj in save_dict.items():
             if isinstance(obj, CheckpointRecord):
                 self._record = obj
                 obj = _ProgressRecord(obj, self)
             wrapped[key] = obj
+        bundle = (self._record._data if self._record is not None else {}).get("bundle")
+        if bundle in MEAN_CT_BUNDLES and BASELINE_KEY not in wrapped:  # the X-ray -> CT baseline travels along
+            wrapped[BASELINE_KEY] = _MeanCTBaseline(self._record)
         super().__init__(save_dir, wrapped, **kwargs)
         self._key_metric_name = kwargs.get("key_metric_name")
         self._key_metric_sign = -1.0 if kwargs.get("key_metric_negative_sign") else 1.0

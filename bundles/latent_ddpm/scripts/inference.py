@@ -250,6 +250,7 @@ class LatentCTGenerator:
         config_files: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         bundle_root: str = BUNDLE_ROOT,
+        contents: Mapping | None = None,
         **overrides,
     ) -> LatentCTGenerator:
         """The diffusion model of ``checkpoint`` and its VQ-GAN, built from their records, ready to sample.
@@ -259,7 +260,8 @@ class LatentCTGenerator:
         record names; another file than the one whose latents the model learnt is refused (sha256).
         ``config_files`` / ``overrides`` (``inference.json`` + overlays) are checked against the record
         (:func:`common.checkpoint.build_for_inference`); sampling settings (scheduler kind and betas,
-        ``sampling_steps``, ``guidance_scale``, ``sample_seed``, ``requantize``) come from them.
+        ``sampling_steps``, ``guidance_scale``, ``sample_seed``, ``requantize``) come from them. ``contents``:
+        the checkpoint already read (:func:`common.checkpoint.read_checkpoint`): one read of the file.
         """
         from bundles.latent_ddpm.scripts.data import check_codec, latent_space
         from common.codec import load_vqgan
@@ -275,6 +277,7 @@ class LatentCTGenerator:
             overrides=overrides,
             settings={"bundle_root": bundle_root},
             device=device,
+            checkpoint=contents,
         )
         if record is not None and "latent_shape" in (record.get("inputs") or {}):
             space = dict(record["inputs"])

@@ -147,6 +147,7 @@ class PerX2CTInference:
         device: str | torch.device | None = None,
         amp: bool = True,
         reference_drr: str | np.ndarray | None = None,
+        contents: Mapping | None = None,
         **overrides,
     ) -> PerX2CTInference:
         """The trained network of ``checkpoint`` (default ``<bundle_root>/models/model.pt``), ready to predict.
@@ -157,11 +158,12 @@ class PerX2CTInference:
         ``network_def#chunk_size``) are checked against the record: a contradiction (another volume size,
         another HU window...) is refused with the differing values named; ``chunk_size`` may differ. A
         checkpoint saved before records is built from ``config_files`` (default: the bundle's
-        ``inference.json``) with a warning, spacing and geometry taken from the weights' buffers.
+        ``inference.json``) with a warning, spacing and geometry taken from the weights' buffers. ``contents``:
+        the checkpoint already read (:func:`common.checkpoint.read_checkpoint`), so the file is loaded once.
         """
         bundle_root = os.fspath(bundle_root)
         checkpoint = checkpoint or os.path.join(bundle_root, "models", "model.pt")
-        contents = common_read_checkpoint(checkpoint)
+        contents = common_read_checkpoint(checkpoint) if contents is None else contents  # read once
         record = record_of(contents)
         if record is None:  # old checkpoints: the network's buffers know spacing and geometry
             state = network_state(contents, checkpoint)

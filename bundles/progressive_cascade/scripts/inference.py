@@ -85,12 +85,14 @@ class CascadePredictor:
         config_files: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         bundle_root: str = BUNDLE_ROOT,
+        contents: Mapping | None = None,
         **overrides,
     ) -> CascadePredictor:
         """The cascade of ``checkpoint`` built from its record (stage, sizes, FOV, geometry), weights loaded.
 
         ``config_files`` / ``overrides`` are checked against the record (:func:`common.checkpoint.build_for_inference`);
         a checkpoint without a record is built from them (default: ``inference.json``) with a warning.
+        ``contents``: the checkpoint already read (:func:`common.checkpoint.read_checkpoint`): one read of the file.
         """
         network, record, parser, settings = build_for_inference(
             checkpoint,
@@ -103,6 +105,7 @@ class CascadePredictor:
             overrides=overrides,
             settings={"bundle_root": bundle_root},
             device=device,
+            checkpoint=contents,
         )
         inputs = (record or {}).get("inputs") or {}
         definition = (record or {}).get("network_def") or {}
