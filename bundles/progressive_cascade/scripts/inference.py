@@ -14,6 +14,7 @@ through the config's ``preprocessing`` chain (the same result on DRRs, ``tests/t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -114,7 +115,7 @@ class CascadePredictor:
         fov_mm = definition.get("fov_mm") or inputs.get("fov_mm") or parser.get_parsed_content("fov_mm")
         if settings.geometry is None:  # a record-less checkpoint: the dataset's camera, as the config reads it
             geometry = get_geometry(parser.get_parsed_content("geometry")).resized(int(unwrap(network).xray_size))
-            settings = InferenceSettings(**{**settings.__dict__, "geometry": geometry})
+            settings = dataclasses.replace(settings, geometry=geometry)
         parser["xray_size"] = int(unwrap(network).xray_size)  # the chain resizes to the network's input
         preprocessing = parser.get_parsed_content("preprocessing")
         post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
