@@ -22,7 +22,7 @@ from common.checkpoint_records import (
     read_checkpoint,
     record_of,
 )
-from common.checkpoint_registry import _same, instantiate_network, plain
+from common.checkpoint_registry import _same, instantiate_network, network_description, plain
 from common.drr import DRRGeometry, get_geometry
 from common.errors import InputError, require_file
 from common.intensity import HUWindow, get_window
@@ -57,6 +57,13 @@ def _first(*candidates):
     return next((c for c in candidates if c is not None), None)
 
 
+def _side(value) -> int | None:
+    """The X-ray side (pixels) a setting gives: a number, never a volume's (X, Y, Z) list."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
 def resolve_settings(
     record: Mapping | None, parser=None, definition: Mapping | None = None, checkpoint: str | None = None
 ) -> InferenceSettings:
@@ -75,9 +82,8 @@ def resolve_settings(
             return None
 
     window = _first(inputs.get("hu_window"), configured("hu_window"), DEFAULT_HU_WINDOW)
-    size = _first(network.get("image_size"), network.get("xray_size"), inputs.get("xray_size"),
-                  inputs.get("image_size") if not isinstance(inputs.get("image_size"), list) else None,
-                  configured("image_size"), configured("xray_size"))  # fmt: skip
+    size = _first(*(_side(v) for v in (network.get("image_size"), network.get("xray_size"), inputs.get("xray_size"),
+                                       inputs.get("image_size"), configured("image_size"), configured("xray_size"))))  # fmt: skip
     spacing = _first(network.get("spacing"), inputs.get("spacing"), (inputs.get("spacing_per_stage") or [None])[-1])
     geometry = _first(network.get("geometry"), inputs.get("geometry"))
     if geometry is None and record.get("network_def") is None:
@@ -92,7 +98,7 @@ def resolve_settings(
         bundle=record.get("bundle"),
         hu_window=get_window(window),
         spacing=None if spacing is None else tuple(float(v) for v in spacing),  # type: ignore[arg-type]
-        image_size=None if size is None else int(size),
+        image_size=size,
         geometry=geometry,
         prediction_type=None if prediction_type is None else str(prediction_type),
         inputs=inputs,
@@ -178,7 +184,7 @@ def build_for_inference(
             if f"{network_id}#{key}" in parser:
                 parser[f"{network_id}#{key}"] = value
         network = parser.get_parsed_content(network_id, instantiate=True)
-        definition = configured_network_def(parser, network_id)
+        definition = network_description(network) or {}  # what build_network recorded of the config's network
     else:
         definition = dict(recorded)
         if spoken and parser is not None:
