@@ -102,6 +102,94 @@ def mean_training_ct_of_datalist(
     return mean_training_ct([item[key] for item in items], shape=shape)
 
 
+# The bundles whose checkpoints carry the mean training CT (entry BASELINE_KEY): their reports' and the web
+# app's baseline. Saved once per training run by common.checkpoint.CheckpointSaver.
+MEAN_CT_BUNDLES = ("perx2ct", "progressive_cascade", "latent_ddpm")
+BASELINE_KEY = "baseline"
+MAX_BASELINE_VOXELS = 1024**3  # a 1024^3 CT: above every grid of the project; a larger stored array is refused
+
+
+def mean_ct_state(record: Mapping | None) -> dict:
+    """The checkpoint entry of the mean training CT of the datalist ``record`` names: ``{"mean_ct": (X, Y, Z)
+    float32 HU tensor, "spacing": (3,) float64 mm, "n_cases", "datalist_sha256"}``; ``{}`` when it cannot be
+    built (no datalist, no training CTs): loaders then fall back to the datalist (:func:`mean_ct_baseline`)."""
+    from common.datalist import load_split
+    from common.io import load_volume
+
+    datalist = (record or {}).get("datalist") or {}
+    path = datalist.get("file")
+    if not path or not os.path.isfile(path):
+        return {}
+    items = [i for i in load_split(path, "training") if i.get("ct")]
+    if not items:
+        return {}
+    try:
+        mean = mean_training_ct(i["ct"] for i in items)
+        spacing = load_volume(items[0]["ct"]).to_canonical().spacing
+    except (InputError, OSError):
+        return {}
+    return {
+        "mean_ct": torch.from_numpy(mean),
+        "spacing": torch.tensor([float(v) for v in spacing], dtype=torch.float64),
+        "n_cases": len(items),
+        "datalist_sha256": str(datalist.get("sha256") or ""),
+    }
+
+
+def _stored_mean_ct(state: object, source: str | None) -> dict | None:
+    """``{"volume", "n_cases"}`` from a checkpoint's :data:`BASELINE_KEY` entry; None when absent or empty;
+    :class:`InputError` naming ``source`` when it is not a finite 3D float volume with a positive spacing."""
+    from common.volume import Volume
+
+    if not isinstance(state, Mapping) or "mean_ct" not in state:
+        return None
+    mean, spacing = state.get("mean_ct"), state.get("spacing")
+    if not isinstance(mean, torch.Tensor) or mean.ndim != 3 or not mean.is_floating_point():
+        raise InputError(source, "stored mean training CT is not a 3D float volume")
+    if mean.numel() > MAX_BASELINE_VOXELS:
+        raise InputError(source, f"stored mean training CT has {mean.numel()} voxels, above {MAX_BASELINE_VOXELS}")
+    if not isinstance(spacing, torch.Tensor) or tuple(spacing.shape) != (3,) or not bool((spacing > 0).all()):
+        raise InputError(source, "stored mean training CT has no valid spacing (3 positive mm values)")
+    array = mean.float().numpy()
+    if not np.isfinite(array).all():
+        raise InputError(source, "stored mean training CT holds NaN or infinite values")
+    volume = Volume.from_spacing(np.ascontiguousarray(array), tuple(float(v) for v in spacing.tolist()))
+    n_cases = state.get("n_cases")
+    return {"volume": volume, "n_cases": int(n_cases) if isinstance(n_cases, int) else None}
+
+
+def mean_ct_baseline(record: Mapping | None, checkpoint: Mapping | None = None, source: str | None = None) -> dict:
+    """``{"volume": mean training CT (HU Volume), "source", "n_cases"}`` or ``{"unavailable": reason}``.
+
+    From the checkpoint's stored entry (``checkpoint``: its contents, :func:`common.checkpoint.read_checkpoint`;
+    ``source``: its file) when it has one; else (checkpoints saved before it was stored) rebuilt from the
+    training datalist the record names, refused when that file moved or changed since training (sha256).
+    """
+    from common.datalist import load_split
+
+    stored = _stored_mean_ct((checkpoint or {}).get(BASELINE_KEY), source)
+    if stored is not None:
+        return {**stored, "source": f"{source or 'checkpoint'} (stored mean training CT)"}
+    datalist = (record or {}).get("datalist") or {}
+    path = datalist.get("file")
+    if not path:
+        return {"unavailable": "the checkpoint records no training datalist"}
+    if not os.path.isfile(path):
+        return {"unavailable": f"training datalist {path} not found"}
+    if datalist.get("sha256"):
+        from common.checkpoint import file_sha256
+
+        if file_sha256(path) != datalist["sha256"]:
+            return {"unavailable": f"training datalist {path} changed since training (sha256 differs)"}
+    if not any(i.get("ct") for i in load_split(path, "training")):
+        return {"unavailable": f"{path} lists no training CTs"}
+    state = mean_ct_state(record)
+    if not state:
+        return {"unavailable": f"cannot average the training CTs of {path}"}
+    stored = _stored_mean_ct(state, path)
+    return {**stored, "source": path}
+
+
 def with_mean_prior(
     network: torch.nn.Module,
     datalist_file: str | os.PathLike,

@@ -30,7 +30,8 @@ RENAMED: dict[str, dict[str, str]] = {
     "pe_classifier": {"test": "validate"},
     "perx2ct": {},
     "pix2pix_phase": {"checkpoint": "ckpt_path", "lr": "learning_rate"},
-    "progressive_cascade": {"checkpoint": "ckpt_path", "evaluate": "validate"},
+    "progressive_cascade": {"checkpoint": "ckpt_path", "evaluate": "validate", "pa_file": "input_path",
+                            "lateral_file": "input_path", "case_id": "input_path"},
     "vqgan_3d_patch": {
         "checkpoint": "ckpt_path",
         "lr_g": "learning_rate",
@@ -44,6 +45,7 @@ ALIASED: dict[str, dict[str, tuple[str, ...]]] = {
     "train.json": {"pix2pix_phase": ("lr",), "vqgan_3d_patch": ("lr_g", "lr_d")},
     "evaluate.json": {"pix2pix_phase": ("checkpoint",), "progressive_cascade": ("checkpoint",),
                       "vqgan_3d_patch": ("checkpoint",)},  # fmt: skip
+    "inference.json": {"progressive_cascade": ("checkpoint", "pa_file", "lateral_file", "case_id")},
 }
 
 _warned: set[tuple[str, str]] = set()

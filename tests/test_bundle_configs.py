@@ -18,8 +18,9 @@ BUNDLES = ("vqgan_3d_patch", "latent_ddpm", "perx2ct", "progressive_cascade", "p
 # the id whose evaluation finds an inference run's input (and stops when there is none)
 INFERENCE_INPUT = {
     "vqgan_3d_patch": "datalist",
-    "latent_ddpm": "input_files",
-    "perx2ct": "datalist",
+    "latent_ddpm": "inputs",  # the X-ray-in bundles: common.predictor.inference_items of input_path
+    "perx2ct": "inputs",
+    "progressive_cascade": "inputs",
     "pix2pix_phase": "datalist",
     "pe_classifier": "datalist",
 }

@@ -262,7 +262,7 @@ def test_every_config_network_is_on_the_allow_list(where, target):
 
 
 def test_a_legitimate_checkpoint_still_loads_everywhere(real_checkpoint):
-    network, record, _ = build_for_inference(
+    network, record, _, settings = build_for_inference(
         real_checkpoint, config_files=PERX2CT_CONFIGS, data_arguments=("spacing", "geometry"),
         settings={"bundle_root": str(PERX2CT)},
     )  # fmt: skip

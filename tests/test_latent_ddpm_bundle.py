@@ -96,7 +96,7 @@ def test_train_evaluate_infer_through_monai_bundle(phantom_pairs, tmp_path):
     vol = load_volume(predictions[0])
     assert vol.shape == (32, 32, 32) and vol.spacing == pytest.approx((10.0, 10.0, 10.0))
     assert vol.array.min() >= -1024.5 and vol.array.max() <= 2048.5
-    assert len(list((tmp_path / "out" / "predictions").glob("*_montage.png"))) == 2
+    assert len(list((tmp_path / "out" / "predictions").glob("*_preview.png"))) == 2
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def test_train_three_stages_evaluate_infer_export(dataset_dir, tmp_path):
     )
     hu = np.asarray(img.dataobj)
     assert hu.min() >= -1024 and hu.max() <= 2048
-    assert (out / "infer" / "p0_stages.png").is_file()
+    assert (out / "infer" / "p0_preview.png").is_file() and (out / "infer" / "p0_axial.gif").is_file()
 
     ts = tmp_path / "cascade.ts"
     export_args = dict(

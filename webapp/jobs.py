@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 import queue
 import shutil
 import threading
@@ -20,7 +19,7 @@ import uuid
 import numpy as np
 
 from common.errors import InputError
-from common.io import save_volume
+from common.predictor import write_volumes
 from common.volume import Volume
 from webapp.loaders import LoadedModel
 from xray2ct.models import PEModel, baseline_scores, score_against_inputs
@@ -249,14 +248,10 @@ class JobQueue:
         job.baseline = baseline_scores(model, views)
         self._stage(job, "writing")
         final = stages[last]
-        files = {
-            "nifti": save_volume(final, os.path.join(job.folder, "ct.nii.gz")),
-            "hdf5": save_volume(final, os.path.join(job.folder, "ct.h5")),
-        }
-        if len(stages) > 1:
-            job.stage_files = {
-                n: save_volume(v, os.path.join(job.folder, f"{n}.nii.gz")) for n, v in stages.items()
-            }
+        written = write_volumes(stages, job.folder)  # the one writer's names (common.predictor)
+        files = {"nifti": written.pop("ct"), "hdf5": write_volumes({last: final}, job.folder, fmt="h5")["ct"]}
+        if written:
+            job.stage_files = written
         from common.domain_gap import domain_gap
         from common.plausibility import plausibility
 

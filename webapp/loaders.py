@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from common.errors import InputError, require_file
-from xray2ct.models import LOADERS, PEModel, XrayToCTModel, bundle_of, config_paths, load_model, load_pe_model
+from xray2ct.models import LOADERS, PEModel, XrayToCTModel, config_paths, load_model, load_pe_model
 
 LoadedModel = XrayToCTModel  # the name the app and its tests use
 __all__ = ["LoadedModel", "classifier_refusals", "config_paths", "load_classifier", "load_models"]
@@ -41,10 +41,8 @@ def load_models(
     models: dict[str, LoadedModel] = {}
     for checkpoint in checkpoints:
         path = require_file(os.fspath(checkpoint))
-        found = bundle_of(path, default=bundle or "perx2ct")
-        if found not in LOADERS:
-            raise InputError(path, f"is a {found!r} checkpoint: no web loader (available: {sorted(LOADERS)})")
         model = load_model(path, bundle, configs, device, vqgan_checkpoint, max_sampling_steps, baseline)
+        found = model.bundle  # load_model reads the checkpoint once and refuses a bundle it cannot serve
         stem = os.path.basename(path).split(".")[0]
         name, k = f"{found}:{stem}", 2
         while name in models:

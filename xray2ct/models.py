@@ -6,7 +6,8 @@ API (``bundles/<name>/scripts/inference.py``: ``PerX2CTInference``, ``CascadePre
 is imported and no bundle imports this module. An :class:`XrayToCTModel` preprocesses uploads or files to
 the model domain (``preprocess``), reconstructs every stage (``run``: cascade stages, or one ``ct``), and
 says how to score the result against its inputs (:func:`score_against_inputs`, the DRR consistency of
-:mod:`common.drr_loss`) beside the mean training CT (:func:`mean_ct_baseline`).
+:mod:`common.drr_loss`) beside the mean training CT (:func:`common.baselines.mean_ct_baseline`, stored in the
+checkpoint). Every bundle is driven through :class:`common.predictor.Predictor`; the checkpoint is read once.
 
 Config overlays (``configs=["cpu_tiny"]``) are optional: without them the record alone builds the network;
 with them a config that contradicts the record is refused (:func:`common.checkpoint.build_for_inference`).
@@ -22,8 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.checkpoint import file_sha256, read_record
-from common.drr import DRRGeometry, get_geometry
+from common.baselines import mean_ct_baseline
+from common.checkpoint import file_sha256, read_checkpoint, read_record, record_of
+from common.drr import DRRGeometry
 from common.drr_loss import add_view_means, drr_consistency_with_drrs
 from common.errors import InputError, require_file
 from common.volume import Volume
@@ -158,7 +160,10 @@ def _configs(bundle: str, configs: Sequence[str]) -> list[str] | None:
 
 def bundle_of(checkpoint: str, default: str | None = None) -> str:
     """The bundle a checkpoint's record names (``default`` for checkpoints without a record, with a warning)."""
-    record = read_record(checkpoint)
+    return _bundle_of_record(read_record(checkpoint), checkpoint, default)
+
+
+def _bundle_of_record(record: Mapping | None, checkpoint: str, default: str | None = None) -> str:
     if record is not None:
         return str(record.get("bundle"))
     if default is None:
@@ -168,75 +173,73 @@ def bundle_of(checkpoint: str, default: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- loaders
-def _as_views(views: np.ndarray, n: int, name: str) -> torch.Tensor:
-    array = np.ascontiguousarray(views, dtype=np.float32)
-    if array.ndim != 3 or array.shape[0] < n:
-        raise InputError(None, f"{name} needs {n} view(s) (V, H, W), got shape {array.shape}")
-    return torch.from_numpy(array[:n])[None]
-
-
-def load_perx2ct(checkpoint: str, configs: Sequence[str] = (), device: str = "cpu", **_) -> XrayToCTModel:
-    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
-
-    predictor = PerX2CTInference.from_bundle(BUNDLE_ROOT, checkpoint, _configs("perx2ct", configs), device=device)
+def _from_predictor(predictor, bundle: str, checkpoint: str, record: dict | None, volume_shape: Sequence[int],
+                    stages: tuple[dict, ...] = (), options: dict | None = None,
+                    option_names: Mapping[str, str] | None = None) -> XrayToCTModel:  # fmt: skip
+    """An :class:`XrayToCTModel` driving a :class:`common.predictor.Predictor` (its settings resolved once by
+    :func:`common.checkpoint.build_for_inference`). ``option_names``: page option -> the predictor's option."""
+    settings = predictor.settings
+    names = dict(option_names or {})
 
     def preprocess(pa: str, lateral: str | None) -> np.ndarray:
-        return predictor.preprocess(pa, lateral)[0].numpy()
+        return predictor.prepare({"pa": pa, "lateral": lateral})
+
+    def stages_of(views: np.ndarray, chosen: dict, progress: Progress | None) -> dict[str, Volume]:
+        def step(done: int, total: int) -> None:
+            if progress is not None and total > 1:
+                progress(0.9 * done / total, f"diffusion step {done}/{total}")
+
+        run_options = {names.get(k, k): v for k, v in chosen.items()}
+        return predictor.infer_views(views, run_options, step).volumes
 
     def reconstruct(views: np.ndarray) -> Volume:
-        unit = predictor.predict_tensor(_as_views(views, 2, "perx2ct"))
-        return predictor.to_volume(unit[0, 0].numpy())
+        chosen = {k: v["default"] for k, v in (options or {}).items()}
+        return list(stages_of(views, chosen, None).values())[-1]
 
+    spacing = tuple(stages[-1]["spacing"]) if stages else tuple(settings.spacing)
     return XrayToCTModel(
-        name="perx2ct",
-        bundle="perx2ct",
-        needs_lateral=True,
-        image_size=predictor.image_size,
-        volume_shape=predictor.volume_shape,
-        spacing=predictor.spacing,
-        geometry=predictor.net.geometry.resized(predictor.image_size),
+        name=bundle,
+        bundle=bundle,
+        needs_lateral=len(predictor.view_names) > 1,
+        image_size=int(settings.image_size),
+        volume_shape=tuple(int(n) for n in volume_shape),  # type: ignore[arg-type]
+        spacing=spacing,  # type: ignore[arg-type]
+        geometry=settings.geometry,
         preprocess=preprocess,
         reconstruct=reconstruct,
+        reconstruct_stages=stages_of,
+        options=dict(options or {}),
+        stages=stages,
         checkpoint=checkpoint,
-        record=read_record(checkpoint),
+        record=record,
     )
+
+
+def load_perx2ct(checkpoint: str, configs: Sequence[str] = (), device: str = "cpu", contents: Mapping | None = None,
+                 **_) -> XrayToCTModel:  # fmt: skip
+    from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
+
+    predictor = PerX2CTInference.from_bundle(
+        BUNDLE_ROOT, checkpoint, _configs("perx2ct", configs), device=device, contents=contents
+    )
+    record = None if contents is None else record_of(contents)
+    return _from_predictor(predictor, "perx2ct", checkpoint, record, predictor.volume_shape)
 
 
 def load_progressive_cascade(
-    checkpoint: str, configs: Sequence[str] = (), device: str = "cpu", **_
+    checkpoint: str, configs: Sequence[str] = (), device: str = "cpu", contents: Mapping | None = None, **_
 ) -> XrayToCTModel:
     from bundles.progressive_cascade.scripts.inference import CascadePredictor
 
-    cascade = CascadePredictor.from_checkpoint(checkpoint, _configs("progressive_cascade", configs), device)
-
-    def preprocess(pa: str, lateral: str | None) -> np.ndarray:
-        return cascade.preprocess(pa, lateral)[0].numpy()
-
-    def stages(views: np.ndarray, options: dict, progress: Progress | None) -> dict[str, Volume]:
-        return cascade.to_volumes(cascade.predict_views(_as_views(views, 2, "progressive_cascade")))
-
-    def reconstruct(views: np.ndarray) -> Volume:
-        return list(stages(views, {}, None).values())[-1]
-
-    shapes = [
+    cascade = CascadePredictor.from_checkpoint(
+        checkpoint, _configs("progressive_cascade", configs), device, contents=contents
+    )
+    shapes = tuple(
         {"name": f"stage{k}", "shape": [n] * 3, "spacing": list(cascade.spacing(n))}
         for k, n in enumerate(cascade.volume_sizes, start=1)
-    ]
-    return XrayToCTModel(
-        name="progressive_cascade",
-        bundle="progressive_cascade",
-        needs_lateral=True,
-        image_size=cascade.xray_size,
-        volume_shape=tuple(shapes[-1]["shape"]),
-        spacing=tuple(shapes[-1]["spacing"]),
-        geometry=None if cascade.geometry is None else cascade.geometry.resized(cascade.xray_size),
-        preprocess=preprocess,
-        reconstruct=reconstruct,
-        reconstruct_stages=stages,
-        stages=tuple(shapes),
-        checkpoint=checkpoint,
-        record=read_record(checkpoint),
     )
+    record = None if contents is None else record_of(contents)
+    return _from_predictor(cascade, "progressive_cascade", checkpoint, record, shapes[-1]["shape"], shapes)
 
 
 def load_latent_ddpm(
@@ -245,12 +248,13 @@ def load_latent_ddpm(
     device: str = "cpu",
     vqgan_checkpoint: str | None = None,
     max_sampling_steps: int = 1000,
+    contents: Mapping | None = None,
     **_,
 ) -> XrayToCTModel:
     from bundles.latent_ddpm.scripts.inference import LatentCTGenerator
 
     generator = LatentCTGenerator.from_checkpoint(
-        checkpoint, vqgan_checkpoint, _configs("latent_ddpm", configs), device
+        checkpoint, vqgan_checkpoint, _configs("latent_ddpm", configs), device, contents=contents
     )
     sampler = generator.inferer
     train_steps = int(sampler.scheduler.num_train_timesteps)
@@ -271,44 +275,10 @@ def load_latent_ddpm(
             "help": "the initial noise (same seed, same CT)",
         },
     }  # fmt: skip
-
-    def preprocess(pa: str, lateral: str | None) -> np.ndarray:
-        return generator.preprocess(pa)[0].numpy()
-
-    def stages(views: np.ndarray, options: dict, progress: Progress | None) -> dict[str, Volume]:
-        def step(done: int, total: int) -> None:
-            if progress is not None:
-                progress(0.9 * done / total, f"diffusion step {done}/{total}")
-
-        volume = generator.generate_from_view(
-            _as_views(views, 1, "latent_ddpm"),
-            progress=step,
-            num_inference_steps=options.get("sampling_steps"),
-            guidance_scale=options.get("guidance_scale"),
-            seed=options.get("seed"),
-        )
-        return {"ct": volume}
-
-    def reconstruct(views: np.ndarray) -> Volume:
-        return stages(views, {k: v["default"] for k, v in options.items()}, None)["ct"]
-
     shape = tuple(int(s) for s in generator.latent_space["image_size"])
-    geometry = generator.geometry
-    return XrayToCTModel(
-        name="latent_ddpm",
-        bundle="latent_ddpm",
-        needs_lateral=False,
-        image_size=generator.xray_size,
-        volume_shape=shape,  # type: ignore[arg-type]
-        spacing=generator.spacing,
-        geometry=None if geometry is None else geometry.resized(generator.xray_size),
-        preprocess=preprocess,
-        reconstruct=reconstruct,
-        reconstruct_stages=stages,
-        options=options,
-        checkpoint=checkpoint,
-        record=read_record(checkpoint),
-    )
+    record = None if contents is None else record_of(contents)
+    return _from_predictor(generator, "latent_ddpm", checkpoint, record, shape, options=options,
+                           option_names={"sampling_steps": "num_inference_steps"})  # fmt: skip
 
 
 LOADERS: dict[str, Callable[..., XrayToCTModel]] = {
@@ -331,19 +301,22 @@ def load_model(
 
     ``configs``: overlays of the bundle's ``inference.json`` (checked against the record); ``vqgan_checkpoint``
     for latent_ddpm (default: the file its record names); ``max_sampling_steps`` caps the diffusion's
-    steps option; ``baseline``: average the training CTs the record names (for the baseline score).
+    steps option; ``baseline``: the mean training CT (stored in the checkpoint; older checkpoints: averaged
+    from the training CTs the record names). The checkpoint file is read once (``torch.load``).
     """
     checkpoint = require_file(os.fspath(checkpoint))
-    found = bundle_of(checkpoint, default=bundle or "perx2ct")
+    contents = read_checkpoint(checkpoint)
+    found = _bundle_of_record(record_of(contents, checkpoint), checkpoint, default=bundle or "perx2ct")
     if bundle is not None and found != bundle:
         raise InputError(checkpoint, f"is a {found!r} checkpoint, not {bundle!r}")
     if found not in LOADERS:
         raise InputError(checkpoint, f"is a {found!r} checkpoint: no X-ray -> CT loader (have {sorted(LOADERS)})")
     model = LOADERS[found](
-        checkpoint, configs, device, vqgan_checkpoint=vqgan_checkpoint, max_sampling_steps=max_sampling_steps
-    )
+        checkpoint, configs, device, vqgan_checkpoint=vqgan_checkpoint, max_sampling_steps=max_sampling_steps,
+        contents=contents,
+    )  # fmt: skip
     if baseline:
-        model.baseline = mean_ct_baseline(model.record)
+        model.baseline = mean_ct_baseline(model.record, contents, checkpoint)
     return model
 
 
@@ -380,32 +353,6 @@ def baseline_scores(model: XrayToCTModel, views: np.ndarray) -> dict | None:
         return None
     scores, _ = score_against_inputs(model, model.baseline["volume"], views)
     return scores
-
-
-def mean_ct_baseline(record: Mapping | None) -> dict:
-    """``{"volume": mean training CT, "source", "n_cases"}`` from the datalist the record names, or
-    ``{"unavailable": reason}`` (no record, file moved, or changed since training: sha256 differs)."""
-    from common.baselines import mean_training_ct
-    from common.datalist import load_split
-    from common.io import load_volume
-
-    datalist = (record or {}).get("datalist") or {}
-    path = datalist.get("file")
-    if not path:
-        return {"unavailable": "the checkpoint records no training datalist"}
-    if not os.path.isfile(path):
-        return {"unavailable": f"training datalist {path} not found"}
-    if datalist.get("sha256") and file_sha256(path) != datalist["sha256"]:
-        return {"unavailable": f"training datalist {path} changed since training (sha256 differs)"}
-    items = [i for i in load_split(path, "training") if i.get("ct")]
-    if not items:
-        return {"unavailable": f"{path} lists no training CTs"}
-    try:
-        mean = mean_training_ct(i["ct"] for i in items)
-        spacing = load_volume(items[0]["ct"]).to_canonical().spacing
-    except (InputError, OSError) as exc:
-        return {"unavailable": f"cannot average the training CTs: {exc}"}
-    return {"volume": Volume.from_spacing(mean, spacing), "source": path, "n_cases": len(items)}
 
 
 # ----------------------------------------------------------------------------------------------- PE
@@ -516,7 +463,3 @@ PE_CONVENTION = (
     "a classifier trained on another contrast phase, a larger field of view or a finer grid than the generated "
     "CT's is refused (no probability)."
 )
-
-
-def geometry_of(value) -> DRRGeometry | None:
-    return None if value is None else get_geometry(value)

@@ -50,9 +50,8 @@ from common.datalist import case_id_of_path, safe_case_name
 from common.domain_gap import domain_gap
 from common.errors import InputError, require_file
 from common.handlers import write_json
-from common.io import save_volume
 from common.plausibility import plausibility
-from common.preview import save_montage_png, save_slice_gif
+from common.predictor import write_previews, write_volumes
 from common.tables import csv_text
 from common.volume import Volume
 from xray2ct.models import (
@@ -323,10 +322,9 @@ def run_case(
     plausible = plausibility(final)
     lap("checks")
     lap("drr_consistency")
-    ct_file = save_volume(final, os.path.join(folder, "ct" + suffix))
-    stage_files = {}
-    if len(names) > 1:
-        stage_files = {n: save_volume(v, os.path.join(folder, n + suffix)) for n, v in volumes.items()}
+    written = write_volumes(volumes, folder, None, fmt)  # the one writer (common.predictor): ct + stages
+    ct_file = written.pop("ct")
+    stage_files = written
     lap("write")
     pe_result = None
     if pe is not None:
@@ -334,11 +332,9 @@ def run_case(
         lap("pe")
     preview_files = {}
     if previews:
-        xrays = {("PA" if v == "pa" else "lateral"): views[i] for i, v in enumerate(model.views)}
-        preview_files["montage"] = os.path.basename(
-            save_montage_png(os.path.join(folder, "preview.png"), volumes, xrays=xrays)
-        )
-        preview_files["gif"] = os.path.basename(save_slice_gif(os.path.join(folder, "axial.gif"), final))
+        shown = write_previews(volumes, views, model.views, folder)
+        preview_files["montage"] = os.path.basename(shown["preview"])
+        preview_files["gif"] = os.path.basename(shown["gif"])
         if drrs:
             preview_files["drr"] = os.path.basename(
                 save_drr_comparison(os.path.join(folder, "drr.png"), views, drrs, model.views, scores)

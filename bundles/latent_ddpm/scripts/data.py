@@ -223,7 +223,9 @@ def check_codec(space: Mapping, vqgan_checkpoint: str | os.PathLike) -> None:
 def check_prediction_type(space: Mapping, prediction_type: str, checkpoint: str | os.PathLike) -> None:
     """Refuse to sample a network as another target than it learnt (``space["prediction_type"]``; records from
     before it was recorded are epsilon): an x0 model read as a noise model, or back, samples garbage."""
-    learnt = str(space.get("prediction_type", "epsilon"))
+    from common.checkpoint import LEGACY_PREDICTION_TYPE
+
+    learnt = str(space.get("prediction_type", LEGACY_PREDICTION_TYPE))
     if learnt != prediction_type:
         raise InputError(
             checkpoint,

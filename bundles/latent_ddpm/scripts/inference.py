@@ -4,26 +4,40 @@ Sampling is MONAI's ``DiffusionInferer.sample`` with a DDPM or DDIM scheduler; t
 by the VQ-GAN codec (:mod:`common.codec`) with sliding windows, because MONAI's ``LatentDiffusionInferer``
 decodes the whole latent in one pass, which large CTs do not fit. :class:`LatentCTSampler` is that path as
 a MONAI ``Inferer`` (X-ray batch -> CT in [0, 1]; evaluation and inference use it); :class:`LatentCTGenerator`
-turns X-ray files into NIfTI volumes (HU, the training data's spacing) and previews with it.
+(a :class:`common.predictor.Predictor`) turns X-rays into HU volumes (the training data's spacing) with it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-from tqdm import tqdm
 
-from common.checkpoint import build_for_inference, configured_network_def, load_weights
+from common.checkpoint import (
+    LEGACY_PREDICTION_TYPE,
+    InferenceSettings,
+    build_for_inference,
+    configured_network_def,
+    load_weights,
+    resolve_settings,
+)
 from common.codec import decode_latents
 from common.errors import InputError
 from common.intensity import get_window
-from common.io import save_volume
-from common.preview import save_montage_png, save_slice_gif
+from common.predictor import (
+    Prediction,
+    Progress,
+    default_postprocessing,
+    postprocess,
+    predict_items,
+    require_views,
+    views_tensor,
+)
+from common.predictor import unit_to_volume as _unit_to_volume
 from common.sliding_window import LatentSlidingWindowInferer
 from common.volume import Volume
 from common.xray import load_view
@@ -39,7 +53,7 @@ def make_scheduler(
     schedule: str = "scaled_linear_beta",
     beta_start: float = 0.0015,
     beta_end: float = 0.0195,
-    prediction_type: str = "epsilon",
+    prediction_type: str = LEGACY_PREDICTION_TYPE,
 ):
     """DDPM or DDIM with the training schedule; sampling steps set. Latents are not clipped to [-1, 1].
 
@@ -134,10 +148,7 @@ def latents_to_unit_ct(
 
 def unit_to_volume(unit_ct: torch.Tensor, spacing: Sequence[float], hu_window: str = "xray2ct") -> Volume:
     """One (1, X, Y, Z) or (X, Y, Z) [0, 1] CT -> HU :class:`Volume`, canonical RAS, centred at the origin."""
-    array = (
-        get_window(hu_window).from_unit(unit_ct.detach().float().cpu().reshape(unit_ct.shape[-3:])).numpy()
-    )
-    return Volume.from_spacing(array.astype(np.float32), spacing)
+    return _unit_to_volume(unit_ct, get_window(hu_window), spacing)
 
 
 class LatentCTSampler(Inferer):
@@ -198,8 +209,12 @@ class LatentCTGenerator:
     """X-ray files -> CT volumes: the model-domain X-ray, :class:`LatentCTSampler` (the inferer), HU volume.
 
     ``inferer`` samples and decodes (its scheduler, steps, guidance, seed and the VQ-GAN codec);
-    ``latent_space["spacing"]`` is the training data's voxel spacing given to the output.
+    ``latent_space["spacing"]`` is the training data's voxel spacing given to the output. A
+    :class:`common.predictor.Predictor` reading one view (``pa``); ``options`` of :meth:`infer_views`:
+    ``num_inference_steps``, ``guidance_scale``, ``seed``.
     """
+
+    view_names = ("pa",)
 
     def __init__(
         self,
@@ -209,16 +224,23 @@ class LatentCTGenerator:
         xray_size: int,
         hu_window: str = "xray2ct",
         device: str | torch.device = "cpu",
+        postprocessing: Callable | None = None,
+        settings: InferenceSettings | None = None,
     ):
         self.network = network.eval()
         self.inferer = inferer
         self.spacing = tuple(float(s) for s in latent_space["spacing"])
         self.xray_size = int(xray_size)
-        self.hu_window = get_window(hu_window)
         self.device = torch.device(device)
         self.network.to(self.device)
         self.latent_space = dict(latent_space)
         self.vqgan_checkpoint: str | None = None
+        self.postprocessing = default_postprocessing() if postprocessing is None else postprocessing
+        if settings is None:
+            settings = resolve_settings({"inputs": {**self.latent_space, "hu_window": hu_window,
+                                                    "xray_size": self.xray_size}})  # fmt: skip
+        self.settings = settings
+        self.hu_window = settings.hu_window
 
     @classmethod
     def from_checkpoint(
@@ -228,6 +250,7 @@ class LatentCTGenerator:
         config_files: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         bundle_root: str = BUNDLE_ROOT,
+        contents: Mapping | None = None,
         **overrides,
     ) -> LatentCTGenerator:
         """The diffusion model of ``checkpoint`` and its VQ-GAN, built from their records, ready to sample.
@@ -237,13 +260,14 @@ class LatentCTGenerator:
         record names; another file than the one whose latents the model learnt is refused (sha256).
         ``config_files`` / ``overrides`` (``inference.json`` + overlays) are checked against the record
         (:func:`common.checkpoint.build_for_inference`); sampling settings (scheduler kind and betas,
-        ``sampling_steps``, ``guidance_scale``, ``sample_seed``, ``requantize``) come from them.
+        ``sampling_steps``, ``guidance_scale``, ``sample_seed``, ``requantize``) come from them. ``contents``:
+        the checkpoint already read (:func:`common.checkpoint.read_checkpoint`): one read of the file.
         """
         from bundles.latent_ddpm.scripts.data import check_codec, latent_space
         from common.codec import load_vqgan
 
         default = [os.path.join(bundle_root, "configs", "inference.json")]
-        network, record, parser = build_for_inference(
+        network, record, parser, settings = build_for_inference(
             checkpoint,
             config_files=config_files,
             default_config_files=default,
@@ -253,6 +277,7 @@ class LatentCTGenerator:
             overrides=overrides,
             settings={"bundle_root": bundle_root},
             device=device,
+            checkpoint=contents,
         )
         if record is not None and "latent_shape" in (record.get("inputs") or {}):
             space = dict(record["inputs"])
@@ -276,7 +301,7 @@ class LatentCTGenerator:
         if space.get("num_train_timesteps"):
             parser["num_train_timesteps"] = int(space["num_train_timesteps"])
         # the target the network was trained on; checkpoints from before it was recorded predicted noise
-        parser["prediction_type"] = str(space.get("prediction_type", "epsilon"))
+        parser["prediction_type"] = str(space.get("prediction_type") or settings.prediction_type or LEGACY_PREDICTION_TYPE)
         inferer = LatentCTSampler(
             vqgan,
             space,
@@ -287,9 +312,12 @@ class LatentCTGenerator:
             requantize=parser.get_parsed_content("requantize"),
             seed=parser.get_parsed_content("sample_seed"),
         )
-        xray_size = space.get("xray_size") or parser.get_parsed_content("xray_size")
-        window = space.get("hu_window") or parser.get("hu_window", "xray2ct")
-        generator = cls(network, inferer, space, xray_size, window, device)
+        xray_size = settings.image_size or parser.get_parsed_content("xray_size")
+        if record is None:  # the latent cache's manifest knows the latent space of a record-less checkpoint
+            settings = resolve_settings({"inputs": {**space, "hu_window": settings.hu_window.as_dict(),
+                                                    "xray_size": xray_size}}, checkpoint=os.fspath(checkpoint))  # fmt: skip
+        post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        generator = cls(network, inferer, space, xray_size, device=device, postprocessing=post, settings=settings)
         generator.vqgan_checkpoint = os.fspath(vqgan_checkpoint)
         return generator
 
@@ -299,11 +327,8 @@ class LatentCTGenerator:
 
     @property
     def geometry(self):
-        """The DRR camera of the training X-rays (None when the latent space does not record it)."""
-        from common.drr import get_geometry
-
-        geometry = self.latent_space.get("geometry")
-        return None if geometry is None else get_geometry(geometry)
+        """The DRR camera of the training X-rays at the input size (None when the latent space does not record it)."""
+        return self.settings.geometry
 
     def preprocess(self, xray) -> torch.Tensor:
         """An X-ray path or (H, W) array -> (1, 1, S, S) float32 [0, 1], the model domain."""
@@ -312,9 +337,27 @@ class LatentCTGenerator:
     @torch.no_grad()
     def generate_from_view(self, image: torch.Tensor, progress=None, **options) -> Volume:
         """A model-domain X-ray (1, 1, S, S) -> HU Volume; ``options``: ``num_inference_steps``,
-        ``guidance_scale``, ``seed`` (default: the config's); ``progress(done, total)`` per step."""
+        ``guidance_scale``, ``seed`` (default: the config's); ``progress(done, total)`` per step. The config's
+        ``postprocessing`` is applied to the decoded CT in the unit window."""
         unit = self.inferer(image.to(self.device), self.network, progress=progress, **options)
-        return unit_to_volume(unit[0], self.spacing, self.hu_window)
+        return _unit_to_volume(postprocess(self.postprocessing, unit[0]), self.hu_window, self.spacing)
+
+    # -- the Predictor protocol (common.predictor) ----------------------------------------------
+    def prepare(self, inputs: Mapping) -> np.ndarray:
+        """``{"pa": path or (H, W) array}`` -> (1, S, S) float32 model-domain view."""
+        (pa,) = require_views(inputs, self.view_names, "latent_ddpm")
+        return self.preprocess(pa)[0].numpy()
+
+    def infer_views(self, views: np.ndarray, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        """(1, S, S) view -> :class:`Prediction` ``{"ct": Volume}``; ``options``: ``num_inference_steps``,
+        ``guidance_scale``, ``seed`` (None or absent: the config's)."""
+        x = views_tensor(views, 1, "latent_ddpm")
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        volume = self.generate_from_view(x, progress=progress, **options)
+        return Prediction({"ct": volume}, x[0].numpy(), self.view_names, {"options": options})
+
+    def infer(self, inputs: Mapping, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        return self.infer_views(self.prepare(inputs), options, progress)
 
     @torch.no_grad()
     def generate(self, xray, progress=None, **options) -> tuple[Volume, torch.Tensor]:
@@ -323,25 +366,9 @@ class LatentCTGenerator:
         return self.generate_from_view(image, progress, **options), image[0, 0]
 
     def predict_files(self, files: Sequence[str], output_dir: str, previews: bool = True) -> list[str]:
-        """Write ``<output_dir>/<case>_ct.nii.gz`` (+ montage PNG and axial GIF) per X-ray; returns NIfTI paths.
+        """Write every X-ray's CT and previews (:func:`common.predictor.predict_items`); returns the CT paths.
 
         ``<case>`` is :func:`common.datalist.case_id` of the file (``<case>/pa.nii.gz`` -> ``<case>``).
         """
-        from common.datalist import case_id
-
-        os.makedirs(output_dir, exist_ok=True)
-        written = []
-        for path in tqdm(list(files), desc="X-ray -> CT"):
-            path = os.fspath(path)
-            name = case_id({"image": path})
-            volume, image = self.generate(path)
-            out = save_volume(volume, os.path.join(output_dir, f"{name}_ct.nii.gz"))
-            if previews:
-                save_montage_png(
-                    os.path.join(output_dir, f"{name}_montage.png"),
-                    {"generated": volume},
-                    {"input": image.numpy()},
-                )
-                save_slice_gif(os.path.join(output_dir, f"{name}_axial.gif"), volume)
-            written.append(out)
-        return written
+        items = [{"pa": os.fspath(f)} for f in files]
+        return predict_items(self, items, output_dir, previews=previews, desc="X-ray -> CT")

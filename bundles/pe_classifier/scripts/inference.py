@@ -65,7 +65,7 @@ class PEClassifierInference:
         Pretrained-weights paths recorded in the network definition are not needed (the checkpoint holds the
         weights) and are not read.
         """
-        network, record, parser = build_for_inference(
+        network, record, parser, _ = build_for_inference(
             checkpoint,
             config_files=config_files,
             default_config_files=[os.path.join(bundle_root, "configs", "inference.json")],

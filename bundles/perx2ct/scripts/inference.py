@@ -2,8 +2,11 @@
 
     from bundles.perx2ct.scripts.inference import PerX2CTInference
     model = PerX2CTInference.from_bundle("bundles/perx2ct", device="cuda")
-    volume = model.predict("patient-PA.png", "patient-L.png")     # common.volume.Volume in HU
-    common.io.save_volume(volume, "ct.nii.gz")
+    prediction = model.infer({"pa": "patient-PA.png", "lateral": "patient-L.png"})   # common.predictor.Prediction
+    common.predictor.write_prediction(prediction, "out", "patient")   # out/patient_ct.nii.gz + previews
+
+It implements :class:`common.predictor.Predictor` (the one inference path of the X-ray-in bundles);
+``predict(pa, lateral) -> Volume`` is the same run for callers that want the CT alone.
 
 The output is canonical RAS, centred on the isocenter (origin 0), with the voxel spacing the model was
 trained for (stored in the checkpoint). Whole volumes are decoded in batched chunks of slices, with AMP
@@ -14,24 +17,41 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bundles.perx2ct.scripts.data import load_view_perx2ct
-from common.checkpoint import build_for_inference, load_weights, network_state, record_of, unwrap
+from common.checkpoint import (
+    InferenceSettings,
+    build_for_inference,
+    load_weights,
+    network_state,
+    record_of,
+    resolve_settings,
+    unwrap,
+)
 from common.checkpoint import read_checkpoint as common_read_checkpoint
-from common.datalist import case_id
 from common.errors import InputError
 from common.intensity import get_window
-from common.io import load_volume, save_volume
+from common.predictor import (
+    FORMATS,
+    Prediction,
+    Progress,
+    default_postprocessing,
+    postprocess,
+    predict_items,
+    require_views,
+    unit_to_volume,
+    views_tensor,
+    write_previews,
+)
 from common.volume import Volume
 from common.xray import load_view
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "h5": ".h5", "npy": ".npy"}
+__all__ = ["BUNDLE_ROOT", "FORMATS", "PerX2CTInference", "legacy_geometry", "read_checkpoint", "save_previews"]
 
 
 def read_checkpoint(path: str) -> dict:
@@ -61,7 +81,10 @@ def legacy_geometry(state: dict, config_files: Sequence[str] | None, bundle_root
 
 
 class PerX2CTInference:
-    """Preprocess two radiographs, run the network, return a HU :class:`Volume` with spacing and affine."""
+    """Preprocess two radiographs, run the network, return a HU :class:`Volume` with spacing and affine
+    (a :class:`common.predictor.Predictor`)."""
+
+    view_names = ("pa", "lateral")
 
     def __init__(
         self,
@@ -73,14 +96,19 @@ class PerX2CTInference:
         reference_drr: str | np.ndarray | None = None,
         views: str | None = None,
         channels_last: bool = True,
+        postprocessing: Callable | None = None,
+        settings: InferenceSettings | None = None,
     ):
         """``reference_drr`` (a training DRR, path or array): real radiographs are histogram-matched to it.
 
         ``views``: ``"xray2ct"`` (our preprocessing, :func:`common.xray.load_view`) or ``"perx2ct"`` (the
         released model's 8-bit PNG intensities, :func:`data.load_view_perx2ct`); default: ``perx2ct``
         when the network uses the released camera. ``chunk_size`` None: chosen for the machine
-        (``PerX2CTNet.machine_chunk_size``: timed once, cached; ``$XRAY2CT_PERX2CT_CHUNK`` fixes it). ``channels_last``: NHWC weights and activations (faster convolutions
-        on CPU, same result; ``benchmarks/perx2ct_synthesis.py``).
+        (``PerX2CTNet.machine_chunk_size``: timed once, cached; ``$XRAY2CT_PERX2CT_CHUNK`` fixes it). ``channels_last``:
+        NHWC weights and activations (faster convolutions on CPU, same result; ``benchmarks/perx2ct_synthesis.py``).
+        ``postprocessing``: the config's (on ``{"pred": (1, N, N, N) unit window}``; default
+        :func:`common.predictor.default_postprocessing`, the clamp to [0, 1]). ``settings``: resolved by
+        :func:`common.checkpoint.build_for_inference` (default: from the network and ``window``).
         """
         if views is None:
             views = "perx2ct" if getattr(unwrap(network), "camera", "drr") == "perx2ct" else "xray2ct"
@@ -95,8 +123,19 @@ class PerX2CTInference:
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         self.amp = bool(amp) and self.device.type == "cuda"
-        self.window = get_window(window)
+        self.postprocessing = default_postprocessing() if postprocessing is None else postprocessing
+        self.settings = settings if settings is not None else self._network_settings(get_window(window))
+        self.window = self.settings.hu_window
         self.chunk_size = 0 if chunk_size is None else int(chunk_size)
+
+    def _network_settings(self, window, checkpoint: str | None = None) -> InferenceSettings:
+        """Settings of a network built from a config (no record): its own spacing, input size and camera."""
+        net = self.net
+        size = int(net.image_size)
+        return InferenceSettings(
+            bundle="perx2ct", hu_window=window, spacing=tuple(float(v) for v in net.spacing), image_size=size,
+            geometry=net.geometry.resized(size), checkpoint=checkpoint,
+        )  # fmt: skip
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -108,6 +147,7 @@ class PerX2CTInference:
         device: str | torch.device | None = None,
         amp: bool = True,
         reference_drr: str | np.ndarray | None = None,
+        contents: Mapping | None = None,
         **overrides,
     ) -> PerX2CTInference:
         """The trained network of ``checkpoint`` (default ``<bundle_root>/models/model.pt``), ready to predict.
@@ -118,16 +158,17 @@ class PerX2CTInference:
         ``network_def#chunk_size``) are checked against the record: a contradiction (another volume size,
         another HU window...) is refused with the differing values named; ``chunk_size`` may differ. A
         checkpoint saved before records is built from ``config_files`` (default: the bundle's
-        ``inference.json``) with a warning, spacing and geometry taken from the weights' buffers.
+        ``inference.json``) with a warning, spacing and geometry taken from the weights' buffers. ``contents``:
+        the checkpoint already read (:func:`common.checkpoint.read_checkpoint`), so the file is loaded once.
         """
         bundle_root = os.fspath(bundle_root)
         checkpoint = checkpoint or os.path.join(bundle_root, "models", "model.pt")
-        contents = common_read_checkpoint(checkpoint)
+        contents = common_read_checkpoint(checkpoint) if contents is None else contents  # read once
         record = record_of(contents)
         if record is None:  # old checkpoints: the network's buffers know spacing and geometry
             state = network_state(contents, checkpoint)
             overrides = {**legacy_geometry(state, config_files, bundle_root), **overrides}
-        network, record, parser = build_for_inference(
+        network, record, parser, settings = build_for_inference(
             checkpoint,
             config_files=config_files,
             default_config_files=[os.path.join(bundle_root, "configs", "inference.json")],
@@ -139,13 +180,20 @@ class PerX2CTInference:
             checkpoint=contents,
             settings={"bundle_root": bundle_root},
         )
-        window = ((record or {}).get("inputs") or {}).get("hu_window") or parser.get("hu_window", "xray2ct")
         views = parser.get("predictor#views", None) if parser is not None else None
-        return cls(network, device=device, amp=amp, window=window, reference_drr=reference_drr, views=views)
+        post = parser.get_parsed_content("postprocessing") if parser is not None and "postprocessing" in parser else None
+        return cls(network, device=device, amp=amp, reference_drr=reference_drr, views=views,
+                   postprocessing=post, settings=settings)  # fmt: skip
 
     def load_checkpoint(self, path: str) -> PerX2CTInference:
-        """Load weights into the config-built network (``inference.json``); a contradicting record is refused."""
-        load_weights(self.network, path, expected_bundle="perx2ct")
+        """Load weights into the config-built network (``inference.json``); a contradicting record is refused.
+        The settings are then the record's (:func:`common.checkpoint.resolve_settings`)."""
+        record = load_weights(self.network, path, expected_bundle="perx2ct")
+        if record is not None:
+            self.settings = resolve_settings(record, checkpoint=os.fspath(path))
+        else:
+            self.settings = self._network_settings(self.settings.hu_window, os.fspath(path))
+        self.window = self.settings.hu_window
         return self
 
     # -- properties -----------------------------------------------------------------------------
@@ -189,50 +237,50 @@ class PerX2CTInference:
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """(B, 2, H, W) -> (B, 1, N, N, N) in the network window [0, 1] (float32, on CPU)."""
+        """(B, 2, H, W) -> (B, 1, N, N, N) in the network window, before ``postprocessing`` (float32, on CPU)."""
         chunk = chunk_size if chunk_size is not None else self.chunk_size
         with self._autocast():
             out = self.net.reconstruct(x.to(self.device, torch.float32), chunk_size=chunk)
-        return out.float().clamp(0.0, 1.0).cpu()
+        return out.float().cpu()
 
     def to_volume(self, unit: torch.Tensor | np.ndarray) -> Volume:
         """A (N, N, N) [0, 1] array -> HU :class:`Volume`, RAS, centred on the isocenter."""
-        hu = self.window.from_unit(np.asarray(unit, dtype=np.float32))
-        return Volume.from_spacing(hu.astype(np.float32), self.spacing)
+        return unit_to_volume(unit, self.window, self.spacing)
+
+    # -- the Predictor protocol (common.predictor) ----------------------------------------------
+    def prepare(self, inputs: Mapping) -> np.ndarray:
+        """``{"pa", "lateral"}`` (paths or 2D arrays) -> (2, S, S) float32 model-domain views."""
+        pa, lateral = require_views(inputs, self.view_names, "PerX2CT")
+        return self.preprocess(pa, lateral)[0].numpy()
+
+    def infer_views(self, views: np.ndarray, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        """(2, S, S) views -> :class:`Prediction` ``{"ct": Volume}``; ``options``: ``chunk_size``."""
+        x = views_tensor(views, 2, "perx2ct")
+        unit = postprocess(self.postprocessing, self.predict_tensor(x, (options or {}).get("chunk_size"))[0])
+        if progress is not None:
+            progress(1, 1)
+        return Prediction({"ct": self.to_volume(unit)}, x[0].numpy(), self.view_names)
+
+    def infer(self, inputs: Mapping, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        return self.infer_views(self.prepare(inputs), options, progress)
 
     def predict(self, pa, lateral, chunk_size: int | None = None) -> Volume:
-        """Reconstruct a CT (HU) from a PA and a lateral radiograph (paths or arrays)."""
-        x = self.preprocess(pa, lateral)
-        return self.to_volume(self.predict_tensor(x, chunk_size)[0, 0].numpy())
+        """Reconstruct a CT (HU) from a PA and a lateral radiograph (paths or arrays): :meth:`infer`'s CT."""
+        if pa is None or lateral is None:
+            raise InputError(None, "PerX2CT needs both a PA (frontal) and a lateral radiograph")
+        return self.infer({"pa": pa, "lateral": lateral}, {"chunk_size": chunk_size}).ct
 
     __call__ = predict
 
     def predict_datalist(
         self, items: Sequence[dict], output_dir: str, fmt: str = "nii.gz", previews: bool = True
     ) -> list[str]:
-        """Reconstruct every ``{"id", "pa", "lateral"}`` item to ``<output_dir>/<id>_ct.<fmt>`` (+ previews)."""
-        suffix = FORMATS.get(fmt.lstrip("."))
-        if suffix is None:
-            raise InputError(None, f"unknown output format {fmt!r}; choose from {sorted(FORMATS)}")
-        written = []
-        for i, item in enumerate(tqdm(items, desc="perx2ct inference", unit="case")):
-            case = case_id(item, i)
-            x = self.preprocess(item["pa"], item["lateral"])
-            volume = self.to_volume(self.predict_tensor(x)[0, 0].numpy())
-            path = save_volume(volume, os.path.join(output_dir, f"{case}_ct{suffix}"))
-            written.append(path)
-            if previews:
-                reference = load_volume(item["ct"]) if item.get("ct") else None
-                save_previews(volume, x[0].numpy(), os.path.join(output_dir, f"{case}_preview"), reference)
-        return written
+        """Reconstruct every ``{"id", "pa", "lateral"}`` item (:func:`common.predictor.predict_items`)."""
+        return predict_items(self, items, output_dir, fmt, previews, desc="perx2ct inference")
 
 
 def save_previews(volume: Volume, views: np.ndarray, stem: str, reference: Volume | None = None) -> list[str]:
-    """Montage PNG (reconstruction, optional ground truth, input views) and an axial slice GIF."""
-    from common.preview import save_montage_png, save_slice_gif
-
-    volumes = {"PerX2CT": volume} if reference is None else {"ground truth": reference, "PerX2CT": volume}
-    xrays = {"PA": views[0], "lateral": views[1]}
-    png = save_montage_png(stem + ".png", volumes, xrays=xrays)
-    gif = save_slice_gif(stem + ".gif", volume, compare=reference)
-    return [os.fspath(png), os.fspath(gif)]
+    """``<stem>_preview.png`` and ``<stem>_axial.gif`` (:func:`common.predictor.write_previews`)."""
+    folder, case = os.path.split(os.fspath(stem))
+    files = write_previews({"PerX2CT": volume}, views, ("pa", "lateral"), folder or ".", case, reference)
+    return [files["preview"], files["gif"]]

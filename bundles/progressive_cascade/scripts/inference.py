@@ -2,7 +2,10 @@
 
     from bundles.progressive_cascade.scripts.inference import CascadePredictor
     cascade = CascadePredictor.from_checkpoint("models/stage3_model.pt")        # built from its record
-    volumes = cascade.predict_volumes("patient-PA.png", "patient-L.png")        # {"stage1": Volume, ...}
+    prediction = cascade.infer({"pa": "patient-PA.png", "lateral": "patient-L.png"})  # common.predictor.Prediction
+    prediction.volumes                                                          # {"stage1": Volume, ...}
+
+It implements :class:`common.predictor.Predictor` (the one inference path of the X-ray-in bundles).
 
 Volumes are canonical RAS centred on the isocentre (origin 0, as the DRR geometry). Radiographs (PNG, JPEG,
 DICOM) are brought to the model domain by :func:`common.xray.load_view`; the dataset's DRR NIfTI files go
@@ -11,19 +14,27 @@ through the config's ``preprocessing`` chain (the same result on DRRs, ``tests/t
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from bundles.progressive_cascade.scripts.evaluation import save_stage_montage
-from common.checkpoint import build_for_inference, load_weights, unwrap
+from common.checkpoint import InferenceSettings, build_for_inference, load_weights, resolve_settings, unwrap
 from common.drr import DRRGeometry, get_geometry
 from common.errors import InputError, require_file
 from common.intensity import get_window
-from common.io import save_volume
-from common.preview import save_slice_gif
+from common.predictor import (
+    Prediction,
+    Progress,
+    default_postprocessing,
+    postprocess,
+    require_views,
+    unit_to_volume,
+    views_tensor,
+    write_prediction,
+)
 from common.volume import Volume
 from common.xray import NIFTI_SUFFIXES, load_view
 
@@ -31,12 +42,12 @@ BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CascadePredictor:
-    """Callable ``(pa_file, lateral_file, output_dir, case_id) -> {name: path}``.
-
-    Writes ``<case>_stage<k>.nii.gz``, ``<case>_ct.nii.gz`` (last stage), ``<case>_stages.png`` (all stages
-    beside the X-rays) and ``<case>_axial.gif``. Only the stages the checkpoint trained (``network.stage``)
-    are run: a stage-1 checkpoint's later stages are untrained.
+    """A :class:`common.predictor.Predictor` whose :class:`~common.predictor.Prediction` holds one volume per stage
+    (``stage1`` ... ``stage<n>``, the last the final CT). Only the stages the checkpoint trained
+    (``network.stage``) are run: a stage-1 checkpoint's later stages are untrained.
     """
+
+    view_names = ("pa", "lateral")
 
     def __init__(
         self,
@@ -46,16 +57,27 @@ class CascadePredictor:
         device="cpu",
         hu_window: str | dict = "xray2ct",
         geometry: str | dict | DRRGeometry | None = None,
+        postprocessing: Callable | None = None,
+        settings: InferenceSettings | None = None,
     ):
         """``preprocessing``: the config's X-ray transform chain (``{"pa", "lateral"}`` DRR paths -> (1, S, S)
         each; None: :func:`common.xray.load_view` for every input). ``geometry``: the DRR camera of the
-        training X-rays (for DRR-consistency scores)."""
+        training X-rays (for DRR-consistency scores). ``postprocessing``: the config's, on each stage's
+        ``{"pred": (1, N, N, N) unit window}`` (default: the clamp to [0, 1]); ``settings``: resolved by
+        :func:`common.checkpoint.build_for_inference` (default: from these arguments)."""
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.fov_mm = tuple(float(f) for f in fov_mm)
-        self.window = get_window(hu_window)
         self.transform = preprocessing
-        self.geometry = None if geometry is None else get_geometry(geometry)
+        self.postprocessing = default_postprocessing() if postprocessing is None else postprocessing
+        if settings is None:
+            size = int(self.net.xray_size)
+            camera = None if geometry is None else get_geometry(geometry).resized(size)
+            settings = InferenceSettings(bundle="progressive_cascade", hu_window=get_window(hu_window),
+                                         image_size=size, geometry=camera)  # fmt: skip
+        self.settings = settings
+        self.window = settings.hu_window
+        self.geometry = settings.geometry  # the training DRR camera at the network's input size
 
     @classmethod
     def from_checkpoint(
@@ -64,14 +86,16 @@ class CascadePredictor:
         config_files: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         bundle_root: str = BUNDLE_ROOT,
+        contents: Mapping | None = None,
         **overrides,
     ) -> CascadePredictor:
         """The cascade of ``checkpoint`` built from its record (stage, sizes, FOV, geometry), weights loaded.
 
         ``config_files`` / ``overrides`` are checked against the record (:func:`common.checkpoint.build_for_inference`);
         a checkpoint without a record is built from them (default: ``inference.json``) with a warning.
+        ``contents``: the checkpoint already read (:func:`common.checkpoint.read_checkpoint`): one read of the file.
         """
-        network, record, parser = build_for_inference(
+        network, record, parser, settings = build_for_inference(
             checkpoint,
             config_files=config_files,
             default_config_files=[os.path.join(bundle_root, "configs", "inference.json")],
@@ -82,17 +106,20 @@ class CascadePredictor:
             overrides=overrides,
             settings={"bundle_root": bundle_root},
             device=device,
+            checkpoint=contents,
         )
         inputs = (record or {}).get("inputs") or {}
         definition = (record or {}).get("network_def") or {}
         stage = int(inputs.get("stage") or parser.get_parsed_content("stage"))
         unwrap(network).set_stage(stage)
         fov_mm = definition.get("fov_mm") or inputs.get("fov_mm") or parser.get_parsed_content("fov_mm")
-        geometry = definition.get("geometry") or inputs.get("geometry") or parser.get_parsed_content("geometry")
+        if settings.geometry is None:  # a record-less checkpoint: the dataset's camera, as the config reads it
+            geometry = get_geometry(parser.get_parsed_content("geometry")).resized(int(unwrap(network).xray_size))
+            settings = dataclasses.replace(settings, geometry=geometry)
         parser["xray_size"] = int(unwrap(network).xray_size)  # the chain resizes to the network's input
         preprocessing = parser.get_parsed_content("preprocessing")
-        window = inputs.get("hu_window") or parser.get("hu_window", "xray2ct")
-        return cls(network, preprocessing, fov_mm, device, window, geometry)
+        post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        return cls(network, preprocessing, fov_mm, device, postprocessing=post, settings=settings)
 
     @staticmethod
     def check_inputs(pa_file: str | None, lateral_file: str | None) -> None:
@@ -108,6 +135,9 @@ class CascadePredictor:
         stage = ((record or {}).get("inputs") or {}).get("stage")
         if stage:
             unwrap(self.network).set_stage(int(stage))
+        if record is not None:
+            self.settings = resolve_settings(record, checkpoint=os.fspath(path))
+            self.window, self.geometry = self.settings.hu_window, self.settings.geometry
         self.network.eval()
         return self
 
@@ -152,17 +182,34 @@ class CascadePredictor:
 
     @torch.no_grad()
     def predict_views(self, xrays: torch.Tensor) -> list[torch.Tensor]:
-        """(1, 2, S, S) -> every trained stage's output (1, 1, N_k, N_k, N_k) in the unit window, clamped, CPU."""
+        """(1, 2, S, S) -> every trained stage's output (1, 1, N_k, N_k, N_k) in the unit window after the
+        config's ``postprocessing`` (the clamp to [0, 1]), float32 on CPU."""
         outputs = self.net.forward_all(xrays.to(self.device, torch.float32), upto=self.stage)
-        return [o.clamp(0.0, 1.0).float().cpu() for o in outputs]
+        return [postprocess(self.postprocessing, o) for o in outputs]
 
     def to_volumes(self, outputs: Sequence[torch.Tensor]) -> dict[str, Volume]:
         """Stage outputs -> ``{"stage1": Volume, ...}`` in HU (canonical RAS, spacing FOV / size)."""
-        volumes = {}
-        for k, out in enumerate(outputs, start=1):
-            hu = self.window.from_unit(out[0, 0].numpy())
-            volumes[f"stage{k}"] = Volume.from_spacing(hu.astype(np.float32), self.spacing(hu.shape[0]))
-        return volumes
+        return {
+            f"stage{k}": unit_to_volume(out, self.window, self.spacing(out.shape[-1]))
+            for k, out in enumerate(outputs, start=1)
+        }
+
+    # -- the Predictor protocol (common.predictor) ----------------------------------------------
+    def prepare(self, inputs: Mapping) -> np.ndarray:
+        """``{"pa", "lateral"}`` (paths or 2D arrays) -> (2, S, S) float32 model-domain views."""
+        pa, lateral = require_views(inputs, self.view_names, "the cascade")
+        return self.preprocess(pa, lateral)[0].numpy()
+
+    def infer_views(self, views: np.ndarray, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        """(2, S, S) views -> :class:`Prediction` with ``{"stage1": Volume, ..., "stage<n>": Volume}``."""
+        x = views_tensor(views, 2, "progressive_cascade")
+        volumes = self.to_volumes(self.predict_views(x))
+        if progress is not None:
+            progress(1, 1)
+        return Prediction(volumes, x[0].numpy(), self.view_names, {"stage": self.stage})
+
+    def infer(self, inputs: Mapping, options: Mapping | None = None, progress: Progress | None = None) -> Prediction:
+        return self.infer_views(self.prepare(inputs), options, progress)
 
     def predict(self, pa_file: str, lateral_file: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every trained stage's output (B=1, unit window, clamped) and the model-ready X-rays (1, 2, S, S)."""
@@ -176,16 +223,7 @@ class CascadePredictor:
     def __call__(
         self, pa_file: str, lateral_file: str, output_dir: str, case_id: str = "case"
     ) -> dict[str, str]:
+        """One case written by :func:`common.predictor.write_prediction` (``<case>_ct.nii.gz``, ``<case>_stage<k>``,
+        ``<case>_preview.png``, ``<case>_axial.gif``)."""
         self.check_inputs(pa_file, lateral_file)
-        outputs, xrays = self.predict(pa_file, lateral_file)
-        volumes = self.to_volumes(outputs)
-        written: dict[str, str] = {}
-        for name, vol in volumes.items():
-            written[name] = save_volume(vol, os.path.join(output_dir, f"{case_id}_{name}.nii.gz"))
-        written["ct"] = save_volume(vol, os.path.join(output_dir, f"{case_id}_ct.nii.gz"))
-        preds = {f"stage{k}": o for k, o in enumerate(outputs, start=1)}
-        written["montage"] = save_stage_montage(
-            os.path.join(output_dir, f"{case_id}_stages.png"), preds, None, xrays, 0, self.fov_mm
-        )
-        written["gif"] = save_slice_gif(os.path.join(output_dir, f"{case_id}_axial.gif"), vol, axis="axial")
-        return written
+        return write_prediction(self.infer({"pa": pa_file, "lateral": lateral_file}), output_dir, case_id)
