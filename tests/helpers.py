@@ -6,6 +6,20 @@ import socket
 import time
 
 
+def save_dicom(ds, target) -> None:
+    """Write ``ds`` as a conformant DICOM file on pydicom 2.4 and 3.x alike.
+
+    pydicom 3 renamed ``write_like_original=False`` to ``enforce_file_format=True``; MONAI Label 0.8.5 needs
+    pydicom 2.4, so the DICOM tests run on both (bin/compat_check.sh).
+    """
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(target, enforce_file_format=True)
+    else:
+        ds.save_as(target, write_like_original=False)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (servers, DDP rendezvous): fixed ports collide when suites run side by side."""
     with socket.socket() as s:

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from helpers import save_dicom
 from PIL import Image
 
 from common.drr import X2CTGAN, get_geometry
@@ -51,7 +52,7 @@ def _write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **t
     for key, value in tags.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    save_dicom(ds, path)
     return str(path)
 
 

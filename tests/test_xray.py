@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import save_dicom
 from PIL import Image
 
 from common.errors import InputError
@@ -69,7 +70,7 @@ def _write_dicom(path, pixels: np.ndarray, photometric: str, **extra) -> None:
     for key, value in extra.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    save_dicom(ds, path)
 
 
 def test_monochrome1_dicom_is_inverted_and_rescaled(tmp_path):
