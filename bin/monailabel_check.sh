@@ -31,7 +31,7 @@ print(f"[monailabel] monailabel {monailabel.__version__}, torch {torch.__version
 assert pydicom.__version__.startswith("2.4"), "installing xray2ct replaced MONAI Label's pydicom 2.4"
 EOF
 
-# 2. The model folder (tiny copies of the bundles) and the studies (real CTs; each study's label, which
+# 2. The model folder (tiny copies of the bundles) and the studies (real CTs; each crop's label, which
 #    training reads, is the CT itself: vqgan ignores it, pix2pix learns the identity phase in 1 epoch).
 mkdir -p "$WORK/model" "$WORK/studies/labels/final"
 PYTHONPATH="$REPO:$REPO/tests" "$PROJECT_PY" - "$WORK/model" <<'EOF'
@@ -48,7 +48,8 @@ for src in "$DATA/ct/ctpa_crop_aorta.nii.gz" "$DATA/ct/ctpa_crop_pulmonary.nii.g
   name=$(basename "$src")
   [ "$name" = cxr.nii.gz ] && name=lidc_idri_0001.nii.gz
   cp "$src" "$WORK/studies/$name"
-  cp "$src" "$WORK/studies/labels/final/$name"
+  # training reads labelled studies only: the two crops (one epoch over the 512^2 LIDC CT is CPU-minutes more)
+  [ "$name" = lidc_idri_0001.nii.gz ] || cp "$src" "$WORK/studies/labels/final/$name"
 done
 
 # 3. The server, on loopback only; stopped on any exit.

@@ -40,6 +40,8 @@ def import_torchvision_beside_cpu_torch() -> None:
     """
     try:
         import torchvision  # noqa: F401
+    except ImportError:  # not installed: MONAI Label's own import says so (tests stub MONAI Label)
+        return
     except RuntimeError as exc:
         if "torchvision::nms" not in str(exc):
             raise
@@ -87,18 +89,19 @@ def on_input_grid(pred: Any, image: Any) -> tuple[np.ndarray, np.ndarray]:
     undoes the orientation and refuses anything that is not the input's grid (shape and affine), rather than
     writing a volume that would not overlay the study.
     """
-    grid = pred.affine if isinstance(pred, MetaTensor) else image.affine
-    tensor = MetaTensor(torch.as_tensor(pred).detach().cpu().float(), affine=torch.as_tensor(grid))
     affine, shape = _original_grid(image)
     axcodes = "".join(nib.orientations.aff2axcodes(affine))
-    restored = Orientation(axcodes=axcodes)(tensor)
-    array = np.asarray(restored.array[0], dtype=np.float32)
-    got = np.asarray(torch.as_tensor(restored.affine), dtype=np.float64)
-    if array.shape != shape or not np.allclose(got, affine, atol=1e-3):
-        raise ValueError(
-            f"prediction grid {array.shape} {got.tolist()} is not the input's {shape} {affine.tolist()}"
-        )
-    return array, affine
+    # the prediction's own affine where the bundle inverted its preprocessing (pix2pix: Invertd), else the
+    # preprocessed image's (an inferer's output may carry a default affine: vqgan's CodecInferer)
+    grids = ([pred.affine] if isinstance(pred, MetaTensor) else []) + [image.affine]
+    values = torch.as_tensor(pred).detach().cpu().float()
+    for grid in grids:
+        restored = Orientation(axcodes=axcodes)(MetaTensor(values, affine=torch.as_tensor(grid)))
+        array = np.asarray(restored.array[0], dtype=np.float32)
+        got = np.asarray(torch.as_tensor(restored.affine), dtype=np.float64)
+        if array.shape == shape and np.allclose(got, affine, atol=1e-3):
+            return array, affine
+    raise ValueError(f"prediction grid {tuple(values.shape[1:])} is not the input's {shape} {affine.tolist()}")
 
 
 class VolumeInferTask(BundleInferTask):
