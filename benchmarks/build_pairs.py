@@ -71,7 +71,7 @@ def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repe
     from common.drr import drr_to_image, get_geometry, render_drr
     from common.intensity import hu_to_mu
     from common.io import load_volume, save_volume
-    from data_prep import build_pairs as bp
+    from data_prep import layout, render, resample
 
     torch.set_num_threads(1)
     geometry = get_geometry("x2ctgan").resized(drr_pixels)
@@ -89,7 +89,7 @@ def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repe
         vol = load_volume(path)
         t["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ct = bp._prepare_ct_oblique(vol.to_canonical(), (spacing,) * 3, (size,) * 3)  # the MONAI path
+        ct = resample._prepare_ct_oblique(vol.to_canonical(), (spacing,) * 3, (size,) * 3)  # the MONAI path
         t["prepare"] = time.perf_counter() - t0
         ct = ct.with_array(np.rint(ct.array).astype(np.int16))
         t0 = time.perf_counter()
@@ -97,8 +97,8 @@ def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repe
         t["drr"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pixel = geometry.detector_spacing
-        bp.save_drr(images["pa"], out / "pa.nii.gz", pixel)
-        bp.save_drr(images["lateral"], out / "lateral.nii.gz", pixel)
+        render.save_drr(images["pa"], out / "pa.nii.gz", pixel)
+        render.save_drr(images["lateral"], out / "lateral.nii.gz", pixel)
         save_volume(ct, out / "ct.nii.gz")
         t["write"] = time.perf_counter() - t0
         return t
@@ -106,12 +106,12 @@ def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repe
     def current():
         t = {}
         t0 = time.perf_counter()
-        vol = bp.load_ct(path)
+        vol = resample.load_ct(path)
         t["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ct = bp.prepare_ct(vol, spacing, size)
+        ct = resample.prepare_ct(vol, spacing, size)
         t["prepare"] = time.perf_counter() - t0
-        bp.write_case(out, "c", ct, "x2ctgan", drr_pixels, timings=t)
+        layout.write_case(out, "c", ct, "x2ctgan", drr_pixels, timings=t)
         return t
 
     results = {}

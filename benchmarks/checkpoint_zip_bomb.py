@@ -19,8 +19,11 @@ import sys
 import zipfile
 
 
-def write_bomb(path: str, inflated: int) -> str:
-    """A checkpoint ``{"model": {"w": float32[inflated / 4]}}`` whose storage entry is deflated."""
+def write_bomb(path: str | os.PathLike, inflated: int) -> str:
+    """A checkpoint ``{"model": {"w": float32[inflated / 4]}}`` whose storage entry is deflated.
+
+    ``inflated``: bytes, a multiple of 64 MiB above it. Also the zip bomb of tests/test_checkpoint_security.py.
+    """
     import torch
 
     numel, storage = inflated // 4, object()
@@ -45,7 +48,7 @@ def write_bomb(path: str, inflated: int) -> str:
             block = bytes(min(inflated, 64 << 20))
             for _ in range(inflated // len(block)):
                 entry.write(block)
-    return path
+    return os.fspath(path)
 
 
 def peak_rss_mb(code: str) -> tuple[float, str]:

@@ -87,10 +87,11 @@ CASES: list[Case] = [
     Case("latent_ddpm", "network_def",
          lambda m: (_image(m), torch.zeros(1, dtype=torch.long, device="meta"), _image(m, "context")),
          lambda m: (1, _channels(m, "image"), *_shape(m, "image"))),
-    # the latent model's codec is frozen: it only encodes (latent extraction) and decodes (sampling)
-    Case("latent_ddpm", "vqgan_def",
+    # latent_ddpm's codec (built from the VQ-GAN checkpoint's record: vqgan_3d_patch's network_def) is frozen:
+    # it only encodes (latent extraction) and decodes (sampling) 256x256x128 windows
+    Case("vqgan_3d_patch", "network_def",
          lambda m: (torch.empty(1, 1, 256, 256, 128, device="meta"),), lambda m: (1, 1, 256, 256, 128),
-         pick=lambda out: out[0], backward=False),
+         config="inference.json", backward=False),  # inference.json's VQVAE returns the reconstruction alone
 ]
 
 

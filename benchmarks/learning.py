@@ -27,8 +27,8 @@ training split (``smoke_test``) fails the row.
   (``data_prep.cohort`` from the example chest CT and its labels: same-source, the reports say so) and on
   ``phantoms64`` (``data_prep.phantom``: no shared patient, the cross-source check). Baselines: the mean
   training CT and the extent-scaled mean CT, with paired bootstrap intervals and the anatomy metrics. The
-  ``cpu_64.json`` recipes are starting points scaled from ``cpu_small.json``, to be chosen with
-  ``--split validation``; so far each 64^3 row has only run with ``--smoke`` (wiring, not figures).
+  ``cpu_64.json`` recipes were cut to one loaded 2-core session and run on validation, then scored once on
+  test (``--evaluate_only``): the cohort64 figures are in docs/LEARNING.md (issue 21 item 4).
 
 Recipes (the ``cpu_small.json`` overlays) were chosen on the validation splits only (``--split validation``
 scores that split instead; such figures choose recipes and are not results). The table gives PSNR in the
@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO))
 from common.atomic import atomic_write_text  # noqa: E402
 from common.io import load_volume, save_volume  # noqa: E402
 from common.volume import Volume  # noqa: E402
+from xray2ct import driver  # noqa: E402
 
-BUNDLES = REPO / "bundles"
 ROWS = (  # run in this order (latent_ddpm needs the VQ-GAN of its dataset)
     "vqgan_phantoms",
     "perx2ct_phantoms",
@@ -97,61 +97,19 @@ CUBE_GEOMETRY = dict(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-class Clock:
-    """Wall and process CPU time (all threads) of a block."""
-
-    def __enter__(self):
-        self.t0, self.c0 = time.time(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.time() - self.t0, time.process_time() - self.c0
-
-
-def configs(bundle: str, *names: str) -> list[str]:
-    return [str(BUNDLES / bundle / "configs" / n) for n in names]
-
-
 SMOKE: dict = {}  # --smoke: a few steps per model, to check the pipeline (its figures mean nothing)
-
-
-def bundle_run(run_id: str, files: list[str], overrides: dict) -> dict:
-    """``monai.bundle run <run_id>`` in this process; returns its wall and CPU seconds."""
-    from monai.bundle import run
-
-    with Clock() as clock:
-        run(run_id, config_file=files, **overrides)
-    return {"wall_s": clock.wall, "cpu_s": clock.cpu}
+EVALUATE_ONLY: dict = {}  # --evaluate_only: score the models an earlier run trained in the same --work
 
 
 def train_and_evaluate(
-    bundle: str, overrides: dict, split: str, stages: tuple = (None,), overlay: str = OVERLAY
-) -> dict:
-    """Train (each of ``stages``) with train.json + ``overlay`` (cpu_small.json, or cpu_64.json for the 64^3
-    rows), evaluate ``split`` with evaluate.json.
-
-    Returns the bundle's metrics report with the timings (``train_*``, ``eval_*``, ``wall_s``, ``cpu_s``).
-    """
-    over = {**overrides, **SMOKE}
-    train, times = configs(bundle, "train.json", overlay), {"wall_s": 0.0, "cpu_s": 0.0}
-    for stage in stages:
-        t = bundle_run("training", train, over if stage is None else {**over, "stage": stage})
-        times = {k: times[k] + t[k] for k in times}
-    evaluate = configs(bundle, "train.json", "evaluate.json", overlay)
-    e = bundle_run("evaluating", evaluate, {**over, "eval_split": split})
-    report = json.loads((Path(over["output_dir"]) / "metrics_report.json").read_text())
-    if report.get("smoke_test") and split != "training":
-        raise RuntimeError(f"{bundle}: evaluated cases {report['training_cases_evaluated']} are training cases")
-    return {
-        "report": report,
-        "train_wall_s": times["wall_s"], "train_cpu_s": times["cpu_s"],
-        "eval_wall_s": e["wall_s"], "eval_cpu_s": e["cpu_s"],
-        "wall_s": times["wall_s"] + e["wall_s"], "cpu_s": times["cpu_s"] + e["cpu_s"],
-    }  # fmt: skip
-
-
-def bundle_dirs(work: Path, name: str) -> dict:
-    return {"bundle_root": str(work / name), "output_dir": str(work / name / "eval")}
+    bundle: str, dataset: Path, work_dir: Path, split: str, stages: tuple = (None,), overlay: str = OVERLAY,
+    overrides: dict | None = None,
+) -> dict:  # fmt: skip
+    """:func:`xray2ct.driver.train_and_evaluate` in this process with ``--smoke``'s overrides: train (each of
+    ``stages``) with train.json + ``overlay`` (cpu_small.json, or cpu_64.json for the 64^3 rows), evaluate
+    ``split`` with evaluate.json. Returns the bundle's metrics report with the timings."""
+    stages = () if EVALUATE_ONLY else stages  # --evaluate_only: the checkpoints of an earlier run in --work
+    return driver.train_and_evaluate(bundle, dataset, work_dir, overlay, {**(overrides or {}), **SMOKE}, stages, split)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -292,25 +250,22 @@ def perx_real_dataset(work: Path, volumes: dict) -> Path:
 def run_vqgan(
     dataset: Path, work: Path, name: str, split: str, extra: dict | None = None, overlay: str = OVERLAY
 ) -> dict:
-    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), **(extra or {})}
-    result = train_and_evaluate("vqgan_3d_patch", over, split, overlay=overlay)
-    result["checkpoint"] = str(work / name / "models" / "model.pt")
+    result = train_and_evaluate("vqgan_3d_patch", dataset, work / name, split, overlay=overlay, overrides=extra)
+    result["checkpoint"] = str(driver.checkpoint_path("vqgan_3d_patch", work / name))
     return result
 
 
 def run_perx2ct(dataset: Path, work: Path, name: str, split: str, overlay: str = OVERLAY) -> dict:
-    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name)}
-    return train_and_evaluate("perx2ct", over, split, overlay=overlay)
+    return train_and_evaluate("perx2ct", dataset, work / name, split, overlay=overlay)
 
 
 def run_cascade(dataset: Path, work: Path, name: str, split: str, overlay: str = OVERLAY) -> dict:
-    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name)}
-    return train_and_evaluate("progressive_cascade", over, split, stages=(1, 2, 3), overlay=overlay)
+    return train_and_evaluate("progressive_cascade", dataset, work / name, split, stages=(1, 2, 3), overlay=overlay)
 
 
 def run_latent_ddpm(dataset: Path, work: Path, name: str, split: str, vqgan: dict, overlay: str = OVERLAY) -> dict:
-    over = {"dataset_dir": str(dataset), **bundle_dirs(work, name), "vqgan_checkpoint": vqgan["checkpoint"]}
-    result = train_and_evaluate("latent_ddpm", over, split, overlay=overlay)
+    over = driver.ids(vqgan_checkpoint=vqgan["checkpoint"])
+    result = train_and_evaluate("latent_ddpm", dataset, work / name, split, overlay=overlay, overrides=over)
     # the ceiling: the VQ-GAN's own reconstruction of the same cases (the best a perfect sampler decodes)
     result["vqgan_ceiling_psnr"] = vqgan["report"]["model"][METRIC]
     return result
@@ -398,16 +353,22 @@ def main(
     split: str = "test",
     smoke: bool = False,
     merge: str | tuple = (),
+    evaluate_only: bool = False,
 ) -> None:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
     ``--split validation`` scores the validation split (how the recipes were chosen). ``--smoke`` trains
     every model for 2 epochs (one per cascade stage) to check the pipeline only. ``--merge a.json,b.json``
     runs nothing: it combines the rows of earlier runs into ``--out`` and prints the table.
+    ``--evaluate_only`` trains nothing: it scores ``--split`` with the checkpoints an earlier run of the same
+    rows left in ``--work`` (the recipe chosen on validation, scored once on test without retraining it;
+    the train_* times are then 0: take them from the run that trained).
     """
     if merge:
         merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
         return
+    if evaluate_only:
+        EVALUATE_ONLY.update(evaluate_only=True)
     if smoke:
         SMOKE.update(max_epochs=2, val_interval=1, save_interval=2, stage_epochs=[1, 1, 1])
     selected = list(ROWS) if rows == "all" else list(rows.split(",") if isinstance(rows, str) else rows)
@@ -449,6 +410,7 @@ def main(
         report = {
             "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:]),
             "smoke": bool(smoke),
+            "evaluate_only": bool(evaluate_only),
             "split": split,
             "complete": len(table_rows) == len([r for r in ROWS if r in selected]),
             "metric": METRIC,

@@ -1,7 +1,7 @@
 """PerX2CT synthesis speed: every way of decoding a volume, in one run, on the same weights and input.
 
     python benchmarks/perx2ct_synthesis.py [--size cpu|paper] [--device cpu|cuda] [--repeats 5] [--threads 2]
-                                           [--compile False] [--server_requests 5] [--out PATH]
+                                           [--compile False] [--server_requests 5] [--chunk 0] [--out PATH]
 
 Variants (each a whole volume from one PA + lateral pair; times are medians of ``repeats``, interleaved
 round-robin so that load from other processes hits every variant alike). Both wall time and this
@@ -13,7 +13,9 @@ are computed from CPU time and both are printed:
 * ``slice_loop``: our slice-by-slice loop, encoder once, one decoder call per slice (main before issue 16).
 * ``batched``: encoder once, 64 slices per decoder call (main before issue 16).
 * ``fused``: encoder once, the decoder's first convolution applied to the feature maps before sampling
-  (``PerX2CTNet.project_features``), chunk chosen for the machine (``auto_chunk_size``), inference_mode.
+  (``PerX2CTNet.project_features``), chunk chosen for the machine (``--chunk 0``: the one-shot timing of
+  ``PerX2CTNet.machine_chunk_size``, cached per machine; ``auto_chunk_size``'s cache-size guess is
+  reported beside it), inference_mode.
 * ``fused_cl``: ``fused`` with channels_last weights and activations (the API's default).
 * ``fused_cl_bf16``: ``fused_cl`` under CPU bfloat16 autocast: reported, and flagged inexact when its
   max abs difference to ``original`` exceeds 1e-4.
@@ -21,7 +23,7 @@ are computed from CPU time and both are printed:
   is reported separately.
 
 Every variant's output is compared with ``original`` (max abs difference, target < 1e-4). Then a chunk-size
-sweep of ``fused_cl`` (what ``auto_chunk_size`` is calibrated on), a profile of the top operators of
+sweep of ``fused_cl`` (what the timed choice should match), a profile of the top operators of
 ``slice_loop`` and ``fused_cl``, and a server on 127.0.0.1 answering sequential clients. ``--size paper`` is
 the paper's 128^3 network (a GPU size; AMP on CUDA).
 """
@@ -75,7 +77,9 @@ def _profile_top(fn, rows: int = 6) -> list[dict]:
 
 
 def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int = 1, compile: bool = False,
-         server_requests: int = 5, out: str = "outputs/benchmarks/perx2ct_synthesis.json") -> None:  # fmt: skip
+         server_requests: int = 5, chunk: int = 0,
+         out: str = "outputs/benchmarks/perx2ct_synthesis.json") -> None:  # fmt: skip
+    """``chunk`` 0: the fused variants decode in the machine's chunk (timed once, cached); else that many slices."""
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -84,10 +88,15 @@ def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int 
     cl_net.load_state_dict(net.state_dict())
     cl_net.to(memory_format=torch.channels_last)
     n = net.image_size
-    x = torch.rand(1, 2, n, n, generator=torch.Generator().manual_seed(1)).to(dev)
-    auto = auto_chunk_size(net, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = torch.autocast("cuda", torch.float16) if dev.type == "cuda" else contextlib.nullcontext()
+    x = torch.rand(1, 2, n, n, generator=torch.Generator().manual_seed(1)).to(dev)
+    guess = auto_chunk_size(net, dev)
+    if int(chunk) > 0:
+        auto = min(int(chunk), net.volume_size)
+    else:  # what reconstruct(chunk_size=0) uses for the API's network (channels_last, fused)
+        with torch.inference_mode(), amp:
+            auto = cl_net.machine_chunk_size(cl_net.project_features(cl_net.encode(x)), dev)
 
     def original():
         """One full forward (both views through the encoder, one slice decoded) per slice."""
@@ -161,8 +170,8 @@ def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int 
         })  # fmt: skip
 
     sweep = {}
-    for chunk in sorted({1, 2, 4, 8, 16, 32, 64, auto} & set(range(1, net.volume_size + 1))):
-        run = fused(cl_net, chunk)
+    for size_ in sorted({1, 2, 4, 8, 16, 32, 64, auto, guess} & set(range(1, net.volume_size + 1))):
+        run = fused(cl_net, size_)
         run()
         ts = []
         for _ in range(max(2, int(repeats) // 2)):
@@ -170,7 +179,7 @@ def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int 
             run()
             sync()
             ts.append((time.process_time() if dev.type == "cpu" else time.perf_counter()) - t)
-        sweep[chunk] = statistics.median(ts)
+        sweep[size_] = statistics.median(ts)
     profiles = {}
     if dev.type == "cpu":
         profiles = {
@@ -181,14 +190,15 @@ def main(size: str = "cpu", device: str = "cpu", repeats: int = 5, threads: int 
     server = _server_round_trips(cl_net, dev, n, int(server_requests))
     result = {
         "size": size, "device": str(dev), "threads": int(threads), "repeats": int(repeats),
-        "volume_shape": [net.volume_size] * 3, "auto_chunk": auto, "tolerance": TOLERANCE,
+        "volume_shape": [net.volume_size] * 3, "auto_chunk": auto, "cache_size_guess_chunk": guess,
+        "chunk_source": "--chunk" if int(chunk) > 0 else "timed (machine_chunk_size)", "tolerance": TOLERANCE,
         "variants": rows, "compile_s": compile_s, "chunk_sweep_s": sweep, "profile_top_ops": profiles,
         **server,
     }  # fmt: skip
 
     width = max(len(r["variant"]) for r in rows)
     print(f"PerX2CT synthesis, {'x'.join(map(str, result['volume_shape']))} on {dev}, {threads} threads, "
-          f"median of {repeats} (interleaved), auto chunk {auto}")  # fmt: skip
+          f"median of {repeats} (interleaved), chunk {auto} ({result['chunk_source']}; cache-size guess {guess})")  # fmt: skip
     print(f"{'variant':<{width}}  {'cpu s':>7} {'spread':>6}  {'wall s':>7} {'spread':>6}  {'vs original':>11}"
           f"  {'vs slice loop':>13}  {'max|diff|':>9}  exact   (ratios: CPU time; wall-time ratios in the JSON)")  # fmt: skip
     for r in rows:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +55,14 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from xray2ct import driver  # noqa: E402
+
 COHORT = dict(n_cases=48, size=32, spacing=10.0, geometry="perx2ct", drr_pixels=64, seed=0, val_fraction=0.25,
               test_fraction=0.25)  # fmt: skip
 PHANTOMS_4D = dict(n_cases=64, size=32, spacing=12.0, geometry="perx2ct", drr_pixels=32, n_phases=4, seed=1)
 PHANTOMS_PE = dict(n_patients=(24, 8, 16), size=32, spacing=4.0, emboli=3, geometry="x2ctgan", drr_pixels=32)
 IMAGE_METRIC, PE_METRIC = "psnr_xray2ct", "auc"
+OVERLAY = "cpu_small.json"  # every bundle's CPU-size recipe, chosen on the validation split
 ANATOMY_KEYS = ("lung_dice", "body_dice", "heart_centroid_error_mm")
 # the X-ray -> CT model that generates the PE crops from their DRRs: progressive_cascade (cpu_small) on the
 # phantoms_pe training pairs, half of cpu_small's stage epochs (48 training crops instead of 24 phantoms)
@@ -101,23 +103,9 @@ def make_datasets(out: Path, selected: list[str] | None = None) -> dict[str, Pat
     return roots
 
 
-def configs(bundle: str, *names: str) -> list[str]:
-    return [str(REPO / "bundles" / bundle / "configs" / n) for n in names]
-
-
-def bundle_run(run_id: str, files: list[str], overrides: dict, log: Path, threads: int) -> None:
-    """``monai.bundle run <run_id>`` in a subprocess with ``threads`` threads; its output goes to ``log``."""
-    args = log.with_suffix(f".{run_id}.json")
-    args.write_text(json.dumps(overrides))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(files),
-           "--args_file", str(args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        res = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if res.returncode != 0:
-        raise RuntimeError(f"{run_id} failed (exit {res.returncode}); log: {log}")
+def runner(log: Path, threads: int) -> driver.Runner:
+    """How the demo runs ``monai.bundle``: a subprocess with ``threads`` threads, its output appended to ``log``."""
+    return driver.Subprocess(log, threads)
 
 
 def generate_pe_cts(checkpoint: Path, source: Path, target: Path, threads: int = 1) -> Path:
@@ -163,21 +151,17 @@ def run_pe_generated(out: Path, data: dict[str, Path], xray_report: Path, log: P
     compared with the X-ray-only classifier's on the same test cases. Returns the summary's ``generated_ct``.
     """
     t0 = time.time()
-    gen = out / "pe_classifier" / "generator"
-    base = {"dataset_dir": str(data["phantoms_pe"]), "bundle_root": str(gen), "output_dir": str(gen / "eval")}
-    bundle = PE_GENERATOR["bundle"]
-    for over in PE_GENERATOR["train"]:
-        bundle_run("training", configs(bundle, "train.json", "cpu_small.json"), {**base, **over}, log, threads)
-    generated = generate_pe_cts(gen / "models" / "stage3_model.pt", data["phantoms_pe"],
+    run = runner(log, threads)
+    gen, bundle = out / "pe_classifier" / "generator", PE_GENERATOR["bundle"]
+    driver.train(bundle, data["phantoms_pe"], gen, OVERLAY, stages=PE_GENERATOR["train"], runner=run)
+    generated = generate_pe_cts(driver.checkpoint_path(bundle, gen), data["phantoms_pe"],
                                 out / "data" / "phantoms_pe_generated", threads)  # fmt: skip
     work = out / "pe_classifier" / "generated_ct"
-    cls = {"dataset_dir": str(generated), "bundle_root": str(work), "output_dir": str(work / "eval")}
-    name = "pe_classifier"
-    bundle_run("training", configs(name, "train.json", "cpu_small.json"), cls, log, threads)
     source = "generated CTPA (progressive_cascade from the phantom DRRs)"
-    bundle_run("evaluating", configs(name, "train.json", "evaluate.json", "cpu_small.json"),
-               {**cls, "eval_split": "test", "source": source, "xray_report": str(xray_report)}, log, threads)  # fmt: skip
-    report = json.loads((work / "eval" / "metrics_report.json").read_text())
+    report = driver.train_and_evaluate(
+        "pe_classifier", generated, work, OVERLAY, eval_overrides=driver.ids(source=source, xray_report=xray_report),
+        runner=run, require_unseen=False,
+    )["report"]  # fmt: skip
     xray = report.get("comparisons", {}).get("xray_only", {})
     return {
         "status": "ok", "source": source, "generator": PE_GENERATOR, "dataset": str(generated),
@@ -219,26 +203,23 @@ def run_bundle(name: str, out: Path, data: dict[str, Path], threads: int) -> dic
     work.mkdir(parents=True, exist_ok=True)
     log = work / "demo.log"
     log.write_text("")
-    base = {"dataset_dir": str(data[step["data"]]), "bundle_root": str(work), "output_dir": str(work / "eval")}
-    if name == "latent_ddpm":
-        base["vqgan_checkpoint"] = str(out / "vqgan_3d_patch" / "models" / "model.pt")
+    run, dataset = runner(log, threads), data[step["data"]]
+    over = {}
+    if name == "latent_ddpm":  # decodes with the VQ-GAN of the same lane
+        over = driver.ids(vqgan_checkpoint=driver.checkpoint_path("vqgan_3d_patch", out / "vqgan_3d_patch"))
     t0 = time.time()
     row: dict = {"bundle": name, "data": step["data"], "outputs": str(work), "training_overrides": step["train"]}
     try:
-        for over in step["train"]:
-            bundle_run("training", configs(name, "train.json", "cpu_small.json"), {**base, **over}, log, threads)
-        t_train = time.time() - t0
-        files = configs(name, "train.json", "evaluate.json", "cpu_small.json")
-        evaluate = {**base, "eval_split": "test"}
+        evaluate = {}
         if name == "pe_classifier":  # the X-ray-only classifier on the same cases, compared in the report
-            xray = {**base, "modality": "xray", "bundle_root": str(work / "xray_only"),
-                    "output_dir": str(work / "xray_only" / "eval")}  # fmt: skip
-            bundle_run("training", configs(name, "train.json", "cpu_small.json"), xray, log, threads)
-            bundle_run("evaluating", files, {**xray, "eval_split": "test", "source": "phantom DRR (X-ray only)"}, log,
-                       threads)  # fmt: skip
-            evaluate.update(xray_report=xray["output_dir"], source="phantom CTPA crops")  # not "real CTPA"
-        bundle_run("evaluating", files, evaluate, log, threads)
-        report = json.loads((work / "eval" / "metrics_report.json").read_text())
+            driver.train_and_evaluate(
+                name, dataset, work / "xray_only", OVERLAY, driver.ids(modality="xray"),
+                eval_overrides=driver.ids(source="phantom DRR (X-ray only)"), runner=run, require_unseen=False,
+            )  # fmt: skip
+            evaluate = driver.ids(xray_report=work / "xray_only" / "eval", source="phantom CTPA crops")  # not "real CTPA"
+        result = driver.train_and_evaluate(name, dataset, work, OVERLAY, over, step["train"], "test", evaluate, run,
+                                           require_unseen=False)  # fmt: skip
+        report, t_train = result["report"], result["train_wall_s"]
     except Exception as e:  # one failing bundle must not hide the others
         return {**row, "status": f"failed: {e}", "seconds": round(time.time() - t0, 1)}
     if name == "pe_classifier":  # the generated-CT row; its failure keeps the real-CT and X-ray-only rows
@@ -357,7 +338,7 @@ def main(out: str = "outputs/demo", only: tuple | str = (), skip: tuple | str = 
     data = make_datasets(out_path, selected)
     print(f"[demo] datasets: {', '.join(str(p) for p in data.values())} ({time.time() - t0:.0f} s)", flush=True)
     if "latent_ddpm" in selected and "vqgan_3d_patch" not in selected:
-        if not (out_path / "vqgan_3d_patch" / "models" / "model.pt").is_file():
+        if not driver.checkpoint_path("vqgan_3d_patch", out_path / "vqgan_3d_patch").is_file():
             selected.insert(0, "vqgan_3d_patch")  # the latent model decodes with the demo's VQ-GAN
     lanes = max(1, int(lanes))
     queues = [[n for n in lane if n in selected] for lane in LANES] if lanes > 1 else [selected]

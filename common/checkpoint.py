@@ -45,7 +45,6 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
@@ -53,6 +52,7 @@ from monai.handlers import CheckpointSaver as MonaiCheckpointSaver
 
 from common.atomic import atomic_write_text
 from common.errors import InputError, require_file
+from common.json_values import plain  # noqa: F401  (the one JSON-plain helper; re-exported)
 
 RECORD_FORMAT = "xray2ct.checkpoint_record/1"
 RECORD_KEY = "record"
@@ -162,29 +162,6 @@ def _qualified_name(component) -> str:
 
 
 _BUILD_NETWORK = "common.checkpoint.build_network"
-
-
-def plain(value):
-    """Config values (tuples, numpy, torch devices, paths, DRR geometries, HU windows) -> JSON types."""
-    if hasattr(value, "as_dict") and callable(value.as_dict):
-        return plain(value.as_dict())
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return plain(value.detach().cpu().numpy())
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (torch.device, torch.dtype)):
-        return str(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    raise InputError(None, f"cannot record a value of type {type(value).__name__} ({value!r}) in a checkpoint")
 
 
 def build_network(target: str, **arguments: Any) -> torch.nn.Module:

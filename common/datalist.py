@@ -24,9 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import InputError
+from common.io import load_nifti_image, load_volume
 
-# file names that say nothing about the case: the case is the folder holding them
-GENERIC_NAMES = ("ct", "image", "label", "avg", "phase0", "pa", "lateral", "latent", "volume", "mask")
+# file names that say nothing about the case (compared without case): the case is the folder holding them
+GENERIC_NAMES = (
+    "ct", "image", "img", "label", "avg", "phase0", "pa", "lateral", "latent", "volume", "vol", "mask", "scan", "data"
+)  # fmt: skip
 _SUFFIXES = (".nii.gz", ".nii", ".h5", ".hdf5", ".npy", ".png", ".jpg", ".jpeg", ".dcm")
 _SLAB_VOXELS = 16 * 1024 * 1024  # values are checked in slabs of this many voxels (bounded memory)
 
@@ -138,15 +141,17 @@ def split_sources(datalist_file: str | os.PathLike, split: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- case ids
-def _name_of(path) -> str:
-    text = os.path.normpath(str(path))
-    base = os.path.basename(text)
-    stem = base
+def case_id_of_path(path: str | os.PathLike) -> str:
+    """The case a file belongs to: its name without the suffix, or its folder's name when the name says nothing
+    about the case (``<case>/ct.nii.gz``, :data:`GENERIC_NAMES`). The one rule for ids taken from file names:
+    datalist items (:func:`case_id`), build inputs (:mod:`data_prep.inputs`), inference inputs."""
+    text = os.path.normpath(os.fspath(path))
+    stem = os.path.basename(text)
     for suffix in _SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    if stem in GENERIC_NAMES:
+    if stem.lower() in GENERIC_NAMES:
         parent = os.path.basename(os.path.dirname(text))
         return parent or stem
     return stem
@@ -180,7 +185,7 @@ def case_id(item: Mapping | None, index: int | None = None, key: str | None = No
     for value in candidates:
         filename = _filename(value)
         if filename:
-            return _name_of(filename)
+            return case_id_of_path(filename)
     return f"case_{0 if index is None else index:04d}"
 
 
@@ -245,8 +250,6 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
     """
     lower = path.lower()
     if lower.endswith((".nii", ".nii.gz")):
-        from common.io import load_nifti_image
-
         img = load_nifti_image(path)
         shape = tuple(int(s) for s in img.shape)
         bad = _check_array_slabs(img.dataobj, shape) if check_values else 0
@@ -260,8 +263,6 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
         image, _ = load_xray(path)
         shape, bad = tuple(image.shape), 0
     else:
-        from common.io import load_volume
-
         array = load_volume(path, dtype=None, allow_nan=True).array
         shape, bad = tuple(int(s) for s in array.shape), (_finite_count(array) if check_values else 0)
     while len(shape) > 2 and shape[-1] == 1:

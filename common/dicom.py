@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 
 from common.atomic import is_partial_file
 from common.errors import InputError
+from common.limits import check_voxel_count
 from common.volume import ORTHOGONALITY_TOL, Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -131,7 +132,7 @@ def load_dicom_series(
 
     Raises :class:`InputError` when the folder holds several series and ``series_uid`` is None, when a
     DICOM file is unreadable, and for any geometry defect (see :func:`series_geometry`).
-    ``max_voxels``: see :func:`common.io.check_voxel_count`. ``z_spacing``: see :func:`load_series`.
+    ``max_voxels``: see :func:`common.limits.check_voxel_count`. ``z_spacing``: see :func:`load_series`.
     """
     folder = os.fspath(folder)
     scan = scan_dicom_folder(folder)
@@ -161,8 +162,6 @@ def load_series(info: SeriesInfo, max_voxels: int | None = None, z_spacing: str 
     ordered and checked by position). Raises :class:`InputError` naming the file for undecodable pixels,
     non-finite rescale values or non-finite voxels, so a NaN volume is never returned.
     """
-    from common.io import check_voxel_count
-
     if z_spacing not in Z_SPACINGS:
         raise ValueError(f"z_spacing must be one of {Z_SPACINGS}, got {z_spacing!r}")
     headers = read_headers(info)

@@ -43,6 +43,7 @@ from common.baselines import compare
 from common.classification_metrics import bootstrap_mean_ci
 from common.datalist import batch_case_ids, case_id, split_batch
 from common.intensity import XRAY2CT
+from common.json_values import jsonable  # noqa: F401  (re-exported)
 from common.metrics import CONVENTIONS, network_to_hu
 
 logger = logging.getLogger(__name__)
@@ -65,27 +66,6 @@ NO_SOURCE_NOTE = "the datalist records no source patients (datalist key 'source'
 
 
 # ----------------------------------------------------------------------------------------------- JSON
-def jsonable(value):
-    """Numbers, tensors, arrays and paths -> plain JSON values; NaN and +-inf -> None (one rule everywhere)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist()) if value.ndim else jsonable(value.item())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "as_dict") and callable(value.as_dict):
-        return jsonable(value.as_dict())
-    return value
-
-
 def write_json(path: str | os.PathLike, data: Mapping) -> str:
     """Write ``data`` as indented JSON atomically (:func:`jsonable` first); returns the path."""
     atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")

@@ -84,14 +84,6 @@ def get_window(name_or_window: str | HUWindow | dict) -> HUWindow:
         raise ValueError(f"unknown HU window {name_or_window!r}; known: {sorted(WINDOWS)}") from None
 
 
-def hu_to_unit(hu, window: str | HUWindow = XRAY2CT):
-    return get_window(window).to_unit(hu)
-
-
-def unit_to_hu(x, window: str | HUWindow = XRAY2CT):
-    return get_window(window).from_unit(x)
-
-
 MU_WATER_PER_MM = 0.0206  # linear attenuation of water at ~60 keV effective energy (1/mm)
 
 

@@ -11,8 +11,8 @@ and failures raise :class:`common.errors.InputError` naming the file.
 Before any voxel is allocated, the size a header declares is checked against the file (an
 uncompressed file must hold every byte; a gzip stream cannot inflate more than 1032:1; every chunk
 of an HDF5 dataset must be written) and against a voxel limit (``max_voxels`` argument, default
-:data:`MAX_VOXELS`, environment variable ``XRAY2CT_MAX_VOXELS``), so a forged 76-byte header never
-costs gigabytes of memory.
+:data:`common.limits.MAX_VOXELS`, environment variable ``XRAY2CT_MAX_VOXELS``), so a forged 76-byte header
+never costs gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_path, atomic_write_text, is_partial_file
+from common.dicom import load_dicom_series
 from common.errors import InputError, require_file
+from common.limits import DEFLATE_MAX_RATIO, MAX_VOXELS, check_payload_fits, check_voxel_count  # noqa: F401
 from common.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 NPY_SUFFIXES = (".npy",)
 H5_KEY = "ct"
-MAX_VOXELS = int(os.environ.get("XRAY2CT_MAX_VOXELS", 1024**3))  # 4 GiB as float32; a 512^2 x 4000 CT fits
-DEFLATE_MAX_RATIO = 1032  # deflate's hard limit on the inflated / compressed size ratio
 # NIfTI header extensions (comments, AFNI/CIFTI XML, DICOM tags) are kilobytes; nibabel reads them whole.
 MAX_NIFTI_EXTENSION_BYTES = int(os.environ.get("XRAY2CT_MAX_NIFTI_EXTENSION_BYTES", 1 << 20))
 
@@ -76,8 +76,6 @@ def load_volume(
         elif fmt == "npy":
             vol = _load_npy(path, max_voxels)
         else:
-            from common.dicom import load_dicom_series
-
             vol = load_dicom_series(path, max_voxels=max_voxels)
     except InputError:
         raise
@@ -136,42 +134,6 @@ def _write_geometry_attrs(attrs, vol: Volume) -> None:
     attrs["spacing"] = np.asarray(vol.spacing)
     attrs["origin"] = np.asarray(vol.origin)
     attrs["space"] = "RAS"
-
-
-def check_voxel_count(
-    path: str | os.PathLike | None, shape, max_voxels: int | None = None, what: str = "volume"
-) -> int:
-    """The number of voxels of ``shape``; :class:`InputError` when over ``max_voxels`` (default MAX_VOXELS)."""
-    limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
-    dims = [int(s) for s in shape]
-    if any(d < 0 for d in dims):
-        raise InputError(path, f"header declares a negative size {tuple(dims)}")
-    count = math.prod(dims)
-    if count > limit:
-        raise InputError(
-            path,
-            f"{what} of shape {tuple(dims)} has {count:,} voxels, over the limit of {limit:,} "
-            "(raise it with max_voxels= or XRAY2CT_MAX_VOXELS if the file is genuine)",
-        )
-    return count
-
-
-def check_payload_fits(path: str, offset: int, nbytes: int, compressed: bool) -> None:
-    """Refuse a header whose declared data cannot be in the file (truncated or forged header)."""
-    size = os.path.getsize(path)
-    if compressed:
-        most = DEFLATE_MAX_RATIO * size
-        if offset + nbytes > most:
-            raise InputError(
-                path,
-                f"header declares {nbytes:,} bytes of data but a {size:,}-byte gzip file inflates to at most "
-                f"{most:,} bytes: truncated file or forged header",
-            )
-    elif offset + nbytes > size:
-        raise InputError(
-            path,
-            f"truncated file: {size:,} bytes, the header declares {offset + nbytes:,} (data from byte {offset})",
-        )
 
 
 def read_nifti_header(

@@ -20,13 +20,11 @@ import hmac
 import json
 import os
 import secrets
-import stat
 import tempfile
 
-from common.errors import InputError
+from common.keys import env_key, read_private_key
 
 KEY_ENV = "XRAY2CT_PSEUDONYM_KEY"
-MIN_KEY_BYTES = 16
 DIGITS = 16  # hex digits kept: 64 bits, collisions need ~4e9 cases
 
 
@@ -35,11 +33,8 @@ def load_or_create_key(key_file: str | os.PathLike) -> bytes:
 
     A key file must be a regular file you own that nobody else can read; otherwise :class:`InputError`.
     """
-    env = os.environ.get(KEY_ENV)
-    if env:
-        key = env.encode()
-        if len(key) < MIN_KEY_BYTES:
-            raise InputError(None, f"${KEY_ENV} is {len(key)} bytes; use at least {MIN_KEY_BYTES}")
+    key = env_key(KEY_ENV)
+    if key:
         return key
     path = os.path.abspath(os.fspath(key_file))
     if not os.path.lexists(path):
@@ -55,25 +50,7 @@ def load_or_create_key(key_file: str | os.PathLike) -> bytes:
                 os.link(tmp, path)
         finally:
             os.remove(tmp)
-    return _read_private_key(path)
-
-
-def _read_private_key(path: str) -> bytes:
-    info = os.lstat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(path, "pseudonym key file is not a regular file")
-    if info.st_mode & 0o077:
-        raise InputError(
-            path,
-            f"pseudonym key file has mode {stat.S_IMODE(info.st_mode):04o}: others may read it; chmod 600 it",
-        )
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise InputError(path, "pseudonym key file belongs to another user")
-    with open(path, "rb") as f:
-        key = f.read(4096).strip()
-    if len(key) < MIN_KEY_BYTES:
-        raise InputError(path, f"pseudonym key is {len(key)} bytes; use at least {MIN_KEY_BYTES}")
-    return key
+    return read_private_key(path, "pseudonym key", follow_symlinks=False)
 
 
 def pseudonym(key: bytes, kind: str, value: str, prefix: str = "") -> str:

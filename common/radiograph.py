@@ -321,14 +321,6 @@ def prepare_view(
     return out, info
 
 
-def is_model_domain(source) -> bool:
-    """True for our DRR NIfTI files and arrays: already in the training geometry, nothing to map."""
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source).lower().endswith((".nii", ".nii.gz"))
-    return True
-
-
-
 # ----------------------------------------------------------------------------------------------- intensity
 QUANTILE_LEVELS = tuple(float(q) for q in np.linspace(0.0, 1.0, 101))  # every percentile, 0 and 100 included
 

@@ -5,7 +5,7 @@ few to train or to test on. Each generated patient is a real CT deformed by anat
 variation, so its lungs, heart, spine and ribs are real ones moved within the spread of adult chests.
 
 How: every source CT (with a TotalSegmentator label map where one exists, else lungs/body/bone by HU) is
-resampled once, with area averaging, to the target spacing (``data_prep.build_pairs.prepare_ct``); its
+resampled once, with area averaging, to the target spacing (``data_prep.resample.prepare_ct``); its
 in-plane signed distance to the skin is computed once (at half the in-plane resolution). Each patient is
 then a backward coordinate map at the target grid (``size``^3, scipy ``map_coordinates``, linear for HU and
 for each label's area fraction; :func:`labels_from_fractions`), composed of (forward order): subcutaneous
@@ -15,7 +15,7 @@ is affine inside the heart and fades over one heart radius -> body habitus scali
 about the thorax centre -> rotation and shift on the table; then contrast (vessel and heart blood scaled
 towards or away from unenhanced blood) and extra image noise. Outside-body objects (the CT table) are
 removed first. Beyond the scanned length the edge slices are repeated.
-PA and lateral DRRs come from :mod:`common.drr` through ``data_prep.build_pairs.write_case``.
+PA and lateral DRRs come from :mod:`common.drr` through ``data_prep.layout.write_case``.
 
 Spread (uniform draws; each target is the intersection of "source +- a plausible warp" and the published
 adult range, so no case leaves the range, and no warp is larger than stated):
@@ -88,6 +88,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -96,6 +97,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
@@ -104,7 +106,12 @@ from common.anatomy import ANATOMY_LABELS
 from common.atomic import atomic_write_text
 from common.errors import InputError, require_file
 from common.io import load_volume, save_volume
+from common.preview import save_montage_png
 from common.volume import Volume
+from data_prep.example_ct import fetch_example_ct
+from data_prep.inputs import input_case_id
+from data_prep.layout import assign_splits, case_entry, write_case, write_datalist
+from data_prep.resample import load_ct, prepare_ct
 
 # Label values: the one convention of common.anatomy (label maps travel with the CTs to the anatomy metrics).
 LABEL_OUTSIDE, LABEL_BODY, LABEL_LUNG, LABEL_HEART, LABEL_BONE = (
@@ -230,8 +237,6 @@ def body_mask(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 
 def _resample_mask(mask: np.ndarray, affine: np.ndarray, spacing, size) -> np.ndarray:
     """Area-averaged fraction (0..1) of a boolean mask on the target grid of :func:`_grid`."""
-    from data_prep.build_pairs import prepare_ct
-
     frac = prepare_ct(Volume(mask.astype(np.float32), affine), spacing, size).array
     return np.clip(frac, 0.0, 1.0)
 
@@ -264,8 +269,6 @@ def load_source(
     lungs, heart, bones and blood pool come from it; otherwise lungs (< -400 HU) and bone (> 250 HU) come from
     HU inside the body and there is no heart label. Errors name the offending file.
     """
-    from data_prep.build_pairs import load_ct, prepare_ct
-
     ct_path = os.fspath(require_file(ct_path))
     vol = load_ct(ct_path)
     if vol.array.ndim != 3 or min(vol.shape) < 8:
@@ -383,9 +386,7 @@ def labels_from_fractions(fractions: np.ndarray) -> np.ndarray:
 
 
 def _source_id(path: str) -> str:
-    from data_prep.build_pairs import _case_id
-
-    name = _case_id(Path(path))
+    name = input_case_id(path)
     return "example" if name == "cxr" else name
 
 
@@ -646,8 +647,6 @@ def make_cohort(
     Resumable: a case whose ``cohort_case.json`` carries this run's settings fingerprint is kept; a folder
     made with other settings is refused (delete it, or use another root).
     """
-    from data_prep.build_pairs import assign_splits, case_entry, write_case, write_datalist
-
     root = Path(root)
     n_cases, size, spacing, drr_pixels = int(n_cases), int(size), float(spacing), int(drr_pixels)
     if n_cases < 1 or size < 8 or not (math.isfinite(spacing) and spacing > 0) or drr_pixels < 8:
@@ -806,8 +805,6 @@ def _unique_ids(ids: list[str]) -> list[str]:
 def _resolve_sources(sources, masks, structures, cache_dir):
     """(CT paths, mask paths or None, structure names) from the arguments (default: the example CT)."""
     if sources is None or sources == "example":
-        from data_prep.example_ct import fetch_example_ct
-
         ex = fetch_example_ct(cache_dir)
         return [ex["ct"]], [ex["mask"]], read_structures(ex["structures"])
     source_list = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
@@ -849,8 +846,6 @@ IDENTITY = {
 def _write_preview(root: Path, entries, source: Source | None, spacing: float, size: int) -> str:
     """``preview.png``: the source on the output grid (no variation) above a few generated cases, with the
     first case's PA and lateral DRRs as the last row."""
-    from common.preview import save_montage_png
-
     volumes = {}
     if source is not None:
         volumes[f"source {source.id} (no variation)"] = generate_case(
@@ -864,8 +859,6 @@ def _write_preview(root: Path, entries, source: Source | None, spacing: float, s
 
 
 def _load_2d(path) -> np.ndarray:
-    import nibabel as nib
-
     return np.asarray(nib.load(os.fspath(path)).dataobj, dtype=np.float32)
 
 
@@ -885,8 +878,6 @@ def _path_list(value):
 @functools.wraps(make_cohort)  # fire reads make_cohort's signature, so --help works
 def main(*args, **kwargs) -> str:
     """CLI: :func:`make_cohort` (fire prints the datalist path it returns); bad input ends with one line."""
-    import inspect
-
     bound = inspect.signature(make_cohort).bind(*args, **kwargs)  # fire passes every flag positionally
     for key in ("sources", "masks"):
         if key in bound.arguments:

@@ -38,7 +38,9 @@ from common.dicom import (
     SeriesInfo,
     instance_number_direction,
     load_series,
+    read_headers,
     scan_dicom_folder,
+    series_geometry,
     series_warnings,
 )
 from common.errors import InputError
@@ -150,8 +152,6 @@ def _perx2ct_warnings(info: SeriesInfo, vol) -> list[str]:
 
 def _series_step(info: SeriesInfo) -> float | None:
     """The slice step (mm) from the positions, None for a single slice or an invalid series."""
-    from common.dicom import read_headers, series_geometry
-
     if info.n_files < 2:
         return None
     try:

@@ -59,8 +59,11 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import atomic_write_text
+from common.drr import get_geometry
 from common.errors import InputError
 from common.volume import Volume
+from data_prep.layout import case_entry, case_is_done, write_case, write_datalist
 
 # Hounsfield units of the phantom's materials.
 HU_AIR = -1000.0
@@ -382,8 +385,6 @@ def make_phantom_dataset(
     (end-inhale; the DRRs are rendered from it), ``avg.nii.gz`` the average of all phases. Datalist keys
     added: ``"avg"``, ``"phase0"`` (paths), ``"phase": 0`` and ``"n_phases"``.
     """
-    from data_prep.build_pairs import case_entry, case_is_done, write_case, write_datalist
-
     shape = (int(size),) * 3 if np.ndim(size) == 0 else tuple(int(s) for s in size)
     if spacing is None:
         spacing = _default_spacing(shape)
@@ -457,9 +458,6 @@ def make_pe_dataset(
     PA/lateral DRRs of the crop are written too (an X-ray-only classifier sees no clot: its baseline role).
     Resumable like :func:`make_phantom_dataset`.
     """
-    from common.drr import get_geometry
-    from data_prep.build_pairs import case_entry, case_is_done, write_case
-
     root = os.fspath(root)
     shape = (int(size),) * 3
     splits: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
@@ -486,7 +484,5 @@ def make_pe_dataset(
         "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
     }
     path = os.path.join(root, "dataset.json")
-    from common.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(meta, indent=2))
     return path

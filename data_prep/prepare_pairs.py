@@ -2,9 +2,12 @@
 
     python -m data_prep.prepare_pairs AVERAGES_DIR PHASES_DIR OUTPUT_DIR \
         [--phase_glob "*Gated 0.0A*.nii*"] [--mode copy|symlink|hardlink] [--val_fraction 0.2 --test_fraction 0.2]
+        [--seed 0] [--split_hash sha256|md5]
 
 (console script ``xray2ct-prepare-pairs``). The datalist has ``training``, ``validation`` (model selection) and
-``test`` (evaluation on patients the model never saw) splits, by patient folder.
+``test`` (evaluation on patients the model never saw) splits, by patient folder, assigned as build_pairs
+assigns them (:func:`data_prep.layout.assign_splits`); ``--split_hash md5`` reproduces the splits of datasets
+written before that (docs/ARCHITECTURE.md, "Splits").
 
 ``AVERAGES_DIR/<patient>/*.nii*`` (one average CT) is matched to ``PHASES_DIR/<patient>/<phase_glob>`` by
 subfolder name. Each pair must agree in shape, spacing and orientation. Cases that cannot be paired,
@@ -15,7 +18,6 @@ instead of stopping the run. Files are copied atomically, so a crash never leave
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from common.atomic import atomic_path, atomic_write_text
 from common.errors import InputError
 from common.io import read_nifti_header
+from data_prep.layout import assign_splits
 
 NIFTI_GLOB = "*.nii*"
 DEFAULT_PHASE_GLOB = "*Gated 0.0A*.nii*"
@@ -86,21 +89,14 @@ def place_file(src: str, dst: str, mode: str = "copy") -> None:
             raise InputError(None, f"mode must be 'copy', 'symlink' or 'hardlink', got {mode!r}")
 
 
-def split_cases(case_ids: list[str], val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
-    """Deterministic split: order by an MD5 of the case id (not by listing order), then cut.
-
-    With two or more cases at least one goes to validation, with three or more at least one to test (when the
-    fractions are positive); training always keeps at least one."""
-    order = sorted(case_ids, key=lambda c: hashlib.md5(c.encode()).hexdigest())
-    n = len(order)
-    n_val = max(1, round(val_fraction * n)) if n >= 2 and val_fraction > 0 else 0
-    wanted = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
-    n_test = min(wanted, max(0, n - n_val - 1))
-    return {
-        "validation": sorted(order[:n_val]),
-        "test": sorted(order[n_val : n_val + n_test]),
-        "training": sorted(order[n_val + n_test :]),
-    }
+def split_cases(
+    case_ids: list[str], val_fraction: float, test_fraction: float, seed: int = 0, split_hash: str = "sha256"
+) -> dict[str, list[str]]:
+    """Split name -> sorted case ids, by :func:`data_prep.layout.assign_splits` (the one split rule of every
+    dataset writer, so build_pairs and prepare_pairs agree on the same ids). ``split_hash="md5"`` reproduces
+    the split prepare_pairs wrote before (MD5 order, at least one validation and test case when possible)."""
+    assigned = assign_splits(case_ids, val_fraction, test_fraction, seed, split_hash=split_hash)
+    return {name: sorted(c for c, s in assigned.items() if s == name) for name in ("validation", "test", "training")}
 
 
 def find_pairs(averages_dir: str, phases_dir: str, phase_glob: str, avg_glob: str = NIFTI_GLOB):
@@ -150,8 +146,13 @@ def prepare_pairs(
     prefix: str = "patient",
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
+    seed: int = 0,
+    split_hash: str = "sha256",
 ) -> dict:
-    """Pair, check, copy/link into ``trainA``/``trainB``, write ``dataset.json`` and ``pairing_report.json``."""
+    """Pair, check, copy/link into ``trainA``/``trainB``, write ``dataset.json`` and ``pairing_report.json``.
+
+    Splits: :func:`split_cases`; ``split_hash="md5"`` (``--split_hash md5``) rebuilds a dataset written before
+    the split rule was shared with the same split as then."""
     pairs, unpaired, ignored = find_pairs(averages_dir, phases_dir, phase_glob, avg_glob)
     items, errors = [], []
     for case in tqdm(sorted(pairs), desc="pairing", unit="case"):
@@ -191,11 +192,13 @@ def prepare_pairs(
                 "phase0": os.path.relpath(dst_b, output_dir),
             }
         )
-    split = split_cases([it["id"] for it in items], val_fraction, test_fraction)
+    split = split_cases([it["id"] for it in items], val_fraction, test_fraction, seed, split_hash)
     by_id = {it["id"]: it for it in items}
     datalist = {part: [by_id[i] for i in ids] for part, ids in split.items()}
     datalist["keys"] = {"input": "avg", "target": "phase0"}
     datalist["phase_glob"] = phase_glob
+    datalist["split"] = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+                         "split_hash": split_hash}  # fmt: skip
     atomic_write_text(os.path.join(output_dir, "dataset.json"), json.dumps(datalist, indent=2) + "\n")
     report = {
         "paired": len(items),

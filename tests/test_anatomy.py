@@ -164,7 +164,7 @@ def test_body_extent_censoring():
 def test_extent_scaled_mean_ct_by_hand(tmp_path):
     from common.io import save_volume
     from common.volume import Volume
-    from data_prep.build_pairs import save_drr
+    from data_prep.render import save_drr
 
     ct = np.full((16, 16, 16), -1024.0, np.float32)
     ct[6:10, 6:10, :] = 0.0  # body 40 mm wide (X) and deep (Y), centred, 10 mm voxels

@@ -140,11 +140,12 @@ def test_killed_run_resumes_to_a_complete_dataset(six, tmp_path):
     script = (
         "import sys, time\n"
         "import data_prep.build_pairs as bp\n"
-        "real = bp.save_volume\n"
+        "import data_prep.layout as layout\n"
+        "real = layout.save_volume\n"
         "def slow(*a, **k):\n"
         "    time.sleep(0.5)\n"
         "    return real(*a, **k)\n"
-        "bp.save_volume = slow\n"
+        "layout.save_volume = slow\n"
         f"bp.build_pairs({str(six)!r}, {str(out)!r}, size=12, spacing=20.0, drr_pixels=12)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)

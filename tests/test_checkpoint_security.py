@@ -288,34 +288,9 @@ def test_pipeline_cli_refuses_in_one_line(real_checkpoint, marker, tmp_path):
 # ----------------------------------------------------------------------------------------------- item 4
 def _deflated_bomb(path: Path, inflated: int = 1 << 30) -> Path:
     """A checkpoint whose one float32 tensor (``inflated`` bytes of zeros) is a DEFLATED zip entry (~1 MB)."""
-    import collections
-    import io
-    import pickle
+    from benchmarks.checkpoint_zip_bomb import write_bomb
 
-    numel = inflated // 4
-    storage = object()
-
-    class Tensor:
-        def __reduce__(self):
-            return torch._utils._rebuild_tensor_v2, (storage, 0, (numel,), (1,), False, collections.OrderedDict())
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
-
-    data = io.BytesIO()
-    Pickler(data, protocol=2).dump({"model": {"w": Tensor()}})
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", data.getvalue())
-        archive.writestr("archive/byteorder", "little")
-        archive.writestr("archive/version", "3\n")
-        info = zipfile.ZipInfo("archive/data/0")
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with archive.open(info, "w", force_zip64=True) as entry:
-            block = bytes(64 << 20)
-            for _ in range(inflated // len(block)):
-                entry.write(block)
-    return path
+    return Path(write_bomb(path, inflated))
 
 
 @pytest.fixture(scope="module")

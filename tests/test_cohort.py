@@ -59,23 +59,19 @@ def sources(tmp_path_factory) -> dict:
     return {seed: _phantom_source(root, seed) for seed in (1, 2)}
 
 
+def one_source_options(src: dict, n_cases: int, seed: int, previews: int) -> dict:
+    """``make_cohort`` arguments: ``n_cases`` drawn from the phantom source ``src``, at the tests' size."""
+    return dict(
+        n_cases=n_cases, size=SIZE, spacing=SPACING, drr_pixels=DRR, sources=[src["ct"]], masks=[src["mask"]],
+        structures=src["structures"], seed=seed, previews=previews,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory, sources) -> dict:
     """6 cases from one phantom source, 32^3 at 10 mm, 32^2 DRRs."""
     root = tmp_path_factory.mktemp("cohort") / "data"
-    src = sources[1]
-    path = cohort.make_cohort(
-        root,
-        n_cases=6,
-        size=SIZE,
-        spacing=SPACING,
-        drr_pixels=DRR,
-        sources=[src["ct"]],
-        masks=[src["mask"]],
-        structures=src["structures"],
-        seed=3,
-        previews=2,
-    )
+    path = cohort.make_cohort(root, **one_source_options(sources[1], n_cases=6, seed=3, previews=2))
     return {"root": root, "datalist": json.loads(open(path).read()), "path": path}
 
 
@@ -168,18 +164,7 @@ def test_deterministic_by_seed(sources, tmp_path):
 
 
 def test_same_seed_same_files_and_resume(sources, tmp_path, monkeypatch):
-    src = sources[1]
-    kw = dict(
-        n_cases=3,
-        size=SIZE,
-        spacing=SPACING,
-        drr_pixels=DRR,
-        sources=[src["ct"]],
-        masks=[src["mask"]],
-        structures=src["structures"],
-        seed=5,
-        previews=0,
-    )
+    kw = one_source_options(sources[1], n_cases=3, seed=5, previews=0)
     cohort.make_cohort(tmp_path / "a", **kw)
 
     calls = {"n": 0}

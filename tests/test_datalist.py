@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from common.datalist import (
     batch_case_ids,
     case_id,
+    case_id_of_path,
     datalist_field,
     load_split,
     require_cases,
@@ -66,6 +67,49 @@ def test_case_id_from_ids_files_and_batches():
     batch = {"id": ["/r/a", "/r/b"], "ct": torch.zeros(2, 1, 2, 2, 2)}
     assert batch_case_ids(batch) == ["a", "b"]
     assert batch_case_ids([{"id": "c"}, {"id": "d"}]) == ["c", "d"]
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/x/LIDC-IDRI-0001.nii.gz", "LIDC-IDRI-0001"),  # suffix off (the longest: .nii.gz, not .nii)
+        ("/x/case7/ct.nii.gz", "case7"),  # generic names: the folder is the case
+        ("/x/case7/CT.nii.gz", "case7"),  # compared without case
+        ("/x/case7/image.h5", "case7"),
+        ("/x/case7/volume.npy", "case7"),
+        ("/x/case7/scan.hdf5", "case7"),
+        ("/x/p9/pa.png", "p9"),
+        ("/x/ct_1.nii", "ct_1"),  # not generic
+        ("ct.nii.gz", "ct"),  # no folder to name it
+        ("/x/series_12", "series_12"),  # a DICOM folder
+    ],
+)
+def test_case_id_of_path_is_the_one_rule(path, expected):
+    """Build inputs (data_prep.inputs), datalist items and reports name a case from a path the same way."""
+    from data_prep.inputs import input_case_id
+
+    assert case_id_of_path(path) == expected
+    assert case_id({"ct": path}) == expected
+    assert input_case_id(path) == expected
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [("/x/p1-PA.png", "p1"), ("/x/p1_lateral.dcm", "p1"), ("/x/case7/pa.png", "case7"), ("/x/case7/L.dcm", "case7"),
+     ("/x/case7/frontal.jpg", "case7"), ("/x/case7/image.png", "case7"), ("/x/chest.tif", "chest")],
+)  # fmt: skip
+def test_pipeline_case_names_follow_the_one_rule(path, expected):
+    """X-ray inputs: the view tag comes off, then the case is named as everywhere (common.datalist.case_id_of_path)."""
+    from xray2ct.pipeline import case_name
+
+    assert case_name(path) == expected
+
+
+def test_build_input_ids_are_safe_folder_names():
+    from data_prep.inputs import input_case_id
+
+    assert input_case_id("/x/patient 1 (copy).nii.gz") == "patient_1_copy_"
+    assert input_case_id("/x/ä.nii.gz") == "_"
 
 
 def test_validate_datalist_names_the_case_and_the_problem(tmp_path):

@@ -12,7 +12,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from helpers import save_dicom
+from helpers import film_dataset, save_dicom, traced
 
 from common.errors import InputError
 from common.io import load_volume, save_volume
@@ -127,7 +127,6 @@ FORGED_NIFTI = {
 
 @pytest.mark.parametrize("name", sorted(FORGED_NIFTI))
 def test_nifti_extensions_refused_before_nibabel_reads_them(tmp_path, name):
-    import tracemalloc
 
     from common.xray import load_xray
 
@@ -135,13 +134,9 @@ def test_nifti_extensions_refused_before_nibabel_reads_them(tmp_path, name):
     path = make(tmp_path / f"{name}.nii.gz")
     assert os.path.getsize(path) < 2**20
     for load in (load_volume, load_xray):
-        tracemalloc.start()
-        try:
-            with pytest.raises(InputError, match=problem) as err:
-                load(path)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        with traced() as memory, pytest.raises(InputError, match=problem) as err:
+            load(path)
+        peak = memory.peak
         assert str(path) in str(err.value)
         assert peak < 4 * 2**20, f"{name}: {peak / 2**20:.1f} MiB traced before the refusal"
 
@@ -308,28 +303,11 @@ def test_pe_predictions_csv_cells_are_not_formulas(tmp_path):
 
 
 # ---------------------------------------------------------------------- item 9: DICOM decode memory by bits
-def _dx_dataset(path, pixels: np.ndarray):
-    """A digital X-ray DICOM dataset (16 bits allocated) holding ``pixels`` (uint16, (rows, cols))."""
-    import pydicom
-
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, (ds.Rows, ds.Columns) = "DX", pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    return ds
-
-
 def _forged_rle_dicom(path, side: int = 8192, bits: int = 32) -> str:
     """A small RLE DICOM whose header declares ``side``^2 pixels of ``bits`` bits (the decoder allocates it)."""
     import pydicom
 
-    ds = _dx_dataset(path, np.arange(80, dtype=np.uint16).reshape(8, 10))
+    ds = film_dataset(path, np.arange(80, dtype=np.uint16).reshape(8, 10), bits_stored=16)
     ds.compress(pydicom.uid.RLELossless)
     ds.Rows = ds.Columns = side
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
@@ -339,19 +317,15 @@ def _forged_rle_dicom(path, side: int = 8192, bits: int = 32) -> str:
 
 def test_dicom_pixel_bytes_bounded_before_decoding(tmp_path):
     """main decoded a 32-bit 8192^2 RLE radiograph (256 MiB, then float64 copies: 2 GB in the web app)."""
-    import tracemalloc
 
     from common.xray import load_xray
 
     path = _forged_rle_dicom(tmp_path / "rle32.dcm")
     assert os.path.getsize(path) < 4096
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputError, match="32 bits decodes to 256 MiB, over the limit of 128 MiB") as err:
-            load_xray(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    refusal = "32 bits decodes to 256 MiB, over the limit of 128 MiB"
+    with traced() as memory, pytest.raises(InputError, match=refusal) as err:
+        load_xray(path)
+    peak = memory.peak
     assert err.value.path == path and peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
@@ -386,10 +360,7 @@ def test_dicom_float32_path_matches_pydicom_luts(tmp_path):
     }
     for name, tags in cases.items():
         path = tmp_path / f"{name}.dcm"
-        ds = _dx_dataset(path, pixels)
-        ds.BitsStored, ds.HighBit = 12, 11
-        for key, value in tags.items():
-            setattr(ds, key, value)
+        ds = film_dataset(path, pixels, **tags)
         save_dicom(ds, path)
         ref = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
         if "WindowCenter" in ds:

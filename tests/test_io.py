@@ -9,6 +9,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import traced
 
 from common import io as vio
 from common.errors import InputError
@@ -265,16 +266,11 @@ def forged_nifti(path, shape=(600, 600, 600), dtype=np.float32) -> None:
     path.write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
 
 
-def traced_peak(fn) -> int:
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputError) as err:
-            fn()
-        return tracemalloc.get_traced_memory()[1], err.value
-    finally:
-        tracemalloc.stop()
+def traced_peak(fn) -> tuple[int, InputError]:
+    """(peak traced bytes, the InputError) of ``fn()``, which must refuse its input."""
+    with traced() as memory, pytest.raises(InputError) as err:
+        fn()
+    return memory.peak, err.value
 
 
 def test_forged_nifti_header_refused_before_allocating(tmp_path):

@@ -30,7 +30,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def tiny_latents(phantom_pairs, tmp_path_factory):
-    """A randomly initialised tiny VQ-GAN (this bundle's vqgan_def + cpu_tiny, with its record) and the latents."""
+    """A randomly initialised tiny VQ-GAN (vqgan_3d_patch network_def + cpu_tiny, with its record) and the latents."""
     root = tmp_path_factory.mktemp("latent_ddpm_model")
     ckpt = random_vqgan(str(root / "vqgan.pt"))
     vqgan = load_vqgan(ckpt)

@@ -98,29 +98,14 @@ def test_x2ctgan_psnr_truncates_to_integer_levels():
     assert x2ctgan_psnr(target + 0.9, target)["psnr_x2ctgan"] == 100.0
 
 
-def _naive_skimage_ssim(x: np.ndarray, y: np.ndarray, win: int = 7) -> float:
-    """Window-by-window SSIM with sample statistics (ddof=1), as skimage defines it."""
-    c1, c2 = 0.01**2, 0.03**2
-    values = []
-    for i in range(x.shape[0] - win + 1):
-        for j in range(x.shape[1] - win + 1):
-            a, b = x[i : i + win, j : j + win].ravel(), y[i : i + win, j : j + win].ravel()
-            cov = np.cov(a, b, ddof=1)
-            ma, mb = a.mean(), b.mean()
-            values.append(
-                ((2 * ma * mb + c1) * (2 * cov[0, 1] + c2))
-                / ((ma**2 + mb**2 + c1) * (cov[0, 0] + cov[1, 1] + c2))
-            )
-    return float(np.mean(values))
-
-
-def _naive_ssim3d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> float:
-    """Window-by-window 3D SSIM: every 7x7x7 window fully inside, sample statistics (ddof=1)."""
+def _naive_ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, win: int = 7) -> float:
+    """Window-by-window SSIM, 2D or 3D, as skimage defines it: every ``win``^d window fully inside, sample
+    statistics (ddof=1), constants (0.01 and 0.03 times ``data_range``) squared."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     values = []
-    for i, j, k in np.ndindex(*(n - win + 1 for n in x.shape)):
-        a = x[i : i + win, j : j + win, k : k + win].ravel()
-        b = y[i : i + win, j : j + win, k : k + win].ravel()
+    for corner in np.ndindex(*(n - win + 1 for n in x.shape)):
+        window = tuple(slice(c, c + win) for c in corner)
+        a, b = x[window].ravel(), y[window].ravel()
         cov = np.cov(a, b, ddof=1)
         ma, mb = a.mean(), b.mean()
         values.append(
@@ -141,10 +126,10 @@ def _perx2ct_pair(seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
 def test_ssim_perx2ct_is_one_3d_ssim_with_data_range_two():
     pred, target = _perx2ct_pair()
     unit = lambda hu: np.clip((hu + 1024) / 2500, 0, 1)  # noqa: E731 - PerX2CT's [0, 1] CT scale
-    expected = _naive_ssim3d(unit(pred), unit(target), data_range=2.0)
+    expected = _naive_ssim(unit(pred), unit(target), data_range=2.0)
     assert ssim_perx2ct(pred, target) == pytest.approx(expected, abs=1e-10)
     # the data range matters: with 1.0 the constants shrink 4x and the score drops
-    assert _naive_ssim3d(unit(pred), unit(target), data_range=1.0) < expected - 0.01
+    assert _naive_ssim(unit(pred), unit(target), data_range=1.0) < expected - 0.01
     got = ssim3d_skimage(
         torch.from_numpy(unit(pred))[None, None], torch.from_numpy(unit(target))[None, None], 2.0
     )
@@ -170,7 +155,7 @@ def test_ssim2d_matches_window_by_window_definition():
     x = rng.uniform(0, 1, (10, 11))
     y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
     got = ssim2d_skimage(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None])
-    assert float(got[0]) == pytest.approx(_naive_skimage_ssim(x, y), abs=1e-10)
+    assert float(got[0]) == pytest.approx(_naive_ssim(x, y), abs=1e-10)
 
 
 def test_functions_accept_numpy_torch_and_batches():

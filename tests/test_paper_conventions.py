@@ -9,8 +9,9 @@ import pytest
 from common.drr import PAPER_DRR_HU_OFFSET, X2CTGAN, paper_hu_offset
 from common.io import load_volume
 from common.volume import Volume
-from data_prep.build_pairs import build_pairs, build_settings, render_pa_lateral
+from data_prep.build_pairs import build_pairs, build_settings
 from data_prep.phantom import make_phantom
+from data_prep.render import render_pa_lateral
 
 
 def test_paper_offset_is_their_plastimatch_shift():

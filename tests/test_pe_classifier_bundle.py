@@ -36,7 +36,7 @@ def run(run_id: str, configs: list[str], **override) -> None:
 def test_every_config_parses():
     for files, ids in [
         (cfg("train.json"), ["training", "run", "initialize", "train#trainer", "validate#evaluator"]),
-        (cfg("train.json", "evaluate.json"), ["evaluating", "run", "test#evaluator", "write_report"]),
+        (cfg("train.json", "evaluate.json"), ["evaluating", "run", "calibration#evaluator", "write_report"]),
         (cfg("inference.json"), ["run", "evaluator", "collector"]),
         (
             cfg("train.json", "multi_gpu_train.json"),

@@ -10,22 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REAL_PAIR as PAIR
 
 from common.errors import InputError
 from common.io import load_volume
 from xray2ct import pipeline as pl
 from xray2ct.models import load_model, load_pe_model
-
-PAIR = "pneumocystis-pneumonia-2"
-
-
-@pytest.fixture(scope="module")
-def pair(shared_data) -> dict:
-    folder = shared_data / "cxr" / "pairs"
-    pa, lateral = folder / f"{PAIR}-PA.png", folder / f"{PAIR}-L.png"
-    if not (pa.is_file() and lateral.is_file()):
-        pytest.skip(f"real X-ray pair {PAIR} missing under {folder}")
-    return {"pa": str(pa), "lateral": str(lateral)}
 
 
 def _rewritten(source: str, target: Path, **inputs) -> str:

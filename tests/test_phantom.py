@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import InputError
 from common.io import load_volume
-from data_prep.build_pairs import assign_splits
+from data_prep.layout import assign_splits
 from data_prep.phantom import breathing_amplitude, make_4dct, make_phantom
 
 SHAPE = (48, 48, 48)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REAL_PAIR as PAIR
 from PIL import Image
 
 from common.errors import InputError
@@ -24,21 +25,11 @@ from xray2ct import pipeline as pl
 from xray2ct.models import REPO_ROOT, load_model, load_pe_model
 
 REPO = Path(REPO_ROOT)
-PAIR = "pneumocystis-pneumonia-2"
 REPORT_KEYS = {
     "format", "case", "created", "inputs", "model", "options", "ct", "stages", "drr_consistency",
     "drr_consistency_baseline", "drr_consistency_note", "pe", "previews", "conventions", "seconds", "software",
     "preparation", "agreement", "domain_gap", "plausibility",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def pair(shared_data) -> dict:
-    folder = shared_data / "cxr" / "pairs"
-    pa, lateral = folder / f"{PAIR}-PA.png", folder / f"{PAIR}-L.png"
-    if not (pa.is_file() and lateral.is_file()):
-        pytest.skip(f"real X-ray pair {PAIR} missing under {folder}")
-    return {"pa": str(pa), "lateral": str(lateral), "folder": folder}
 
 
 def _finite_scores(scores: dict, views: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,22 +70,54 @@ def test_datalist_split_is_deterministic_and_loadable(tree):
     pp.prepare_pairs(str(avg), str(ph), str(out), mode="symlink")
     assert (out / "dataset.json").read_text() == first
     data = json.loads(first)
-    assert len(data["training"]) == 1 and len(data["validation"]) == 1 and data["test"] == []  # 2 patients
+    assert len(data["training"]) == 2 and data["validation"] == data["test"] == []  # 2 x 0.2 rounds to 0
+    assert data["split"] == {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0, "split_hash": "sha256"}
+    pp.prepare_pairs(str(avg), str(ph), str(out), mode="symlink", split_hash="md5")  # the rule before 1.x
+    data = json.loads((out / "dataset.json").read_text())
+    assert len(data["training"]) == 1 and len(data["validation"]) == 1 and data["test"] == []
     items = load_decathlon_datalist(str(out / "dataset.json"), False, "training")
     assert os.path.isabs(items[0]["avg"]) and os.path.exists(items[0]["phase0"])
     assert os.path.islink(out / "trainA" / "patient_1.nii.gz")
+
+
+def _md5_rule_before(case_ids, val_fraction, test_fraction):
+    """prepare_pairs' split before it was shared with build_pairs (the reference ``split_hash="md5"`` must give)."""
+    order = sorted(case_ids, key=lambda c: hashlib.md5(c.encode()).hexdigest())
+    n = len(order)
+    n_val = max(1, round(val_fraction * n)) if n >= 2 and val_fraction > 0 else 0
+    wanted = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    n_test = min(wanted, max(0, n - n_val - 1))
+    return {"validation": sorted(order[:n_val]), "test": sorted(order[n_val : n_val + n_test]),
+            "training": sorted(order[n_val + n_test :])}  # fmt: skip
+
+
+ID_SETS = [[f"c{i}" for i in range(10)], ["only"], ["a", "b"], ["a", "b", "c"], [f"patient_{i}" for i in range(1, 26)]]
+FRACTIONS = [(0.2, 0.1), (0.2, 0.0), (0.2, 0.2), (0.1, 0.1), (0.0, 0.3)]
+
+
+@pytest.mark.parametrize("ids", ID_SETS)
+@pytest.mark.parametrize("val,test", FRACTIONS)
+def test_build_pairs_and_prepare_pairs_agree_on_the_same_ids(ids, val, test):
+    """One split rule: prepare_pairs' split of a list of ids is build_pairs' (data_prep.layout.assign_splits),
+    whatever the listing order; ``split_hash="md5"`` is exactly the rule prepare_pairs had before."""
+    from data_prep.build_pairs import assign_splits
+
+    for seed in (0, 3):
+        by_build_pairs = assign_splits(ids, val, test, seed=seed)
+        split = pp.split_cases(list(reversed(ids)), val, test, seed=seed)
+        assert split == {s: sorted(c for c in ids if by_build_pairs[c] == s) for s in ("validation", "test", "training")}
+    assert pp.split_cases(ids, val, test, split_hash="md5") == _md5_rule_before(ids, val, test)
 
 
 def test_split_cases_rules():
     ids = [f"c{i}" for i in range(10)]
     split = pp.split_cases(ids, 0.2, 0.1)
     assert [len(split[k]) for k in ("training", "validation", "test")] == [7, 2, 1]
-    assert split == pp.split_cases(list(reversed(ids)), 0.2, 0.1)  # listing order does not matter
     assert pp.split_cases(["only"], 0.2, 0.0) == {"validation": [], "test": [], "training": ["only"]}
-    # three patients: one each (the test split is never empty when a test fraction is asked for)
-    three = pp.split_cases(["a", "b", "c"], 0.2, 0.2)
+    three = pp.split_cases(["a", "b", "c"], 0.2, 0.2)  # 3 x 0.2 = 0.6 rounds to one each
     assert [len(three[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
-    assert pp.split_cases(["a", "b"], 0.2, 0.2)["test"] == []  # training and validation keep one each
+    with pytest.raises(ValueError, match="split_hash"):
+        pp.split_cases(ids, 0.2, 0.1, split_hash="crc32")
 
 
 def test_permission_error_is_reported_and_leaves_no_partial_file(tree, monkeypatch):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
-from helpers import save_dicom
+from helpers import write_film
 from PIL import Image
 
 from common.drr import X2CTGAN, get_geometry
@@ -36,24 +36,6 @@ def cxr(shared_data):
         pytest.skip(f"real radiographs missing under {folder}")
     pixels = pydicom.dcmread(dicom[0]).pixel_array[::2, ::2].astype(np.uint16) * 16  # 512^2, 12 bits
     return {"dicom": dicom[0], "png": png, "pixels": pixels, "folder": folder}
-
-
-def _write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> str:
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    save_dicom(ds, path)
-    return str(path)
 
 
 # tags -> (mm of patient per pixel at the isocentre, words of the scale source): 512 px at 0.8 mm = a 41 cm film
@@ -84,7 +66,7 @@ SCALES = {
 @pytest.mark.parametrize("name", list(SCALES))
 def test_dicom_tags_give_the_scale(name, cxr, tmp_path):
     tags, mm, words = SCALES[name]
-    path = _write_dicom(tmp_path / "film.dcm", cxr["pixels"], **tags)
+    path = write_film(tmp_path / "film.dcm", cxr["pixels"], **tags)
     out, info = prepare_view(path, "pa", GEOMETRY, 64)
     assert out.shape == (64, 64) and out.dtype == np.float32 and 0.0 <= out.min() < out.max() <= 1.0
     assert words in info["scale_source"] and info["scale_source"].startswith("DICOM")
@@ -118,8 +100,8 @@ def test_png_scale_is_estimated_from_the_body_or_lungs(cxr, shared_data):
 
 def test_monochrome1_prepares_like_monochrome2(cxr, tmp_path):
     tags = {"ImagerPixelSpacing": [0.8, 0.8], "ViewPosition": "PA"}
-    mono2 = _write_dicom(tmp_path / "m2.dcm", cxr["pixels"], **tags)
-    mono1 = _write_dicom(tmp_path / "m1.dcm", 4095 - cxr["pixels"], "MONOCHROME1", **tags)
+    mono2 = write_film(tmp_path / "m2.dcm", cxr["pixels"], **tags)
+    mono1 = write_film(tmp_path / "m1.dcm", 4095 - cxr["pixels"], "MONOCHROME1", **tags)
     a, info_a = prepare_view(mono2, "pa", GEOMETRY, 64)
     b, info_b = prepare_view(mono1, "pa", GEOMETRY, 64)
     assert info_b["photometric"] == "MONOCHROME1"

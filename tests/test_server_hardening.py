@@ -6,7 +6,6 @@ exception in a client thread reaches ``threading.excepthook``, which these tests
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import select
@@ -15,6 +14,7 @@ import threading
 import time
 
 import pytest
+from helpers import read_until_closed
 from test_perx2ct_tools import KEY, frame, predictor, read_reply, send_raw, server  # noqa: F401 (fixtures)
 
 from bundles.perx2ct.scripts.server import (
@@ -40,16 +40,6 @@ def server_records(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER]
 
 
-def until_closed(sock: socket.socket, seconds: float = 30) -> bytes:
-    """Everything the server still sends before it closes the connection."""
-    sock.settimeout(seconds)
-    received = b""
-    with contextlib.suppress(ConnectionError):
-        while chunk := sock.recv(4096):
-            received += chunk
-    return received
-
-
 def answer_challenge(port: int, answer_for) -> tuple[dict, bool]:
     """Connect, read the challenge, send ``answer_for(nonce)``; returns the server's reply and whether it closed."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -57,7 +47,7 @@ def answer_challenge(port: int, answer_for) -> tuple[dict, bool]:
         hello = read_message(sock, CLIENT_LIMITS, 30, 30)
         sock.sendall(frame(answer_for(bytes.fromhex(hello["challenge"]))))
         reply = read_message(sock, CLIENT_LIMITS, 30, 30)
-        return reply, until_closed(sock) == b""
+        return reply, read_until_closed(sock) == b""
 
 
 HANDSHAKES = [  # (answer to the challenge, what the reply says)

@@ -45,8 +45,8 @@ def test_learning_rate_scaling_rule(scaling, processes, factor):
     args = lr_overrides("vqgan_3d_patch", processes, scaling)
     if factor == 1.0:
         assert args == []
-    else:  # train.json: lr_g = lr_d = 1e-4
-        assert args == [f"--lr_g {1e-4 * factor:.6g}", f"--lr_d {1e-4 * factor:.6g}"]
+    else:  # train.json: learning_rate = learning_rate_d = 1e-4
+        assert args == [f"--learning_rate {1e-4 * factor:.6g}", f"--learning_rate_d {1e-4 * factor:.6g}"]
 
 
 def test_unknown_bundle_and_missing_overlay_are_refused(tmp_path):

@@ -8,14 +8,13 @@ the per-client cap is seen to spare other clients.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
 import time
 
 import pytest
-from helpers import free_port
+from helpers import free_port, read_until_closed
 
 pytest.importorskip("uvicorn")
 
@@ -71,16 +70,7 @@ def get(port: int, source: str = "127.0.0.1") -> bytes:
     """One complete GET on a fresh connection; the raw response."""
     with connect(port, source) as sock:
         sock.sendall(HEAD + b"Connection: close\r\n\r\n")
-        return read_all(sock)
-
-
-def read_all(sock: socket.socket, seconds: float = 10) -> bytes:
-    sock.settimeout(seconds)
-    data = b""
-    with contextlib.suppress(ConnectionError):
-        while chunk := sock.recv(4096):
-            data += chunk
-    return data
+        return read_until_closed(sock, 10)
 
 
 def test_head_deadline_closes_slow_headers_and_keeps_good_clients(guarded_server):
@@ -96,7 +86,7 @@ def test_head_deadline_closes_slow_headers_and_keeps_good_clients(guarded_server
         except OSError:
             break
         time.sleep(0.1)
-    answer = read_all(slow)
+    answer = read_until_closed(slow, 10)
     elapsed = time.monotonic() - t0
     slow.close()
     assert answer.startswith(b"HTTP/1.1 408") and b"head" in answer, answer
@@ -112,7 +102,7 @@ def test_head_deadline_closes_slow_headers_and_keeps_good_clients(guarded_server
         assert first.startswith(b"HTTP/1.1 200"), first
         t0 = time.monotonic()
         sock.sendall(b"GET / HTTP/1.1\r\n")  # keeps the keep-alive timer from closing it
-        later = read_all(sock)
+        later = read_until_closed(sock, 10)
         assert later.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < timeout + 1.5, later
 
 

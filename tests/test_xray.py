@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import save_dicom
+from helpers import traced, write_film
 from PIL import Image
 
 from common.errors import InputError
@@ -56,29 +56,12 @@ def test_16bit_png_scaled_by_65535(tmp_path):
     np.testing.assert_allclose(image, values / 65535.0, atol=1e-6)
 
 
-def _write_dicom(path, pixels: np.ndarray, photometric: str, **extra) -> None:
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    save_dicom(ds, path)
-
-
 def test_monochrome1_dicom_is_inverted_and_rescaled(tmp_path):
     pixels = np.zeros((8, 10), dtype=np.uint16)
     pixels[:4] = 4000  # top half bright in MONOCHROME1 = dark (air) on display
     path = tmp_path / "mono1.dcm"
-    _write_dicom(
-        path, pixels, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100, ImagerPixelSpacing=[0.2, 0.3]
+    write_film(
+        path, pixels, "MONOCHROME1", "CR", RescaleSlope=2, RescaleIntercept=-100, ImagerPixelSpacing=[0.2, 0.3]
     )
     image, spacing = load_xray(path)
     assert spacing == pytest.approx((0.2, 0.3))  # no PixelSpacing: the detector's spacing
@@ -88,7 +71,7 @@ def test_monochrome1_dicom_is_inverted_and_rescaled(tmp_path):
 def test_dicom_voi_window_applied(tmp_path):
     pixels = np.tile(np.arange(0, 4000, 400, dtype=np.uint16), (6, 1))  # columns 0, 400, ..., 3600
     path = tmp_path / "win.dcm"
-    _write_dicom(path, pixels, "MONOCHROME2", WindowCenter=1000, WindowWidth=800, PixelSpacing=[0.15, 0.15])
+    write_film(path, pixels, "MONOCHROME2", "CR", WindowCenter=1000, WindowWidth=800, PixelSpacing=[0.15, 0.15])
     image, spacing = load_xray(path)
     assert spacing == pytest.approx((0.15, 0.15))
     # window [600, 1400]: 0 and 400 black, 1600 and above white, 800 and 1200 at 1/4 and 3/4
@@ -190,7 +173,7 @@ def test_declared_sizes_refused_before_decoding(tmp_path, png_bomb):
     """An X-ray DICOM or PNG declaring 60000 x 60000 raised MemoryError / DecompressionBombError."""
     for compressed in (True, False):  # RLE: the decoder allocates the declared size first
         dicom = tmp_path / f"huge{compressed}.dcm"
-        _write_dicom(dicom, np.arange(80, dtype=np.uint16).reshape(8, 10), "MONOCHROME2")
+        write_film(dicom, np.arange(80, dtype=np.uint16).reshape(8, 10), "MONOCHROME2", "CR")
         ds = pydicom.dcmread(dicom)
         if compressed:
             ds.compress(pydicom.uid.RLELossless)
@@ -209,15 +192,8 @@ def test_declared_sizes_refused_before_decoding(tmp_path, png_bomb):
 
 def test_padding_to_a_square_checked_before_allocating():
     """A (2, 60000) image padded to a square would be 60000 x 60000 (13 GiB as float32)."""
-    import tracemalloc
 
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputError, match="60000 x 60000"):
-            preprocess_xray(
-                np.linspace(0, 1, 120000, dtype=np.float32).reshape(2, 60000), 32, square_mode="pad"
-            )
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    with traced() as memory, pytest.raises(InputError, match="60000 x 60000"):
+        preprocess_xray(np.linspace(0, 1, 120000, dtype=np.float32).reshape(2, 60000), 32, square_mode="pad")
+    peak = memory.peak
     assert peak < 64 * 2**20

@@ -51,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "make_random_checkpoint",
         "a random checkpoint to try the web demo",
     ),
+    "xray2ct-zoo-export": ("xray2ct.zoo", "main", "a bundle's weights in the model zoo's form (bare + .record.json)"),
     "xray2ct-demo-vqgan-3d-patch": ("bundles.vqgan_3d_patch.scripts.demo", "main", "vqgan_3d_patch CPU demo"),
     "xray2ct-demo-latent-ddpm": ("bundles.latent_ddpm.scripts.demo", "demo", "latent_ddpm CPU demo"),
     "xray2ct-demo-perx2ct": ("bundles.perx2ct.scripts.demo", "demo", "perx2ct CPU demo"),
@@ -94,6 +95,7 @@ pipeline = _entry("xray2ct-pipeline")
 slurm_train = _entry("xray2ct-slurm-train")
 web = _entry("xray2ct-web")
 web_demo_checkpoint = _entry("xray2ct-web-demo-checkpoint")
+zoo_export = _entry("xray2ct-zoo-export")
 demo_vqgan_3d_patch = _entry("xray2ct-demo-vqgan-3d-patch")
 demo_latent_ddpm = _entry("xray2ct-demo-latent-ddpm")
 demo_perx2ct = _entry("xray2ct-demo-perx2ct")

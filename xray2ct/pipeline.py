@@ -46,7 +46,7 @@ from common.agreement import MEASURE as AGREEMENT_MEASURE
 from common.agreement import agreement_scores
 from common.atomic import atomic_path, atomic_write_text, remove_partial_files
 from common.checkpoint import file_sha256
-from common.datalist import safe_case_name
+from common.datalist import case_id_of_path, safe_case_name
 from common.domain_gap import domain_gap
 from common.errors import InputError, require_file
 from common.handlers import write_json
@@ -100,12 +100,12 @@ def _split_view(stem: str) -> tuple[str, str | None]:
 
 def case_name(path: str) -> str:
     """The case an X-ray file belongs to: its name without suffix and view tag (``a/p1-PA.png`` -> ``p1``),
-    or its folder's name for ``<case>/pa.png``."""
+    then the one rule of :func:`common.datalist.case_id_of_path` (``<case>/pa.png`` -> ``case``)."""
     base = os.path.basename(os.fspath(path))
     suffix = _suffix(base) or os.path.splitext(base)[1]
     stem = base[: len(base) - len(suffix)] if suffix else base
-    case, _ = _split_view(stem)
-    return case or os.path.basename(os.path.dirname(os.path.abspath(path))) or "case"
+    case, view = _split_view(stem)
+    return case_id_of_path(os.path.join(os.path.dirname(os.path.abspath(path)), case or view or stem)) or "case"
 
 
 def find_cases(inputs: str, needs_lateral: bool) -> list[dict]:

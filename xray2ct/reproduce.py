@@ -31,7 +31,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,37 +81,36 @@ X2CTGAN_SRC = f"Ying et al., CVPR 2019 (arXiv 1905.06902), Table 1 (biplanar X2C
 XRAY2CTPA_SRC = ("Cahan et al., arXiv 2406.16109: reports the whole X-ray -> CTPA model, no VQ-GAN "
                  "reconstruction figure was found to compare with")  # fmt: skip
 
-PAPERS: dict[str, Paper] = {
-    "perx2ct": Paper(
-        name="perx2ct",
-        title="PerX2CT (Kyung et al., ICASSP 2023): 855 / 17 / 76 LIDC-IDRI CTs, 128^3 at 2.5 mm from 128^2 DRRs",
-        bundle="perx2ct",
-        split_file="perx2ct",
-        geometry="perx2ct",
-        size=(128, 128, 128),
-        spacing=(2.5, 2.5, 2.5),
-        drr_pixels=128,
-        renderer="plastimatch",
-        fidelity=True,
-        overrides={"hu_window": "x2ctgan"},
-        metrics=(
-            Metric("psnr_2d_x2ctgan", "PSNR (dB), PerX2CT: 2D slices, peak 4095", None, PERX2CT_SRC),
-            Metric("ssim_perx2ct", "SSIM, PerX2CT: one 3D SSIM, data range 2", None, PERX2CT_SRC),
-            Metric("mae_hu", "MAE (HU) [not in the paper]", None, "ours", higher_is_better=False),
-        ),
+# PerX2CT and X2CT-GAN's setups differ only in their split, geometry and metrics: the LIDC-IDRI conversion, grid
+# and renderer are one recipe
+_LIDC_128 = Paper(
+    name="perx2ct",
+    title="PerX2CT (Kyung et al., ICASSP 2023): 855 / 17 / 76 LIDC-IDRI CTs, 128^3 at 2.5 mm from 128^2 DRRs",
+    bundle="perx2ct",
+    split_file="perx2ct",
+    geometry="perx2ct",
+    size=(128, 128, 128),
+    spacing=(2.5, 2.5, 2.5),
+    drr_pixels=128,
+    renderer="plastimatch",
+    fidelity=True,
+    overrides={"hu_window": "x2ctgan"},
+    metrics=(
+        Metric("psnr_2d_x2ctgan", "PSNR (dB), PerX2CT: 2D slices, peak 4095", None, PERX2CT_SRC),
+        Metric("ssim_perx2ct", "SSIM, PerX2CT: one 3D SSIM, data range 2", None, PERX2CT_SRC),
+        Metric("mae_hu", "MAE (HU) [not in the paper]", None, "ours", higher_is_better=False),
     ),
-    "x2ctgan": Paper(
+)
+
+PAPERS: dict[str, Paper] = {
+    "perx2ct": _LIDC_128,
+    "x2ctgan": replace(
+        _LIDC_128,
         name="x2ctgan",
         title="X2CT-GAN's setup (Ying et al., CVPR 2019): 916 / 102 LIDC-IDRI CTs, 128^3 at 2.5 mm from 128^2 DRRs",
-        bundle="perx2ct",  # the bundle with X2CT-GAN's input and output sizes (README: why not the cascade)
+        # bundle perx2ct, kept: the bundle with X2CT-GAN's input and output sizes (README: why not the cascade)
         split_file="x2ctgan",
         geometry="x2ctgan",
-        size=(128, 128, 128),
-        spacing=(2.5, 2.5, 2.5),
-        drr_pixels=128,
-        renderer="plastimatch",
-        fidelity=True,
-        overrides={"hu_window": "x2ctgan"},
         metrics=(
             Metric("mae_x2ctgan", "MAE, X2CT-GAN: integer [0, 2500] levels", None, X2CTGAN_SRC, False),
             Metric("psnr_x2ctgan", "PSNR (dB), X2CT-GAN: 3D, peak 4095", None, X2CTGAN_SRC),

@@ -34,13 +34,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the learning-rate ids of each bundle's train.json (scaled together by --lr_scaling)
+# the learning-rate ids of each bundle's train.json (scaled together by --lr_scaling; docs/ARCHITECTURE.md,
+# "The bundle contract"): pix2pix_phase's learning_rate_d follows its learning_rate by reference
 LR_IDS: dict[str, tuple[str, ...]] = {
-    "vqgan_3d_patch": ("lr_g", "lr_d"),
+    "vqgan_3d_patch": ("learning_rate", "learning_rate_d"),
     "latent_ddpm": ("learning_rate",),
     "perx2ct": ("learning_rate",),
     "progressive_cascade": ("learning_rate",),
-    "pix2pix_phase": ("lr",),
+    "pix2pix_phase": ("learning_rate",),
     "pe_classifier": ("learning_rate",),
 }
 

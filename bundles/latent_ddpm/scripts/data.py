@@ -136,8 +136,26 @@ def evaluation_items(path: str | os.PathLike, split: str = "test") -> list[dict]
     """
     if not os.path.isfile(path):
         return []
+    return _evaluation_entries(read_latent_datalist(path).get(split, []))
+
+
+def dataset_items(
+    datalist_file: str | os.PathLike, split: str, dataset_dir: str | os.PathLike | None = None
+) -> list[dict]:
+    """``evaluation_items`` of the dataset's own datalist (``--dataset_dir``), not of the latent cache.
+
+    Evaluation needs no latents (it samples from the X-rays and scores against the CT), so any dataset given by
+    ``--dataset_dir`` evaluates, not only the one whose latents were cached under ``output_dir`` at training.
+    """
+    from common.datalist import case_id, load_split
+
+    items = load_split(datalist_file, split, dataset_dir)
+    return _evaluation_entries([{**item, "id": case_id(item)} for item in items])
+
+
+def _evaluation_entries(cases: list[dict]) -> list[dict]:
     items = []
-    for item in read_latent_datalist(path).get(split, []):
+    for item in cases:
         entry = {"id": item["id"], "image": item["pa"], "label": item["ct"]}
         if isinstance(item.get("label"), str):
             entry["anatomy"] = item["label"]
@@ -148,6 +166,18 @@ def evaluation_items(path: str | os.PathLike, split: str = "test") -> list[dict]
 
 
 LATENT_SPACE_KEYS = ("latent_shape", "scale_factor", "spacing", "image_size")
+
+
+def check_latent_channels(latent_datalist: str | os.PathLike, latent_channels: int) -> None:
+    """Refuse a diffusion network whose ``latent_channels`` differ from the cached latents' channels (the VQ-GAN's
+    ``embedding_dim``, read from its checkpoint record: the configs hold no copy of its architecture)."""
+    channels = int(read_latent_datalist(latent_datalist)["latent_shape"][0])
+    if channels != int(latent_channels):
+        raise InputError(
+            latent_datalist,
+            f"the VQ-GAN's latents have {channels} channels (its embedding_dim) but the diffusion network is "
+            f"configured for latent_channels {latent_channels}: set latent_channels {channels}",
+        )
 
 
 def latent_space(checkpoint: str | os.PathLike, latent_datalist: str | os.PathLike | None = None) -> dict:

@@ -1,8 +1,9 @@
 """Demo: train the tiny latent DDPM briefly on a dataset and generate one CT from an X-ray, with previews.
 
 ``python -m bundles.latent_ddpm.scripts.demo --output_dir outputs/latent_ddpm_demo [--dataset_dir D]``
-Without ``--dataset_dir`` a phantom dataset is made. The VQ-GAN is a randomly initialised tiny one (this bundle's
-``vqgan_def`` at cpu_tiny size) unless ``--vqgan_checkpoint`` (a vqgan_3d_patch cpu_tiny checkpoint) is given,
+Without ``--dataset_dir`` a phantom dataset is made. The VQ-GAN is a randomly initialised tiny one (vqgan_3d_patch's
+``network_def`` at cpu_tiny size, read from its config files beside this bundle: the one definition of the
+architecture) unless ``--vqgan_checkpoint`` (a vqgan_3d_patch cpu_tiny checkpoint) is given,
 so decoded CTs only show the pipeline. Inference runs ``inference.json`` alone (it needs no training config).
 """
 
@@ -16,17 +17,24 @@ from monai.bundle import ConfigParser, run
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(HERE, "configs")
+# the codec's bundle, read as data (its network definition), never imported
+VQGAN_CONFIGS = os.path.join(os.path.dirname(HERE), "vqgan_3d_patch", "configs")
 
 
-def random_vqgan(path: str, seed: int = 0) -> str:
-    """A randomly initialised VQ-GAN of this bundle's ``vqgan_def`` (cpu_tiny), saved with its record."""
+def random_vqgan(path: str, seed: int = 0, size: str = "cpu_tiny") -> str:
+    """A randomly initialised VQ-GAN of vqgan_3d_patch's ``network_def`` at ``size`` (its overlay), saved with its
+    record: the latent model reads the architecture from that record, as from a trained codec."""
     from common.atomic import atomic_path
     from common.checkpoint import CheckpointRecord
+    from common.errors import InputError
 
+    files = [os.path.join(VQGAN_CONFIGS, "train.json"), os.path.join(VQGAN_CONFIGS, f"{size}.json")]
+    if not all(os.path.isfile(f) for f in files):
+        raise InputError(VQGAN_CONFIGS, "vqgan_3d_patch's configs are not beside this bundle: pass --vqgan_checkpoint")
     parser = ConfigParser()
-    parser.read_config([os.path.join(CONFIGS, "train.json"), os.path.join(CONFIGS, "cpu_tiny.json")])
+    parser.read_config(files)
     torch.manual_seed(seed)
-    vqgan = parser.get_parsed_content("vqgan_def")
+    vqgan = parser.get_parsed_content("network_def")
     record = CheckpointRecord("vqgan_3d_patch", network=vqgan, inputs={"hu_window": "xray2ct"})
     with atomic_path(path) as tmp:
         torch.save({"model": vqgan.state_dict(), "record": record.state_dict()}, tmp)

@@ -262,7 +262,8 @@ class LatentCTGenerator:
         if not vqgan_checkpoint:
             raise InputError(os.fspath(checkpoint), "records no VQ-GAN: give the VQ-GAN checkpoint (--vqgan)")
         check_codec(space, vqgan_checkpoint)
-        vqgan_def = configured_network_def(parser, "vqgan_def") if config_files else None
+        # the VQ-GAN's architecture comes from its record; a configured vqgan_def only serves record-less checkpoints
+        vqgan_def = configured_network_def(parser, "vqgan_def") if config_files and parser.get("vqgan_def") else None
         vqgan = load_vqgan(vqgan_checkpoint, vqgan_def, device)
         windows = space.get("codec_windows")
         if windows:

@@ -20,6 +20,7 @@ from monai.engines import PrepareBatch
 from monai.transforms import Identityd, MapTransform, Randomizable
 from torch.utils.data import WeightedRandomSampler
 
+from common.datalist import case_id, case_id_of_path
 from common.datalist import load_split as common_load_split
 from common.errors import InputError
 from common.io import load_volume
@@ -50,7 +51,7 @@ def load_split(dataset_dir: str, split: str, require_label: bool = True) -> list
                     item["label"] = int(json.load(f)["pe"])
         if require_label and item.get("label") not in (0, 1):
             raise InputError(datalist, f"case {item.get('id')!r} in {split!r} has no 0/1 label")
-        item.setdefault("id", os.path.basename(os.path.dirname(item.get("ct", item.get("pa", "")))))
+        item.setdefault("id", case_id(item, key="ct" if "ct" in item else "pa"))
         # load_decathlon_datalist turns any value naming an existing path (the case folder) into a path
         if os.path.isabs(str(item["id"])):
             item["id"] = os.path.relpath(item["id"], dataset_dir)
@@ -96,7 +97,8 @@ def best_checkpoint(ckpt_dir: str) -> str:
 
 
 def inference_items(input_path: str, key: str = "ct") -> list[dict]:
-    """Items ``{"id", key}`` for one image file or every image in a folder (id = name without suffix)."""
+    """Items ``{"id", key}`` for one image file or every image in a folder (id: :func:`common.datalist.case_id_of_path`,
+    the name without suffix, or the folder's name for ``<case>/ct.nii.gz``)."""
     if os.path.isdir(input_path) and not any(n.lower().endswith(".dcm") for n in os.listdir(input_path)):
         names = sorted(
             n for n in os.listdir(input_path) if n.lower().endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
@@ -108,14 +110,7 @@ def inference_items(input_path: str, key: str = "ct") -> list[dict]:
         raise InputError(input_path, "input volume or folder not found")
     if not paths:
         raise InputError(input_path, f"no volume ({', '.join(VOLUME_SUFFIXES)}) in folder")
-    return [{"id": _strip_suffix(os.path.basename(p)), key: p} for p in paths]
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in VOLUME_SUFFIXES + IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return [{"id": case_id_of_path(p), key: p} for p in paths]
 
 
 class VolumeReader(ImageReader):

@@ -194,8 +194,10 @@ def write_pe_report(
     train_labels: Sequence[int] | None = None,
     training_cases: Sequence[str] | None = None,
     xray_report: str | None = None,
+    report_file: str = "metrics_report.json",
 ) -> dict:
-    """Write ``metrics_report.json``, ``predictions.csv`` and ``roc_curve.png`` under ``output_dir``."""
+    """Write ``report_file`` (the config's ``metrics_report``), ``predictions.csv`` and ``roc_curve.png`` under
+    ``output_dir``."""
     ids, y, p = test.arrays()
     if not ids:
         raise InputError(output_dir, "evaluation produced no predictions")
@@ -249,7 +251,7 @@ def write_pe_report(
     baseline = {"name": PREVALENCE, "description": conventions[PREVALENCE], "metrics": base}
     report = build_report("pe_classifier", split, cases, model, baseline, conventions, training_cases, extra)
     _write_predictions(os.path.join(output_dir, "predictions.csv"), ids, y, p, threshold["value"])
-    write_json(os.path.join(output_dir, "metrics_report.json"), report)
+    write_json(os.path.join(output_dir, report_file), report)
     logger.info("PE report (%s): AUC %.3f, threshold %.3f", extra["source"], model["auc"], at["threshold"])
     return report
 

@@ -79,7 +79,7 @@ class PerX2CTInference:
         ``views``: ``"xray2ct"`` (our preprocessing, :func:`common.xray.load_view`) or ``"perx2ct"`` (the
         released model's 8-bit PNG intensities, :func:`data.load_view_perx2ct`); default: ``perx2ct``
         when the network uses the released camera. ``chunk_size`` None: chosen for the machine
-        (``network.auto_chunk_size``). ``channels_last``: NHWC weights and activations (faster convolutions
+        (``PerX2CTNet.machine_chunk_size``: timed once, cached; ``$XRAY2CT_PERX2CT_CHUNK`` fixes it). ``channels_last``: NHWC weights and activations (faster convolutions
         on CPU, same result; ``benchmarks/perx2ct_synthesis.py``).
         """
         if views is None:

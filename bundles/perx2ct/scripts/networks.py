@@ -26,7 +26,13 @@ the model beat that baseline (``benchmarks/learning.py``).
 from __future__ import annotations
 
 import glob
-from collections.abc import Sequence
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +52,7 @@ from bundles.perx2ct.scripts.geometry import (
 )
 from common.drr import get_geometry
 
+logger = logging.getLogger(__name__)
 # torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,13 +74,14 @@ def cache_bytes(default: int = 8 << 20) -> int:
 
 
 def auto_chunk_size(net: PerX2CTNet, device: str | torch.device = "cpu") -> int:
-    """Slices per decoder call for this machine.
+    """Slices per decoder call guessed from the hardware: the CUDA choice, and the CPU fallback.
 
     CPU: the decoder is compute-bound per slice but slows down once a chunk's finest activation
     (chunk x N^2 x C x 4 bytes, e.g. 512 KB per 64^2 x 32 slice) spills out of the cache: the chunk is
-    sized so it stays within 1/4 of the largest cache (the rest: weights, the other activations, other
-    processes); measured in ``benchmarks/perx2ct_synthesis.py`` (``chunk_sweep``). CUDA: as many
-    slices as fit in half the free memory at ~16 such activations per slice (AMP halves it).
+    sized so it stays within 1/4 of the largest cache. A guess: on the issue-25 machine it gave 64 where 8
+    was fastest, so on CPU :meth:`PerX2CTNet.reconstruct` times the candidates instead
+    (:func:`timed_chunk_size`). CUDA: as many slices as fit in half the free memory at ~16 such activations
+    per slice (AMP halves it).
     """
     finest = max(net.decoder_channels[:2])  # the last upsampling runs at N x N with the next level's width
     per_slice = net.volume_size**2 * finest * 4
@@ -84,6 +92,139 @@ def auto_chunk_size(net: PerX2CTNet, device: str | torch.device = "cpu") -> int:
     else:
         n = cache_bytes() // 4 // per_slice
     return int(max(1, min(net.volume_size, n)))
+
+
+CHUNK_ENV = "XRAY2CT_PERX2CT_CHUNK"  # a fixed chunk size for every network, instead of the timed one
+CHUNK_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+CHUNK_CACHE_MAX_BYTES = 1 << 20
+_TIMED_CHUNKS: dict[str, int] = {}  # this process's choices, by :func:`chunk_key`
+
+
+def chunk_cache_file() -> str:
+    """``perx2ct_chunk.json`` in the cache folder (``$XRAY2CT_CACHE``, else ``$XDG_CACHE_HOME/xray2ct``, else
+    ``~/.cache/xray2ct``, as :mod:`data_prep.example_ct`): the timed choices of this machine."""
+    root = os.environ.get("XRAY2CT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "xray2ct"
+    )
+    return os.path.join(root, "perx2ct_chunk.json")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def chunk_key(net: PerX2CTNet, device: torch.device, fused: bool, batch: int = 1) -> str:
+    """What the fastest chunk depends on: the machine, the threads, the decoder's shape and path."""
+    dec = next(net.decoder.parameters())
+    key = {
+        "device": device.type, "batch": int(batch), "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "volume_size": net.volume_size, "feature_res": net.feature_res,
+        "decoder_channels": list(net.decoder_channels), "fused": bool(fused),
+        "decoder_parameters": sum(p.numel() for p in net.decoder.parameters()),  # blocks, attention
+        "dtype": str(dec.dtype).replace("torch.", ""),
+        "channels_last": dec.dim() == 4 and dec.is_contiguous(memory_format=torch.channels_last),
+        "autocast": torch.is_autocast_enabled(device.type),
+    }  # fmt: skip
+    return json.dumps(key, sort_keys=True)
+
+
+def read_chunk_cache(path: str | None = None) -> dict[str, int]:
+    """``{key: chunk}`` of the cache file; an absent, oversized or malformed file (or entry) reads as empty."""
+    path = path or chunk_cache_file()
+    try:
+        if os.path.getsize(path) > CHUNK_CACHE_MAX_BYTES:
+            return {}
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    chunks = data.get("chunks") if isinstance(data, dict) else None
+    if not isinstance(chunks, dict):
+        return {}
+    return {k: v["chunk"] for k, v in chunks.items() if isinstance(v, dict) and type(v.get("chunk")) is int
+            and v["chunk"] >= 1}  # fmt: skip
+
+
+def _write_chunk_cache(key: str, entry: dict, path: str | None = None) -> None:
+    """Add ``key`` to the cache file (atomically); a cache that cannot be written only costs a re-timing."""
+    from common.atomic import atomic_write_text
+
+    path = path or chunk_cache_file()
+    try:
+        with open(path) as f:
+            data = json.load(f) if os.path.getsize(path) <= CHUNK_CACHE_MAX_BYTES else {}
+    except (OSError, ValueError):
+        data = {}
+    chunks = data.get("chunks") if isinstance(data, dict) and isinstance(data.get("chunks"), dict) else {}
+    chunks[key] = entry
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": 1, "chunks": chunks}, indent=1) + "\n")
+    except OSError as exc:
+        logger.warning("perx2ct chunk cache %s not written: %s", path, exc)
+
+
+def time_chunk_sizes(
+    decode: Callable[[int], object], n: int, candidates: Sequence[int] = CHUNK_CANDIDATES, budget_s: float = 5.0
+) -> dict[int, float]:
+    """Estimated seconds to decode ``n`` slices in chunks of each candidate: ``ceil(n / c)`` x one chunk's time.
+
+    ``decode(c)`` decodes one chunk of ``c`` slices. Each candidate runs once to warm up (new shapes build new
+    kernels), then the rounds interleave so load from other processes hits every candidate alike; the best
+    of up to two rounds counts (the second only while the first stayed within ``budget_s``). With one thread
+    the clock is this process's CPU time (steady on shared cores), with several the wall time.
+    """
+    sizes = sorted({min(int(c), n) for c in candidates if int(c) >= 1})
+    best = {c: float("inf") for c in sizes}
+    # one thread: this process's CPU time, the compute cost whatever else the cores run; else wall time
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    for rnd in range(3):
+        t_round = time.perf_counter()
+        for c in sizes:
+            t = clock()
+            decode(c)
+            if rnd:
+                best[c] = min(best[c], clock() - t)
+        if rnd and time.perf_counter() - t_round > budget_s:
+            break
+    return {c: best[c] * math.ceil(n / c) for c in sizes}
+
+
+def timed_chunk_size(
+    net: PerX2CTNet, decode: Callable[[int], object], device: torch.device, fused: bool, batch: int = 1,
+    cache: bool = True,
+) -> int:
+    """The chunk size for ``net`` on this machine: ``$XRAY2CT_PERX2CT_CHUNK`` if set, else the fastest
+    candidate, timed once per machine and network shape (:func:`time_chunk_sizes` with ``decode``) and kept
+    in this process and in :func:`chunk_cache_file`."""
+    fixed = os.environ.get(CHUNK_ENV, "").strip()
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise ValueError(f"{CHUNK_ENV} must be a whole number >= 1, got {fixed!r}")
+        return min(int(fixed), net.volume_size)
+    key = chunk_key(net, device, fused, batch)
+    if key not in _TIMED_CHUNKS and cache:
+        found = read_chunk_cache().get(key)
+        if found is not None:
+            _TIMED_CHUNKS[key] = min(found, net.volume_size)
+    if key not in _TIMED_CHUNKS:
+        with torch.no_grad():
+            seconds = time_chunk_sizes(decode, net.volume_size)
+        chunk = min(seconds, key=seconds.get)
+        _TIMED_CHUNKS[key] = chunk
+        if cache:
+            entry = {"chunk": chunk, "volume_seconds": {str(c): round(t, 5) for c, t in seconds.items()},
+                     "timed": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            _write_chunk_cache(key, entry)
+        logger.info("perx2ct chunk size %d (timed: %s)", chunk, seconds)
+    return _TIMED_CHUNKS[key]
 
 
 class ProjectedFeatures:
@@ -448,6 +589,21 @@ class PerX2CTNet(nn.Module):
             out = out + taps[:, t, :, ky : ky + f, kx : kx + f]
         return out
 
+    def machine_chunk_size(self, feats, device: torch.device, axis: int | None = None, fused: bool = True) -> int:
+        """The chunk size for this machine: CUDA by free memory (:func:`auto_chunk_size`); CPU timed once on
+        ``feats`` (this volume's encoder output, sampled or fused) and cached (:func:`timed_chunk_size`)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return auto_chunk_size(self, device)
+        axis = self.decode_axis if axis is None else int(axis)
+        b = feats.taps[0].shape[0] if isinstance(feats, ProjectedFeatures) else feats[0].shape[0]
+
+        def decode(c: int):
+            idx = torch.arange(c, device=device).unsqueeze(0).expand(b, -1)
+            return self.decode_slices(feats, idx, axis)
+
+        return timed_chunk_size(self, decode, device, fused, b)
+
     def reconstruct(
         self,
         x: torch.Tensor,
@@ -460,16 +616,17 @@ class PerX2CTNet(nn.Module):
         The volume is canonical RAS for both cameras (the released camera's (D0, D1, D2) are reordered);
         ``axis`` and :meth:`decode_slices` address the camera's own array axes. ``fused`` (default: when
         not training) applies the decoder's first convolution before sampling (:meth:`project_features`).
-        ``chunk_size`` 0 (or the network's ``chunk_size`` 0) picks it for the machine (:func:`auto_chunk_size`).
+        ``chunk_size`` 0 (or the network's ``chunk_size`` 0) picks it for the machine (:meth:`machine_chunk_size`).
         """
         axis = self.decode_axis if axis is None else int(axis)
         chunk = self.chunk_size if chunk_size is None else int(chunk_size)
-        if chunk <= 0:
-            chunk = auto_chunk_size(self, x.device)
+        fused = (not self.training) if fused is None else bool(fused)
         feats = self.encode(x)
-        if (not self.training) if fused is None else fused:
+        if fused:
             feats = self.project_features(feats)
         b, n = x.shape[0], self.volume_size
+        if chunk <= 0:
+            chunk = self.machine_chunk_size(feats, x.device, axis, fused)
         chunks = []
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(n, start + chunk), device=x.device).unsqueeze(0).expand(b, -1)

@@ -42,7 +42,6 @@ import math
 import os
 import secrets
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -51,6 +50,7 @@ import time
 import numpy as np
 
 from common.errors import InputError
+from common.keys import env_key, read_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ MAGIC = b"X2CT"
 FRAME = struct.Struct("!4sIQ")  # magic, header bytes, payload bytes
 DTYPES = ("bool", "uint8", "uint16", "int16", "int32", "float32", "float64")
 KEY_ENV, KEY_FILE_ENV = "XRAY2CT_SERVER_KEY", "XRAY2CT_SERVER_KEY_FILE"
-MIN_KEY_BYTES = 16  # for keys read from the environment or a key file
 MAX_DIM = 2**31 - 1  # any one array dimension, even of a zero-size array (numpy refuses larger ones)
 VIEWS = ("frontal", "lateral")
 
@@ -91,24 +90,7 @@ class ProtocolError(Exception):
 # ----------------------------------------------------------------------------------------------- keys
 def read_key_file(path: str | os.PathLike) -> bytes:
     """The key in ``path`` (surrounding whitespace stripped); the file must be yours and mode 0600 or stricter."""
-    path = os.fspath(os.path.expanduser(os.fspath(path)))
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(path, "key file not found") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(path, "key file is not a regular file")
-    if info.st_mode & 0o077:
-        raise InputError(
-            path, f"key file has mode {stat.S_IMODE(info.st_mode):04o}: others may read it; chmod 600 it"
-        )
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise InputError(path, "key file belongs to another user")
-    with open(path, "rb") as f:
-        key = f.read(4096).strip()
-    if len(key) < MIN_KEY_BYTES:
-        raise InputError(path, f"key is {len(key)} bytes; use at least {MIN_KEY_BYTES} (e.g. --new_key True)")
-    return key
+    return read_private_key(os.path.expanduser(os.fspath(path)), "key", hint=" (e.g. --new_key True)")
 
 
 def write_key_file(path: str | os.PathLike) -> str:
@@ -129,10 +111,8 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
         return authkey.encode() if isinstance(authkey, str) else bytes(authkey)
     if key_file:
         return read_key_file(key_file)
-    if os.environ.get(KEY_ENV):
-        key = os.environ[KEY_ENV].encode()
-        if len(key) < MIN_KEY_BYTES:
-            raise InputError(None, f"${KEY_ENV} is {len(key)} bytes; use at least {MIN_KEY_BYTES}")
+    key = env_key(KEY_ENV)
+    if key:
         return key
     if os.environ.get(KEY_FILE_ENV):
         return read_key_file(os.environ[KEY_FILE_ENV])
