@@ -150,12 +150,25 @@ def _load_raster(path: str) -> np.ndarray:
     return _normalise_array(_validate(array, path), path)
 
 
+def pydicom_luts() -> tuple:
+    """pydicom's ``(apply_modality_lut, apply_voi_lut)``: ``pydicom.pixels`` in 3.x, ``pixel_data_handlers`` in 2.4.
+
+    MONAI Label 0.8.5 pins pydicom 2.4, so both are supported (bin/compat_check.sh runs the DICOM tests on 2.4).
+    """
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
 def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     from common.dicom import SizedFile, check_inflated_size, check_pixel_bytes, rescale
+
+    apply_modality_lut, apply_voi_lut = pydicom_luts()
 
     check_inflated_size(path)
     try:

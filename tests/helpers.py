@@ -10,6 +10,20 @@ import types
 REAL_PAIR = "pneumocystis-pneumonia-2"  # the case of the ``pair`` fixture: a PNG PA + lateral pair of shared data
 
 
+def save_dicom(ds, target) -> None:
+    """Write ``ds`` as a conformant DICOM file on pydicom 2.4 and 3.x alike.
+
+    pydicom 3 renamed ``write_like_original=False`` to ``enforce_file_format=True``; MONAI Label 0.8.5 needs
+    pydicom 2.4, so the DICOM tests run on both (bin/compat_check.sh).
+    """
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(target, enforce_file_format=True)
+    else:
+        ds.save_as(target, write_like_original=False)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (servers, DDP rendezvous): fixed ports collide when suites run side by side."""
     with socket.socket() as s:
@@ -76,7 +90,7 @@ def film_dataset(
 
 def write_film(path, pixels, photometric: str = "MONOCHROME2", modality: str = "DX", **tags) -> str:
     """:func:`film_dataset` saved to ``path``; returns the path as a string."""
-    film_dataset(path, pixels, photometric, modality, **tags).save_as(path, enforce_file_format=True)
+    save_dicom(film_dataset(path, pixels, photometric, modality, **tags), path)
     return str(path)
 
 

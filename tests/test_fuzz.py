@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import traced
+from helpers import save_dicom, traced
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -193,7 +193,7 @@ def dicom_bytes(modality: str = "DX", z: float = 0.0, instance: int = 1, rows: i
     dtype = "<i2" if modality == "CT" else "<u2"
     ds.PixelData = (np.add.outer(np.arange(rows), np.arange(cols)) * 37 + instance).astype(dtype).tobytes()
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    save_dicom(ds, buffer)
     return buffer.getvalue()
 
 

@@ -12,7 +12,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from helpers import film_dataset, traced
+from helpers import film_dataset, save_dicom, traced
 
 from common.errors import InputError
 from common.io import load_volume, save_volume
@@ -311,7 +311,7 @@ def _forged_rle_dicom(path, side: int = 8192, bits: int = 32) -> str:
     ds.compress(pydicom.uid.RLELossless)
     ds.Rows = ds.Columns = side
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.save_as(path, enforce_file_format=True)
+    save_dicom(ds, path)
     return str(path)
 
 
@@ -344,9 +344,9 @@ def test_dicom_upload_bounded_by_bits_and_named(tmp_path):
 
 def test_dicom_float32_path_matches_pydicom_luts(tmp_path):
     """The in-place float32 rescale and window give pydicom's float64 result after min/max scaling."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from common.xray import load_xray, pydicom_luts
 
-    from common.xray import load_xray
+    apply_modality_lut, apply_voi_lut = pydicom_luts()
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 4096, (40, 50)).astype(np.uint16)
@@ -361,7 +361,7 @@ def test_dicom_float32_path_matches_pydicom_luts(tmp_path):
     for name, tags in cases.items():
         path = tmp_path / f"{name}.dcm"
         ds = film_dataset(path, pixels, **tags)
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom(ds, path)
         ref = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
         if "WindowCenter" in ds:
             ref = np.asarray(apply_voi_lut(ref, ds), dtype=np.float64)

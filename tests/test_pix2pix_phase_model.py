@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.pix2pix_phase.scripts.data import PairBatch, VolumeSliceDataset
+from bundles.pix2pix_phase.scripts.data import PairBatch, VolumeSliceDataset, pad_slices_collate
 from bundles.pix2pix_phase.scripts.engines import ConditionalGanTrainer
 from bundles.pix2pix_phase.scripts.networks import (
     PhaseGenerator,
@@ -47,6 +47,40 @@ def test_generator_shape_range_and_torchscript():
     torch.testing.assert_close(scripted(x), y)
     # fully convolutional: a deeper-native slice (128 = 2 x 64) still works with the 64-sized depth
     assert gen(torch.randn(1, 1, 128, 64)).shape == (1, 1, 128, 64)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(
+    "height, width",
+    [(270, 14), (13, 14), (64, 32)],  # a CTPA crop's 270 failed at the 13/14 skip before padding
+)
+def test_generator_takes_any_slice_size(height, width, residual):
+    """Sides that are not a multiple of 2**n_down are padded with air (-1) and cropped back: same grid out,
+    within [-1, 1], the same under TorchScript; a 13-pixel side is padded to 32 (a 2x2 bottleneck at depth 4)."""
+    torch.manual_seed(0)
+    gen = PhaseGenerator((64, 32), base_channels=4, residual=residual).eval()
+    assert gen.multiple == 16
+    x = torch.rand(2, 1, height, width) * 2 - 1
+    with torch.no_grad():
+        y = gen(x)
+        assert y.shape == x.shape and y.abs().max() <= 1.0 and torch.isfinite(y).all()
+        torch.testing.assert_close(torch.jit.script(gen)(x), y)
+    if residual:  # the zero-initialised last layer: the untrained residual generator copies its input
+        torch.testing.assert_close(y, x)
+
+
+def test_slices_of_different_sizes_collate_padded_with_air():
+    """Training batches mix volumes of any in-plane size: padded to the largest with -1 (air), centred."""
+    small = {"avg": torch.zeros(1, 13, 20), "phase0": torch.ones(1, 13, 20), "case": "a", "slice": 0}
+    large = {"avg": torch.zeros(1, 16, 16), "phase0": torch.ones(1, 16, 16), "case": "b", "slice": 3}
+    batch = pad_slices_collate([small, large])
+    assert batch["avg"].shape == batch["phase0"].shape == (2, 1, 16, 20)
+    assert batch["case"] == ["a", "b"] and batch["slice"].tolist() == [0, 3]
+    # 13 -> 16 rows: 1 above, 2 below; 16 -> 20 columns: 2 each side
+    torch.testing.assert_close(batch["phase0"][0, 0, 1:14], torch.ones(13, 20))
+    assert (batch["phase0"][0, 0, [0, 14, 15]] == -1).all()
+    assert (batch["phase0"][1, 0, :, [0, 1, 18, 19]] == -1).all()
+    torch.testing.assert_close(batch["phase0"][1, 0, :, 2:18], torch.ones(16, 16))
 
 
 def test_discriminator_is_conditional_patchgan():

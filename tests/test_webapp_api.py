@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import free_port, wait_for_job  # noqa: E402
+from helpers import free_port, save_dicom, wait_for_job  # noqa: E402
 
 from common.drr import DRRGeometry  # noqa: E402
 from common.errors import InputError  # noqa: E402
@@ -415,7 +415,7 @@ def deflated_dicom(rows: int, cols: int) -> bytes:
     ramp = np.tile((np.arange(cols) * 20).astype(np.uint16), (rows, 1))
     ds.PixelData = ramp.tobytes()
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    save_dicom(ds, buffer)
     return buffer.getvalue()
 
 

@@ -62,6 +62,25 @@ class VolumeSliceDataset(Dataset):
         return out
 
 
+def pad_slices_collate(batch: Sequence[dict], value: float = -1.0) -> dict:
+    """Collate slices of different in-plane sizes (volumes of any size in one epoch, e.g. a 512^2 CT beside
+    a 122x102 crop): every (C, H, W) tensor is padded around its centre to the batch's largest (H, W) with
+    ``value`` (-1: air, the floor of the symmetric window, on input and target alike), then collated."""
+    keys = [k for k, v in batch[0].items() if isinstance(v, torch.Tensor) and v.ndim == 3]
+    height = max(int(item[k].shape[-2]) for item in batch for k in keys) if keys else 0
+    width = max(int(item[k].shape[-1]) for item in batch for k in keys) if keys else 0
+    padded = []
+    for item in batch:
+        item = dict(item)
+        for k in keys:
+            ph, pw = height - item[k].shape[-2], width - item[k].shape[-1]
+            if ph or pw:
+                sides = [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+                item[k] = torch.nn.functional.pad(item[k], sides, value=value)
+        padded.append(item)
+    return torch.utils.data.default_collate(padded)
+
+
 class PairBatch:
     """``prepare_batch`` for MONAI engines: (input, target) tensors from two dict keys, on ``device``."""
 

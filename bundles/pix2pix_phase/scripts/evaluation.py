@@ -24,10 +24,13 @@ from common.volume import Volume
 logger = logging.getLogger(__name__)
 
 
-def to_hu_volume(pred: torch.Tensor, window: str = "xray2ct") -> Volume:
-    """A (1, X, Y, Z) [-1, 1] MetaTensor -> HU :class:`Volume` with the tensor's affine."""
+def to_hu_volume(pred: torch.Tensor, window: str | None = "xray2ct") -> Volume:
+    """A (1, X, Y, Z) [-1, 1] MetaTensor -> HU :class:`Volume` with the tensor's affine; ``window=None``:
+    ``pred`` is already in HU (inference.json's postprocessing maps it back, for MONAI Label)."""
     affine = np.asarray(torch.as_tensor(pred.affine).cpu(), dtype=np.float64)
-    hu = get_window(window).from_symmetric(torch.as_tensor(pred).as_subclass(torch.Tensor).float().cpu())
+    hu = torch.as_tensor(pred).as_subclass(torch.Tensor).float().cpu()
+    if window is not None:
+        hu = get_window(window).from_symmetric(hu)
     return Volume(hu[0].numpy().astype(np.float32), affine)
 
 
@@ -39,7 +42,7 @@ class SavePhaseVolumes:
         output_dir: str,
         pred_key: str = "pred",
         input_key: str = "avg",
-        window: str = "xray2ct",
+        window: str | None = "xray2ct",
         postfix: str = "phase0",
         previews: bool = True,
     ) -> None:

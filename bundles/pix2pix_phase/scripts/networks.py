@@ -66,6 +66,8 @@ class PhaseGenerator(nn.Module):
         self.residual = bool(residual)
         n_down = count_downsamplings(image_size, max_downsamplings)
         self.n_down = n_down
+        self.multiple = 2**n_down  # slice sides must divide by this; forward pads to it
+        self.least_side = self.multiple * MIN_BOTTLENECK  # instance norm needs a bottleneck over 1x1
         self.unet = UNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -87,9 +89,23 @@ class PhaseGenerator(nn.Module):
                 nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, C_out, H, W): any H, W. Slices whose sides are not a multiple of
+        ``multiple`` (2**n_down: the skip connections need every level even), or smaller than
+        ``MIN_BOTTLENECK`` multiples, are padded with -1 (air, the window's floor) around the centre and the
+        output cropped back, so a CT of any in-plane size runs
+        (a 270-pixel CTPA crop failed with "Sizes of tensors must match ... 13 but got 14")."""
+        h, w = x.shape[-2], x.shape[-1]
+        m, least = self.multiple, self.least_side
+        ph, pw = max((-h) % m, least - h), max((-w) % m, least - w)
+        if ph > 0 or pw > 0:
+            x = torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=-1.0)
         if self.residual:
-            return (x + self.unet(x)).clamp(-1.0, 1.0)
-        return torch.tanh(self.unet(x))
+            y = (x + self.unet(x)).clamp(-1.0, 1.0)
+        else:
+            y = torch.tanh(self.unet(x))
+        if ph > 0 or pw > 0:
+            y = y[:, :, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+        return y
 
 
 def conditional_patch_discriminator(

@@ -126,8 +126,12 @@ class ReconstructionWriter:
         previews: bool = True,
         image_key: str = "image",
         pred_key: str = "pred",
+        pred_is_hu: bool = False,
     ):
+        """``pred_is_hu``: the postprocessing already mapped ``pred`` back to HU (inference.json does, so
+        MONAI Label, which runs only pre/postprocessing, gets HU); otherwise ``pred`` is in window units."""
         self.output_dir = os.fspath(output_dir)
+        self.pred_is_hu = bool(pred_is_hu)
         self.window = get_window(window)
         self.preview_window = preview_window
         self.previews = previews
@@ -159,7 +163,8 @@ class ReconstructionWriter:
     def write(self, name: str, image: torch.Tensor, pred: torch.Tensor, affine: np.ndarray) -> str:
         """Save one reconstruction (C dropped) and its previews; returns the NIfTI path."""
         to_hu = lambda t: self.window.from_unit(torch.as_tensor(t).detach().cpu().float().numpy())  # noqa: E731
-        recon = Volume(to_hu(pred).astype(np.float32), affine)
+        hu = torch.as_tensor(pred).detach().cpu().float().numpy() if self.pred_is_hu else to_hu(pred)
+        recon = Volume(hu.astype(np.float32), affine)
         path = save_volume(recon, os.path.join(self.output_dir, f"{name}_recon.nii.gz"))
         self.written.append(path)
         if self.previews:
