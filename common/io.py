@@ -28,7 +28,6 @@ import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_path, atomic_write_text, is_partial_file
-from common.dicom import load_dicom_series
 from common.errors import InputError, require_file
 from common.limits import DEFLATE_MAX_RATIO, MAX_VOXELS, check_payload_fits, check_voxel_count  # noqa: F401
 from common.volume import Volume
@@ -76,6 +75,9 @@ def load_volume(
         elif fmt == "npy":
             vol = _load_npy(path, max_voxels)
         else:
+            # imported here: pydicom is needed only for DICOM input (the GPU machine and NIfTI-only users lack it)
+            from common.dicom import load_dicom_series
+
             vol = load_dicom_series(path, max_voxels=max_voxels)
     except InputError:
         raise

@@ -17,7 +17,11 @@ import time
 
 import nibabel as nib
 import numpy as np
-import requests
+
+try:  # MONAI Label's venv has it; ours may not (then --help still answers, a run says what is missing)
+    import requests
+except ImportError:  # pragma: no cover - depends on the environment
+    requests = None
 
 VOLUME_MODELS = ("vqgan_3d_patch", "pix2pix_phase")
 CLASSIFIER_MODELS = ("pe_classifier",)
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", required=True, help="the server's studies folder (<id>.nii.gz files)")
     parser.add_argument("--bundles", required=True, help="the app's bundles_dir (to list checkpoints)")
     args = parser.parse_args(argv)
+    if requests is None:
+        print("error: the REST check needs the 'requests' package: run it in MONAI Label's venv "
+              "(bin/monailabel_check.sh)", file=sys.stderr)
+        return 2
     studies = sorted(f[: -len(".nii.gz")] for f in os.listdir(args.studies) if f.endswith(".nii.gz"))
     paths = {s: os.path.join(args.studies, s + ".nii.gz") for s in studies}
     print("model | call | study | HTTP | seconds | result", flush=True)
