@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from common.contract import renamed  # the one deprecation path (re-exported for older configs)
+from common.contract import renamed  # the one deprecation path (legacy_views warns through it)
 from common.datalist import safe_case_name
 from common.errors import InputError
 from common.volume import Volume

@@ -23,6 +23,7 @@ from common.checkpoint import (
     read_config,
     resolve_settings,
 )
+from common.contract import renamed
 from common.errors import InputError
 from common.predictor import (
     Prediction,
@@ -30,7 +31,6 @@ from common.predictor import (
     inference_items,
     postprocess,
     prediction_paths,
-    renamed,
     write_prediction,
 )
 from common.volume import Volume
