@@ -161,8 +161,10 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_training_with_gloo_on_two_processes(phantom_pairs, tmp_path, free_port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
+def test_ddp_training_with_gloo_on_two_processes(phantom_pairs, tmp_path):
+    # --standalone: torchrun's agent binds port 0 and its workers share that store. A port picked before the launch
+    # (free_port) can be taken by another test in between (CI failed once on EADDRINUSE).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{MULTI_GPU}','{TINY}']",
            "--dataset_dir", str(phantom_pairs["root"]), "--bundle_root", str(tmp_path / "b"),
            "--output_dir", str(tmp_path / "out"), "--max_epochs", "2"]  # fmt: skip
