@@ -189,6 +189,22 @@ def get_geometry(geometry: str | dict | DRRGeometry) -> DRRGeometry:
         raise ValueError(f"unknown DRR geometry {geometry!r}; presets: {sorted(PRESETS)}") from None
 
 
+DEFAULT_GEOMETRY = X2CTGAN.name  # the one default: the dataset builders' preset (common.datalist.dataset_geometry)
+
+
+def detector_geometry(geometry: str | dict | DRRGeometry, pixels: int | Sequence[int]) -> DRRGeometry:
+    """``geometry`` (preset name, :meth:`DRRGeometry.as_dict` dict or object) with a detector of ``pixels``
+    (side, or (rows, cols)): the one place a camera gets its pixel count.
+
+    Called once where a dataset is built (the DRRs' size) and, read back, where an X-ray's size differs from
+    the camera's: :func:`common.datalist.dataset_geometry` (the network's input size) and the settings of
+    checkpoints recorded before geometries were stored at that size. The same object when already at ``pixels``.
+    """
+    geometry = get_geometry(geometry)
+    pix = (int(pixels[0]), int(pixels[1])) if isinstance(pixels, Sequence) else (int(pixels), int(pixels))
+    return geometry if tuple(geometry.detector_pixels) == pix else geometry.resized(pix)
+
+
 def _view_axes(view: str) -> tuple[int, float, int]:
     try:
         return _VIEW_AXES[view]

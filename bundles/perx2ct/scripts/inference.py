@@ -134,7 +134,7 @@ class PerX2CTInference:
         size = int(net.image_size)
         return InferenceSettings(
             bundle="perx2ct", hu_window=window, spacing=tuple(float(v) for v in net.spacing), image_size=size,
-            geometry=net.geometry.resized(size), checkpoint=checkpoint,
+            geometry=net.geometry, checkpoint=checkpoint,
         )  # fmt: skip
 
     # -- construction ---------------------------------------------------------------------------
