@@ -132,3 +132,26 @@ def test_nothing_on_the_path_resizes_a_geometry_itself():
     calls = [m.start() for m in re.finditer(r"\.resized\(", drr)]
     start = drr.index("def detector_geometry(")
     assert calls and all(start < c < drr.index("\ndef ", start + 1) for c in calls)
+
+
+VIEWS = {
+    "lateral": "left-lateral, beam right->left; row 0 superior, col 0 anterior",
+    "pa": "source posterior, detector anterior; row 0 superior, col 0 patient right",
+}
+# dataset.json "geometry" of clinical builds as written before the refactor (commit de8c170): unchanged since
+BEFORE_12 = {
+    "detector_pixels": [12, 12], "detector_size_mm": [430.0, 430.0], "detector_spacing_mm": [430.0 / 12] * 2,
+    "lateral": [1320.0, 1500.0], "name": "clinical", "sad": 1640.0, "sid": 1800.0, "views": VIEWS,
+}  # fmt: skip
+
+
+def test_datasets_store_the_geometry_they_stored_before(tmp_path):
+    from data_prep.build_pairs import build_settings
+    from data_prep.phantom import make_pe_dataset
+
+    path = make_phantom_dataset(tmp_path / "a", n_cases=1, size=16, geometry="clinical", drr_pixels=12, val_fraction=0, test_fraction=0)
+    meta = json.loads(Path(path).read_text())
+    assert meta["geometry"] == BEFORE_12 and meta["drr_pixels"] == 12
+    pe = make_pe_dataset(tmp_path / "b", n_patients=(1, 0, 0), size=16, geometry="clinical", drr_pixels=12)
+    assert json.loads(Path(pe).read_text())["geometry"] == BEFORE_12
+    assert build_settings((16,) * 3, (12.0,) * 3, "clinical", 12)["geometry"] == BEFORE_12
