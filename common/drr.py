@@ -205,6 +205,17 @@ def detector_geometry(geometry: str | dict | DRRGeometry, pixels: int | Sequence
     return geometry if tuple(geometry.detector_pixels) == pix else geometry.resized(pix)
 
 
+def same_camera(a: str | dict | DRRGeometry, b: str | dict | DRRGeometry) -> bool:
+    """Whether two geometries are one camera, whatever their detector pixel counts: a network's ``geometry``
+    argument follows its X-ray input size, and records written before the configs did so carry the DRRs' size
+    (:func:`common.checkpoint.network_differences` compares geometries by this). False for a non-geometry."""
+    try:
+        a, b = get_geometry(a), get_geometry(b)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return dataclasses.replace(a, detector_pixels=b.detector_pixels) == b
+
+
 def _view_axes(view: str) -> tuple[int, float, int]:
     try:
         return _VIEW_AXES[view]

@@ -155,3 +155,22 @@ def test_datasets_store_the_geometry_they_stored_before(tmp_path):
     pe = make_pe_dataset(tmp_path / "b", n_patients=(1, 0, 0), size=16, geometry="clinical", drr_pixels=12)
     assert json.loads(Path(pe).read_text())["geometry"] == BEFORE_12
     assert build_settings((16,) * 3, (12.0,) * 3, "clinical", 12)["geometry"] == BEFORE_12
+
+
+@pytest.mark.parametrize("camera, loads", [("x2ctgan", True), ("perx2ct", False)])
+def test_a_record_with_the_geometry_at_the_drr_size_still_loads(tmp_path, camera, loads):
+    """Records written before the configs stored the camera at the input size (here 128-pixel DRRs, a 32-pixel
+    network) load into today's config network: one camera, another pixel count; another camera is refused."""
+    from common.checkpoint import load_weights
+
+    parser = read_config(_configs("perx2ct", "train"), {"bundle_root": str(BUNDLES / "perx2ct"), "dataset_dir": str(tmp_path)})
+    net = parser.get_parsed_content("network_def")  # no dataset: the default camera at image_size
+    assert net.geometry == detector_geometry(DEFAULT_GEOMETRY, PIXELS)
+    record = json.loads(CheckpointRecord("perx2ct", network=net, version="0").state_dict()["json"])
+    record["network_def"]["geometry"] = detector_geometry(camera, 128).as_dict()
+    torch.save({"model": net.state_dict(), "record": {"json": json.dumps(record)}}, tmp_path / "old.pt")
+    if loads:
+        load_weights(net, tmp_path / "old.pt", expected_bundle="perx2ct")
+    else:
+        with pytest.raises(InputError, match="geometry="):
+            load_weights(net, tmp_path / "old.pt", expected_bundle="perx2ct")
