@@ -174,3 +174,13 @@ def test_a_record_with_the_geometry_at_the_drr_size_still_loads(tmp_path, camera
     else:
         with pytest.raises(InputError, match="geometry="):
             load_weights(net, tmp_path / "old.pt", expected_bundle="perx2ct")
+
+
+@pytest.mark.parametrize("view", ["pa", "lateral"])
+def test_the_cascade_grid_is_the_same_at_the_drr_or_the_input_size(view):
+    """A cascade trained now holds the camera at xray_size, one trained before at the DRRs' size: the normalised
+    back-projection grid is the same bits (power-of-two pixel counts scale exactly), so results do not change."""
+    from bundles.progressive_cascade.scripts.networks import backprojection_grid
+
+    at_drr = backprojection_grid(detector_geometry("clinical", 128), 16, (320.0,) * 3, view)
+    assert torch.equal(at_drr, backprojection_grid(detector_geometry("clinical", 512), 16, (320.0,) * 3, view))
