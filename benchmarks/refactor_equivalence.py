@@ -1,0 +1,287 @@
+"""Does the refactor change a result? The same trained checkpoint evaluated before and after (issue 25).
+
+    python benchmarks/refactor_equivalence.py --old_repo /work/wt-old --work /tmp/eq [--bundles perx2ct ...]
+
+``--old_repo`` is a checkout of the pre-refactor commit (``git worktree add --detach /work/wt-old af6b8e9``);
+this checkout is the new tree. For each bundle, with the **old** tree: build the tiny phantom dataset (its
+``data_prep.phantom``), train at ``cpu_tiny`` size, evaluate with its ``evaluate.json``; then evaluate the
+**same** checkpoint on the **same** dataset with the **new** tree's ``evaluate.json`` (same command-line ids,
+other ``output_dir``). Every run is ``python -m monai.bundle run`` in a subprocess with ``PYTHONPATH`` set to
+its tree and one thread (so both trees reduce in the same order on the same CPU). latent_ddpm encodes with
+the VQ-GAN trained in the vqgan_3d_patch step (trained first when selected alone).
+
+The two ``metrics_report.json`` are flattened (``a/b/0/c``) and every number both have is compared:
+``|old - new| <= RTOL * max(1, |old|, |new|)`` with ``RTOL = 1e-5``. Why that bound: the figures are means
+over 32^3 = 32768 voxels (and over the test cases) computed in float32 (eps 1.19e-7); a reordered float32
+sum of N terms is off by at most about eps * log2(N) = 1.8e-6 relative with pairwise summation, PSNR turns a
+relative error d of the MSE into 10 / ln 10 * d = 4.3 d dB, and the bootstrap intervals resample the same
+per-case values with the same seed. 1e-5 is a few times that float32 order and far below any change of
+method (a changed model output moves PSNR by 1e-3 dB or more). Keys only the new report has are listed
+(the refactor may add figures); keys only the old one has, and numbers outside the bound, are failures.
+Strings that differ (paths of the two output folders, versions) are listed, not judged.
+
+Prints the table (bundle, metric, old, new, |diff|) of each report's ``metrics`` and the largest difference
+over all other numbers; writes ``<work>/refactor_equivalence.json``. Resumable: a dataset, checkpoint or
+report already under ``--work`` is reused (``--fresh`` re-runs the evaluations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+REPORT = "metrics_report.json"
+
+# dataset name -> data_prep.phantom.make_phantom_dataset arguments (the tests' tiny datasets, a few more cases)
+DATASETS: dict[str, dict] = {
+    # 12 chests 32^3 at 10 mm with PerX2CT-geometry DRRs 32^2, half with emboli (pe_classifier's label):
+    # 6 training / 3 validation / 3 test, stratified by the PE label
+    "pairs": dict(n_cases=12, size=32, spacing=10.0, geometry="perx2ct", drr_pixels=32, seed=0),
+    # 6 breathing cycles, 4 phases, 32x32x16: average CT -> end-inhale phase (pix2pix_phase)
+    "phases": dict(n_cases=6, size=[32, 32, 16], spacing=[10.0, 10.0, 16.0], drr_pixels=32, emboli_fraction=0.0,
+                   n_phases=4, val_fraction=0.34, test_fraction=0.34, seed=1),  # fmt: skip
+}
+
+# bundle -> dataset, training runs (overrides on train.json + cpu_tiny.json), evaluation overrides, checkpoint
+BUNDLES: dict[str, dict] = {
+    "vqgan_3d_patch": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+    "perx2ct": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+    "progressive_cascade": {"data": "pairs", "train": [{"stage": s, "max_epochs": 2} for s in (1, 2, 3)],
+                            "evaluate": {"stage": 3}, "checkpoint": "models/stage3_model.pt"},  # fmt: skip
+    # the VQ-GAN of the vqgan_3d_patch step (cpu_tiny: the same architecture as latent_ddpm's cpu_tiny vqgan_def);
+    # the old evaluation reads the latent cache the training wrote (latent_dir), the new one the dataset
+    "latent_ddpm": {"data": "pairs", "train": [{"max_epochs": 3, "sampling_steps": 4}],
+                    "evaluate": {"sampling_steps": 4}, "checkpoint": "models/model.pt", "needs": "vqgan_3d_patch"},  # fmt: skip
+    "pix2pix_phase": {"data": "phases", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+    "pe_classifier": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+}
+
+
+def _env(tree: Path, threads: int = 1) -> dict:
+    keep = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    return {**keep, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONWARNINGS": "default::DeprecationWarning"}  # fmt: skip
+
+
+def _run(cmd: list[str], tree: Path, log: Path) -> float:
+    """``cmd`` in ``tree`` with ``PYTHONPATH=tree``, output appended to ``log``; returns wall seconds."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ PYTHONPATH={tree} {' '.join(cmd)}\n")
+        f.flush()
+        res = subprocess.run(cmd, cwd=tree, env=_env(tree), stdout=f, stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed in {tree} (exit {res.returncode}); log: {log}")
+    return time.time() - t0
+
+
+def bundle_run(tree: Path, bundle: str, run_id: str, names: list[str], overrides: dict, log: Path) -> float:
+    """``python -m monai.bundle run <run_id>`` with ``tree``'s ``bundles/<bundle>/configs/<names>``."""
+    files = [str(tree / "bundles" / bundle / "configs" / n) for n in names]
+    args = log.parent / f"{log.stem}.{run_id}.{len(log.read_text().splitlines()) if log.exists() else 0}.json"
+    args.write_text(json.dumps(overrides, indent=1))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(files),
+           "--args_file", str(args)]  # fmt: skip
+    return _run(cmd, tree, log)
+
+
+def make_dataset(old: Path, name: str, work: Path) -> Path:
+    """``<work>/data/<name>`` written by the old tree's ``make_phantom_dataset`` (kept when already there)."""
+    root = work / "data" / name
+    if not (root / "dataset.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        code = f"from data_prep.phantom import make_phantom_dataset as m; m({str(root)!r}, **{DATASETS[name]!r})"
+        _run([sys.executable, "-c", code], old, work / f"data_{name}.log")
+    return root
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """``{"a/b/0/c": leaf}`` of a JSON value (dict keys and list indices joined by ``/``)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}/{i}"))
+        return out or {prefix: []}
+    return {prefix: value}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def compare(old: dict, new: dict, rtol: float = RTOL) -> dict:
+    """Every leaf of two reports: numbers within ``rtol`` (relative to max(1, |old|, |new|)), the rest listed.
+
+    NaN equals NaN (an undefined figure in both); None (a NaN written as null) equals None.
+    """
+    fo, fn = flatten(old), flatten(new)
+    rows, strings, failures = [], [], []
+    for key in sorted(set(fo) & set(fn)):
+        a, b = fo[key], fn[key]
+        if _number(a) and _number(b):
+            both_nan = math.isnan(a) and math.isnan(b) if isinstance(a, float) and isinstance(b, float) else False
+            diff = 0.0 if both_nan or a == b else abs(float(a) - float(b))
+            ok = both_nan or diff <= rtol * max(1.0, abs(a), abs(b))
+            rows.append({"key": key, "old": a, "new": b, "abs_diff": diff, "ok": bool(ok)})
+            if not ok:
+                failures.append(key)
+        elif a != b:
+            strings.append({"key": key, "old": a, "new": b})
+            if _number(a) != _number(b):
+                failures.append(key)  # a number became something else (or back)
+    only_old, only_new = sorted(set(fo) - set(fn)), sorted(set(fn) - set(fo))
+    return {
+        "rtol": rtol,
+        "n_numbers": len(rows),
+        "n_exactly_equal": sum(r["abs_diff"] == 0 for r in rows),
+        "max_abs_diff": max((r["abs_diff"] for r in rows), default=0.0),
+        "numbers": rows,
+        "differing_values": strings,
+        "only_old": only_old,
+        "only_new": only_new,
+        "failures": failures + [f"missing in new: {k}" for k in only_old],
+    }
+
+
+def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
+    """The files both evaluations wrote under the same relative path (previews, CSVs, volumes): byte-identical?
+
+    A ``.nii.gz`` is compared by its decoded header and voxels (its gzip header carries a time stamp).
+    """
+    def files(d: Path) -> set[str]:
+        return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != REPORT}
+
+    same, different = [], []
+    for rel in sorted(files(old_dir) & files(new_dir)):
+        a, b = old_dir / rel, new_dir / rel
+        if rel.endswith(".nii.gz"):
+            import nibabel as nib
+            import numpy as np
+
+            va, vb = nib.load(a), nib.load(b)
+            equal = np.array_equal(va.affine, vb.affine) and np.array_equal(va.get_fdata(), vb.get_fdata())
+        else:
+            equal = a.read_bytes() == b.read_bytes()
+        (same if equal else different).append(rel)
+    return {"identical": same, "different": different, "only_old": sorted(files(old_dir) - files(new_dir)),
+            "only_new": sorted(files(new_dir) - files(old_dir))}  # fmt: skip
+
+
+def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict:
+    """Train (old tree), evaluate (old tree, then new tree) one bundle; returns its comparison."""
+    spec = BUNDLES[name]
+    data = make_dataset(old, spec["data"], work)
+    root = work / name
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "run.log"
+    base = {"dataset_dir": str(data), "bundle_root": str(root), "output_dir": str(root / "train_out")}
+    if spec.get("needs") == "vqgan_3d_patch":
+        base["vqgan_checkpoint"] = str(work / "vqgan_3d_patch" / BUNDLES["vqgan_3d_patch"]["checkpoint"])
+    times = {}
+    checkpoint = root / spec["checkpoint"]
+    if not checkpoint.is_file():
+        t = 0.0
+        for over in spec["train"]:
+            t += bundle_run(old, name, "training", ["train.json", "cpu_tiny.json"], {**base, **over}, log)
+        times["train_old_s"] = round(t, 1)
+    evaluate = {**base, "eval_split": "test", **spec.get("evaluate", {})}
+    reports = {}
+    for tag, tree in (("old", old), ("new", new)):
+        out = root / f"eval_{tag}"
+        over = {**evaluate, "output_dir": str(out)}
+        if name == "latent_ddpm" and tag == "old":  # before the refactor: the cache the training wrote
+            over["latent_dir"] = str(root / "train_out" / "latent_cache")
+        if fresh or not (out / REPORT).is_file():
+            times[f"evaluate_{tag}_s"] = round(
+                bundle_run(tree, name, "evaluating", ["train.json", "evaluate.json", "cpu_tiny.json"], over, log), 1
+            )
+        reports[tag] = json.loads((out / REPORT).read_text())
+    result = compare(reports["old"], reports["new"])
+    result["files"] = compare_outputs(root / "eval_old", root / "eval_new")
+    headline = sorted(set(reports["old"].get("metrics", {})) & set(reports["new"].get("metrics", {})))
+    return {"bundle": name, "dataset": str(data), "checkpoint": str(checkpoint), "times": times,
+            "headline": headline, "reports": {t: str(root / f"eval_{t}" / REPORT) for t in ("old", "new")},
+            **result}  # fmt: skip
+
+
+def _fmt(v) -> str:
+    return f"{v:.9g}" if _number(v) else str(v)
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'bundle':<21}{'metric':<34}{'old':>18}{'new':>18}{'|diff|':>12}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['bundle']:<21}FAILED: {r['error']}")
+            continue
+        by_key = {row["key"]: row for row in r["numbers"]}
+        for k in r["headline"]:
+            row = by_key.get(f"metrics/{k}")
+            if row is None:
+                continue
+            flag = "" if row["ok"] else "  <-- outside the bound"
+            print(f"{r['bundle']:<21}{k:<34}{_fmt(row['old']):>18}{_fmt(row['new']):>18}{row['abs_diff']:>12.3g}{flag}")
+        print(f"{'':<21}all {r['n_numbers']} numbers: {r['n_exactly_equal']} exactly equal, max |diff| "
+              f"{r['max_abs_diff']:.3g}; {len(r['failures'])} failures; {len(r['only_new'])} keys only in new, "
+              f"{len(r['only_old'])} only in old, {len(r['differing_values'])} differing strings")  # fmt: skip
+        files = r["files"]
+        print(f"{'':<21}output files: {len(files['identical'])} identical, {len(files['different'])} different "
+              f"{files['different'][:4]}, {len(files['only_old'])} only old, {len(files['only_new'])} only new")  # fmt: skip
+        for f in r["failures"][:10]:
+            print(f"{'':<21}FAIL {f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
+    p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
+    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all six")
+    p.add_argument("--fresh", action="store_true", help="re-run the evaluations (keep datasets and checkpoints)")
+    args = p.parse_args(argv)
+    old, work = Path(args.old_repo).resolve(), Path(args.work).resolve()
+    if not (old / "bundles").is_dir():
+        p.error(f"{old}: not a checkout of this repository (no bundles/)")
+    work.mkdir(parents=True, exist_ok=True)
+    selected = [n for n in BUNDLES if n in args.bundles]  # the table's order: vqgan before latent_ddpm
+    if "latent_ddpm" in selected and "vqgan_3d_patch" not in selected:
+        selected.insert(0, "vqgan_3d_patch")
+    results = []
+    for name in selected:
+        t0 = time.time()
+        try:
+            results.append(run_bundle(name, old, REPO, work, args.fresh))
+        except Exception as e:  # one failing bundle must not hide the others
+            results.append({"bundle": name, "error": str(e)})
+        print(f"[equivalence] {name}: {time.time() - t0:.0f} s", flush=True)
+    print_table(results)
+    commits = {}
+    for tag, tree in (("old", old), ("new", REPO)):
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True)
+        commits[tag] = res.stdout.strip() or None
+    summary = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "old_repo": str(old),
+               "new_repo": str(REPO), "commits": commits, "rtol": RTOL, "datasets": DATASETS, "bundles": results}  # fmt: skip
+    out = work / "refactor_equivalence.json"
+    sys.path.insert(0, str(REPO))
+    from common.atomic import atomic_write_text
+
+    atomic_write_text(out, json.dumps(summary, indent=1, default=str) + "\n")
+    print(f"[equivalence] {out}")
+    return 1 if any("error" in r or r["failures"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
