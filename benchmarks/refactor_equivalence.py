@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,25 +44,27 @@ REPORT = "metrics_report.json"
 # dataset name -> data_prep.phantom.make_phantom_dataset arguments (the tests' tiny datasets, a few more cases)
 DATASETS: dict[str, dict] = {
     # 12 chests 32^3 at 10 mm with PerX2CT-geometry DRRs 32^2, half with emboli (pe_classifier's label):
-    # 6 training / 3 validation / 3 test, stratified by the PE label
+    # 4 training / 4 validation / 4 test, stratified by the PE label
     "pairs": dict(n_cases=12, size=32, spacing=10.0, geometry="perx2ct", drr_pixels=32, seed=0),
     # 6 breathing cycles, 4 phases, 32x32x16: average CT -> end-inhale phase (pix2pix_phase)
     "phases": dict(n_cases=6, size=[32, 32, 16], spacing=[10.0, 10.0, 16.0], drr_pixels=32, emboli_fraction=0.0,
                    n_phases=4, val_fraction=0.34, test_fraction=0.34, seed=1),  # fmt: skip
 }
 
-# bundle -> dataset, training runs (overrides on train.json + cpu_tiny.json), evaluation overrides, checkpoint
+# bundle -> dataset, training runs (overrides on train.json + cpu_tiny.json), the checkpoint evaluated and the
+# old tree's id for it (given to both trees: the new one renamed "checkpoint" to "ckpt_path"), evaluation overrides
+_MODEL, _SAME_ID = {"checkpoint": "models/model.pt", "checkpoint_id": "checkpoint"}, {"checkpoint_id": "ckpt_path"}
 BUNDLES: dict[str, dict] = {
-    "vqgan_3d_patch": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
-    "perx2ct": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+    "vqgan_3d_patch": {"data": "pairs", "train": [{"max_epochs": 3}], **_MODEL},
+    "perx2ct": {"data": "pairs", "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},
     "progressive_cascade": {"data": "pairs", "train": [{"stage": s, "max_epochs": 2} for s in (1, 2, 3)],
-                            "evaluate": {"stage": 3}, "checkpoint": "models/stage3_model.pt"},  # fmt: skip
+                            **_MODEL, "checkpoint": "models/stage3_model.pt", "evaluate": {"stage": 3}},  # fmt: skip
     # the VQ-GAN of the vqgan_3d_patch step (cpu_tiny: the same architecture as latent_ddpm's cpu_tiny vqgan_def);
     # the old evaluation reads the latent cache the training wrote (latent_dir), the new one the dataset
-    "latent_ddpm": {"data": "pairs", "train": [{"max_epochs": 3, "sampling_steps": 4}],
-                    "evaluate": {"sampling_steps": 4}, "checkpoint": "models/model.pt", "needs": "vqgan_3d_patch"},  # fmt: skip
-    "pix2pix_phase": {"data": "phases", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
-    "pe_classifier": {"data": "pairs", "train": [{"max_epochs": 3}], "checkpoint": "models/model.pt"},
+    "latent_ddpm": {"data": "pairs", "train": [{"max_epochs": 3, "sampling_steps": 4}], **_MODEL, **_SAME_ID,
+                    "evaluate": {"sampling_steps": 4}, "needs": "vqgan_3d_patch"},  # fmt: skip
+    "pix2pix_phase": {"data": "phases", "train": [{"max_epochs": 3}], **_MODEL},
+    "pe_classifier": {"data": "pairs", "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},
 }
 
 
@@ -84,9 +87,10 @@ def _run(cmd: list[str], tree: Path, log: Path) -> float:
 
 
 def bundle_run(tree: Path, bundle: str, run_id: str, names: list[str], overrides: dict, log: Path) -> float:
-    """``python -m monai.bundle run <run_id>`` with ``tree``'s ``bundles/<bundle>/configs/<names>``."""
+    """``python -m monai.bundle run <run_id>`` with ``tree``'s ``bundles/<bundle>/configs/<names>``; the
+    overrides go to ``<log>.json`` (``--args_file``), the output to ``log``."""
     files = [str(tree / "bundles" / bundle / "configs" / n) for n in names]
-    args = log.parent / f"{log.stem}.{run_id}.{len(log.read_text().splitlines()) if log.exists() else 0}.json"
+    args = log.with_suffix(".json")
     args.write_text(json.dumps(overrides, indent=1))
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(files),
            "--args_file", str(args)]  # fmt: skip
@@ -101,6 +105,13 @@ def make_dataset(old: Path, name: str, work: Path) -> Path:
         code = f"from data_prep.phantom import make_phantom_dataset as m; m({str(root)!r}, **{DATASETS[name]!r})"
         _run([sys.executable, "-c", code], old, work / f"data_{name}.log")
     return root
+
+
+def imported_from(tree: Path) -> str:
+    """Where ``common`` and ``bundles`` come from with ``tree``'s environment (evidence that each run used its tree)."""
+    code = "import bundles, common; print(common.__file__, bundles.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tree, env=_env(tree), capture_output=True, text=True)
+    return res.stdout.strip() or res.stderr.strip()[-300:]
 
 
 def flatten(value, prefix: str = "") -> dict:
@@ -122,12 +133,21 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def compare(old: dict, new: dict, rtol: float = RTOL) -> dict:
+def compare(old: dict, new: dict, rtol: float = RTOL, places: dict[str, str] | None = None) -> dict:
     """Every leaf of two reports: numbers within ``rtol`` (relative to max(1, |old|, |new|)), the rest listed.
 
-    NaN equals NaN (an undefined figure in both); None (a NaN written as null) equals None.
+    NaN equals NaN (an undefined figure in both); None (a NaN written as null) equals None. ``places``
+    (``{path: "<name>"}``) are replaced in strings first: each evaluation's own output folder is not a difference.
     """
-    fo, fn = flatten(old), flatten(new)
+
+    def placed(value):
+        if isinstance(value, str):
+            for path, name in (places or {}).items():
+                value = value.replace(path, name)
+        return value
+
+    fo = {k: placed(v) for k, v in flatten(old).items()}
+    fn = {k: placed(v) for k, v in flatten(new).items()}
     rows, strings, failures = [], [], []
     for key in sorted(set(fo) & set(fn)):
         a, b = fo[key], fn[key]
@@ -186,7 +206,8 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict
     data = make_dataset(old, spec["data"], work)
     root = work / name
     root.mkdir(parents=True, exist_ok=True)
-    log = root / "run.log"
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
     base = {"dataset_dir": str(data), "bundle_root": str(root), "output_dir": str(root / "train_out")}
     if spec.get("needs") == "vqgan_3d_patch":
         base["vqgan_checkpoint"] = str(work / "vqgan_3d_patch" / BUNDLES["vqgan_3d_patch"]["checkpoint"])
@@ -194,27 +215,35 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict
     checkpoint = root / spec["checkpoint"]
     if not checkpoint.is_file():
         t = 0.0
-        for over in spec["train"]:
+        for i, over in enumerate(spec["train"]):
+            log = logs / f"train_old_{i}.log"
+            log.write_text("")
             t += bundle_run(old, name, "training", ["train.json", "cpu_tiny.json"], {**base, **over}, log)
         times["train_old_s"] = round(t, 1)
-    evaluate = {**base, "eval_split": "test", **spec.get("evaluate", {})}
-    reports = {}
+    # the same command line for both trees: the checkpoint under the old tree's id (the new tree accepts a
+    # renamed id with a DeprecationWarning, counted below)
+    evaluate = {**base, "eval_split": "test", spec["checkpoint_id"]: str(checkpoint), **spec.get("evaluate", {})}
+    reports, deprecated = {}, {}
     for tag, tree in (("old", old), ("new", new)):
         out = root / f"eval_{tag}"
         over = {**evaluate, "output_dir": str(out)}
         if name == "latent_ddpm" and tag == "old":  # before the refactor: the cache the training wrote
             over["latent_dir"] = str(root / "train_out" / "latent_cache")
+        log = logs / f"evaluate_{tag}.log"
         if fresh or not (out / REPORT).is_file():
-            times[f"evaluate_{tag}_s"] = round(
-                bundle_run(tree, name, "evaluating", ["train.json", "evaluate.json", "cpu_tiny.json"], over, log), 1
-            )
+            log.write_text("")
+            names = ["train.json", "evaluate.json", "cpu_tiny.json"]
+            times[f"evaluate_{tag}_s"] = round(bundle_run(tree, name, "evaluating", names, over, log), 1)
         reports[tag] = json.loads((out / REPORT).read_text())
-    result = compare(reports["old"], reports["new"])
+        text = log.read_text() if log.is_file() else ""
+        deprecated[tag] = sorted(set(re.findall(r"config id '[^']+' is deprecated[^\n]*?use '[^']+'", text)))
+    places = {str(root / f"eval_{t}"): "<output_dir>" for t in ("old", "new")}
+    result = compare(reports["old"], reports["new"], places=places)
     result["files"] = compare_outputs(root / "eval_old", root / "eval_new")
     headline = sorted(set(reports["old"].get("metrics", {})) & set(reports["new"].get("metrics", {})))
     return {"bundle": name, "dataset": str(data), "checkpoint": str(checkpoint), "times": times,
-            "headline": headline, "reports": {t: str(root / f"eval_{t}" / REPORT) for t in ("old", "new")},
-            **result}  # fmt: skip
+            "headline": headline, "checkpoint_id": spec["checkpoint_id"], "deprecated_ids": deprecated,
+            "reports": {t: str(root / f"eval_{t}" / REPORT) for t in ("old", "new")}, **result}  # fmt: skip
 
 
 def _fmt(v) -> str:
@@ -240,6 +269,8 @@ def print_table(results: list[dict]) -> None:
         files = r["files"]
         print(f"{'':<21}output files: {len(files['identical'])} identical, {len(files['different'])} different "
               f"{files['different'][:4]}, {len(files['only_old'])} only old, {len(files['only_new'])} only new")  # fmt: skip
+        if any(r["deprecated_ids"].values()):
+            print(f"{'':<21}deprecation warnings (old checkpoint id {r['checkpoint_id']!r}): {r['deprecated_ids']}")
         for f in r["failures"][:10]:
             print(f"{'':<21}FAIL {f}")
 
@@ -273,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True)
         commits[tag] = res.stdout.strip() or None
     summary = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "old_repo": str(old),
-               "new_repo": str(REPO), "commits": commits, "rtol": RTOL, "datasets": DATASETS, "bundles": results}  # fmt: skip
+               "new_repo": str(REPO), "commits": commits,
+               "imported_from": {"old": imported_from(old), "new": imported_from(REPO)}, "rtol": RTOL, "datasets": DATASETS, "bundles": results}  # fmt: skip
     out = work / "refactor_equivalence.json"
     sys.path.insert(0, str(REPO))
     from common.atomic import atomic_write_text

@@ -1,0 +1,41 @@
+"""benchmarks/refactor_equivalence.py's report comparison (the runs themselves are the benchmark, not a test)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.refactor_equivalence import RTOL, compare, flatten
+
+
+def test_flatten_joins_keys_and_indices():
+    assert flatten({"a": {"b": [1, {"c": 2}]}, "d": []}) == {"a/b/0": 1, "a/b/1/c": 2, "d": []}
+
+
+@pytest.mark.parametrize(
+    "old, new, ok",
+    [
+        (15.179289817810059, 15.179289817810059, True),  # bit-identical
+        (15.0, 15.0 + 0.5 * RTOL * 15.0, True),  # float32 order: within the relative bound
+        (15.0, 15.0 + 2.0 * RTOL * 15.0, False),  # beyond it
+        (0.0, 0.5 * RTOL, True),  # near zero the bound is absolute (max(1, |x|))
+        (0.0, 2.0 * RTOL, False),
+        (math.nan, math.nan, True),  # undefined in both
+        (1.0, math.nan, False),
+        (3, 3.0, True),  # an int written as a float
+    ],
+)
+def test_numbers_within_the_bound(old, new, ok):
+    result = compare({"metrics": {"m": old}}, {"metrics": {"m": new}})
+    assert result["numbers"][0]["ok"] is ok and (result["failures"] == []) is ok
+
+
+def test_keys_and_strings():
+    old = {"m": 1.0, "gone": 2.0, "path": "/w/eval_old/p.png", "kind": "a", "n": 1}
+    new = {"m": 1.0, "added": 3.0, "path": "/w/eval_new/p.png", "kind": "b", "n": "1"}
+    r = compare(old, new, places={"/w/eval_old": "<out>", "/w/eval_new": "<out>"})
+    assert r["only_new"] == ["added"] and r["only_old"] == ["gone"]
+    assert [d["key"] for d in r["differing_values"]] == ["kind", "n"]  # the output folders are not a difference
+    assert set(r["failures"]) == {"n", "missing in new: gone"}  # a number that became a string fails; "kind" is listed
+    assert r["n_numbers"] == 1 and r["n_exactly_equal"] == 1 and r["max_abs_diff"] == 0.0
