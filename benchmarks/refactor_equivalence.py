@@ -65,6 +65,9 @@ BUNDLES: dict[str, dict] = {
                     "evaluate": {"sampling_steps": 4}, "needs": "vqgan_3d_patch"},  # fmt: skip
     "pix2pix_phase": {"data": "phases", "train": [{"max_epochs": 3}], **_MODEL},
     "pe_classifier": {"data": "pairs", "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},
+    # the X-ray-only classifier (its own inputs and transforms): a row of pe_classifier, ids set for both runs
+    "pe_classifier_xray": {"bundle": "pe_classifier", "data": "pairs", "base": {"modality": "xray"},
+                           "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},  # fmt: skip
 }
 
 
@@ -203,12 +206,14 @@ def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
 def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict:
     """Train (old tree), evaluate (old tree, then new tree) one bundle; returns its comparison."""
     spec = BUNDLES[name]
+    bundle = spec.get("bundle", name)
     data = make_dataset(old, spec["data"], work)
     root = work / name
     root.mkdir(parents=True, exist_ok=True)
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    base = {"dataset_dir": str(data), "bundle_root": str(root), "output_dir": str(root / "train_out")}
+    base = {"dataset_dir": str(data), "bundle_root": str(root), "output_dir": str(root / "train_out"),
+            **spec.get("base", {})}  # fmt: skip
     if spec.get("needs") == "vqgan_3d_patch":
         base["vqgan_checkpoint"] = str(work / "vqgan_3d_patch" / BUNDLES["vqgan_3d_patch"]["checkpoint"])
     times = {}
@@ -218,7 +223,7 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict
         for i, over in enumerate(spec["train"]):
             log = logs / f"train_old_{i}.log"
             log.write_text("")
-            t += bundle_run(old, name, "training", ["train.json", "cpu_tiny.json"], {**base, **over}, log)
+            t += bundle_run(old, bundle, "training", ["train.json", "cpu_tiny.json"], {**base, **over}, log)
         times["train_old_s"] = round(t, 1)
     # the same command line for both trees: the checkpoint under the old tree's id (the new tree accepts a
     # renamed id with a DeprecationWarning, counted below)
@@ -233,7 +238,7 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict
         if fresh or not (out / REPORT).is_file():
             log.write_text("")
             names = ["train.json", "evaluate.json", "cpu_tiny.json"]
-            times[f"evaluate_{tag}_s"] = round(bundle_run(tree, name, "evaluating", names, over, log), 1)
+            times[f"evaluate_{tag}_s"] = round(bundle_run(tree, bundle, "evaluating", names, over, log), 1)
         reports[tag] = json.loads((out / REPORT).read_text())
         text = log.read_text() if log.is_file() else ""
         deprecated[tag] = sorted(set(re.findall(r"config id '[^']+' is deprecated[^\n]*?use '[^']+'", text)))
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
     p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
-    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all six")
+    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all (the six bundles and pe_classifier_xray)")
     p.add_argument("--fresh", action="store_true", help="re-run the evaluations (keep datasets and checkpoints)")
     args = p.parse_args(argv)
     old, work = Path(args.old_repo).resolve(), Path(args.work).resolve()
