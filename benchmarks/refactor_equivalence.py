@@ -3,22 +3,27 @@
     python benchmarks/refactor_equivalence.py --old_repo /work/wt-old --work /tmp/eq [--bundles perx2ct ...]
 
 ``--old_repo`` is a checkout of the pre-refactor commit (``git worktree add --detach /work/wt-old af6b8e9``);
-this checkout is the new tree. For each bundle, with the **old** tree: build the tiny phantom dataset (its
-``data_prep.phantom``), train at ``cpu_tiny`` size, evaluate with its ``evaluate.json``; then evaluate the
-**same** checkpoint on the **same** dataset with the **new** tree's ``evaluate.json`` (same command-line ids,
-other ``output_dir``). Every run is ``python -m monai.bundle run`` in a subprocess with ``PYTHONPATH`` set to
-its tree and one thread (so both trees reduce in the same order on the same CPU). latent_ddpm encodes with
-the VQ-GAN trained in the vqgan_3d_patch step (trained first when selected alone).
+this checkout is the new tree. For each row of :data:`BUNDLES` (the six bundles, the X-ray-only PE classifier,
+perx2ct and the cascade on the real-CT cohort), with the **old** tree: build the tiny dataset (its
+``data_prep.phantom`` / ``data_prep.cohort``), train at ``cpu_tiny`` size, evaluate with its
+``evaluate.json``; then evaluate the **same** checkpoint on the **same** dataset with the **new** tree's
+``evaluate.json``: the same command-line ids (the checkpoint under the old tree's id, which the new tree takes
+with a DeprecationWarning where it was renamed: the warnings are recorded), another ``output_dir``. Every run
+is ``python -m monai.bundle run`` in a subprocess with ``PYTHONPATH`` set to its tree (recorded:
+``imported_from``) and one thread, so both trees reduce in the same order on the same CPU. latent_ddpm encodes
+with the VQ-GAN trained in the vqgan_3d_patch row (run first when latent_ddpm is selected alone).
 
 The two ``metrics_report.json`` are flattened (``a/b/0/c``) and every number both have is compared:
 ``|old - new| <= RTOL * max(1, |old|, |new|)`` with ``RTOL = 1e-5``. Why that bound: the figures are means
 over 32^3 = 32768 voxels (and over the test cases) computed in float32 (eps 1.19e-7); a reordered float32
-sum of N terms is off by at most about eps * log2(N) = 1.8e-6 relative with pairwise summation, PSNR turns a
-relative error d of the MSE into 10 / ln 10 * d = 4.3 d dB, and the bootstrap intervals resample the same
-per-case values with the same seed. 1e-5 is a few times that float32 order and far below any change of
-method (a changed model output moves PSNR by 1e-3 dB or more). Keys only the new report has are listed
-(the refactor may add figures); keys only the old one has, and numbers outside the bound, are failures.
-Strings that differ (paths of the two output folders, versions) are listed, not judged.
+sum of N terms is off by about eps * log2(N) = 1.8e-6 relative with pairwise summation; PSNR turns a relative
+error d of the MSE into 10 / ln 10 * d = 4.3 d dB (1e-5 dB at PSNR ~15 dB, inside the bound); the bootstrap
+intervals resample the same per-case values with the same seed. So 1e-5 is about 5x the float32 order of a
+reordered sum: a difference beyond it is a change of computation, not rounding. Keys only the new report
+has are listed (the refactor may add figures); keys only the old one has, numbers outside the bound and
+numbers that became strings are failures. Other strings that differ are listed, not judged (each
+evaluation's own output folder is replaced by ``<output_dir>`` first). The files both evaluations wrote
+(previews, reconstructions, CSVs) are compared byte for byte (NIfTI: header affine and voxels).
 
 Prints the table (bundle, metric, old, new, |diff|) of each report's ``metrics`` and the largest difference
 over all other numbers; writes ``<work>/refactor_equivalence.json``. Resumable: a dataset, checkpoint or
@@ -49,7 +54,12 @@ DATASETS: dict[str, dict] = {
     # 6 breathing cycles, 4 phases, 32x32x16: average CT -> end-inhale phase (pix2pix_phase)
     "phases": dict(n_cases=6, size=[32, 32, 16], spacing=[10.0, 10.0, 16.0], drr_pixels=32, emboli_fraction=0.0,
                    n_phases=4, val_fraction=0.34, test_fraction=0.34, seed=1),  # fmt: skip
+    # 12 patients generated from the real chest CT LIDC-IDRI-0001 with its label maps (bin/demo.py's cohort at
+    # the tiny size): the anatomy metrics from label maps (heart Dice and centroid) that phantoms lack
+    "cohort": dict(n_cases=12, size=32, spacing=10.0, drr_pixels=32, geometry="perx2ct", seed=0, val_fraction=0.25,
+                   test_fraction=0.25, previews=0),  # fmt: skip
 }
+MAKERS = {"cohort": "data_prep.cohort import make_cohort"}  # dataset -> its builder (else make_phantom_dataset)
 
 # bundle -> dataset, training runs (overrides on train.json + cpu_tiny.json), the checkpoint evaluated and the
 # old tree's id for it (given to both trees: the new one renamed "checkpoint" to "ckpt_path"), evaluation overrides
@@ -68,6 +78,11 @@ BUNDLES: dict[str, dict] = {
     # the X-ray-only classifier (its own inputs and transforms): a row of pe_classifier, ids set for both runs
     "pe_classifier_xray": {"bundle": "pe_classifier", "data": "pairs", "base": {"modality": "xray"},
                            "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},  # fmt: skip
+    # the X-ray -> CT bundles with anatomy on the real-CT cohort
+    "perx2ct_cohort": {"bundle": "perx2ct", "data": "cohort", "train": [{"max_epochs": 3}], **_MODEL, **_SAME_ID},
+    "progressive_cascade_cohort": {"bundle": "progressive_cascade", "data": "cohort", **_MODEL,
+                                   "train": [{"stage": s, "max_epochs": 2} for s in (1, 2, 3)],
+                                   "checkpoint": "models/stage3_model.pt", "evaluate": {"stage": 3}},  # fmt: skip
 }
 
 
@@ -105,7 +120,8 @@ def make_dataset(old: Path, name: str, work: Path) -> Path:
     root = work / "data" / name
     if not (root / "dataset.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        code = f"from data_prep.phantom import make_phantom_dataset as m; m({str(root)!r}, **{DATASETS[name]!r})"
+        maker = MAKERS.get(name, "data_prep.phantom import make_phantom_dataset")
+        code = f"from {maker} as m; m({str(root)!r}, **{DATASETS[name]!r})"
         _run([sys.executable, "-c", code], old, work / f"data_{name}.log")
     return root
 
@@ -256,10 +272,10 @@ def _fmt(v) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'bundle':<21}{'metric':<34}{'old':>18}{'new':>18}{'|diff|':>12}")
+    print(f"\n{'bundle':<28}{'metric':<34}{'old':>18}{'new':>18}{'|diff|':>12}")
     for r in results:
         if "error" in r:
-            print(f"{r['bundle']:<21}FAILED: {r['error']}")
+            print(f"{r['bundle']:<28}FAILED: {r['error']}")
             continue
         by_key = {row["key"]: row for row in r["numbers"]}
         for k in r["headline"]:
@@ -267,17 +283,17 @@ def print_table(results: list[dict]) -> None:
             if row is None:
                 continue
             flag = "" if row["ok"] else "  <-- outside the bound"
-            print(f"{r['bundle']:<21}{k:<34}{_fmt(row['old']):>18}{_fmt(row['new']):>18}{row['abs_diff']:>12.3g}{flag}")
-        print(f"{'':<21}all {r['n_numbers']} numbers: {r['n_exactly_equal']} exactly equal, max |diff| "
+            print(f"{r['bundle']:<28}{k:<34}{_fmt(row['old']):>18}{_fmt(row['new']):>18}{row['abs_diff']:>12.3g}{flag}")
+        print(f"{'':<28}all {r['n_numbers']} numbers: {r['n_exactly_equal']} exactly equal, max |diff| "
               f"{r['max_abs_diff']:.3g}; {len(r['failures'])} failures; {len(r['only_new'])} keys only in new, "
               f"{len(r['only_old'])} only in old, {len(r['differing_values'])} differing strings")  # fmt: skip
         files = r["files"]
-        print(f"{'':<21}output files: {len(files['identical'])} identical, {len(files['different'])} different "
+        print(f"{'':<28}output files: {len(files['identical'])} identical, {len(files['different'])} different "
               f"{files['different'][:4]}, {len(files['only_old'])} only old, {len(files['only_new'])} only new")  # fmt: skip
         if any(r["deprecated_ids"].values()):
-            print(f"{'':<21}deprecation warnings (old checkpoint id {r['checkpoint_id']!r}): {r['deprecated_ids']}")
+            print(f"{'':<28}deprecation warnings (old checkpoint id {r['checkpoint_id']!r}): {r['deprecated_ids']}")
         for f in r["failures"][:10]:
-            print(f"{'':<21}FAIL {f}")
+            print(f"{'':<28}FAIL {f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
     p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
-    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all (the six bundles and pe_classifier_xray)")
+    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all (the six bundles and 3 more rows)")
     p.add_argument("--fresh", action="store_true", help="re-run the evaluations (keep datasets and checkpoints)")
     args = p.parse_args(argv)
     old, work = Path(args.old_repo).resolve(), Path(args.work).resolve()
