@@ -27,7 +27,13 @@ evaluation's own output folder is replaced by ``<output_dir>`` first). The files
 
 Prints the table (bundle, metric, old, new, |diff|) of each report's ``metrics`` and the largest difference
 over all other numbers; writes ``<work>/refactor_equivalence.json``. Resumable: a dataset, checkpoint or
-report already under ``--work`` is reused (``--fresh`` re-runs the evaluations).
+report already under ``--work`` is reused (``--fresh`` re-runs the evaluations, ``--fresh new`` the new tree's).
+
+Measured (2026-12-07, old af6b8e9, new main de8c170, 2-core CPU, one thread per run; the JSON of
+``--work /tmp/eq``): 9 rows, 14,288 numbers compared, **all bit-identical** (max |diff| 0), 0 keys added or
+removed, every output file both wrote identical (30: previews, reconstructions, CSVs); the renamed
+``checkpoint`` id warned in the new tree for vqgan_3d_patch, progressive_cascade and pix2pix_phase. About 20
+minutes from scratch on the shared, loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -219,7 +225,7 @@ def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
             "only_new": sorted(files(new_dir) - files(old_dir))}  # fmt: skip
 
 
-def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict:
+def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: str | None = None) -> dict:
     """Train (old tree), evaluate (old tree, then new tree) one bundle; returns its comparison."""
     spec = BUNDLES[name]
     bundle = spec.get("bundle", name)
@@ -251,7 +257,7 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: bool) -> dict
         if name == "latent_ddpm" and tag == "old":  # before the refactor: the cache the training wrote
             over["latent_dir"] = str(root / "train_out" / "latent_cache")
         log = logs / f"evaluate_{tag}.log"
-        if fresh or not (out / REPORT).is_file():
+        if fresh in ("all", tag) or not (out / REPORT).is_file():
             log.write_text("")
             names = ["train.json", "evaluate.json", "cpu_tiny.json"]
             times[f"evaluate_{tag}_s"] = round(bundle_run(tree, bundle, "evaluating", names, over, log), 1)
@@ -302,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
     p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
     p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all (the six bundles and 3 more rows)")
-    p.add_argument("--fresh", action="store_true", help="re-run the evaluations (keep datasets and checkpoints)")
+    p.add_argument("--fresh", nargs="?", const="all", choices=["all", "new"],
+                   help="re-run the evaluations (all) or the new tree's only (new: after merging more changes); "
+                        "datasets and checkpoints are kept")  # fmt: skip
     args = p.parse_args(argv)
     old, work = Path(args.old_repo).resolve(), Path(args.work).resolve()
     if not (old / "bundles").is_dir():
