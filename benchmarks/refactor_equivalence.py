@@ -295,7 +295,8 @@ def print_table(results: list[dict]) -> None:
               f"{len(r['only_old'])} only in old, {len(r['differing_values'])} differing strings")  # fmt: skip
         files = r["files"]
         print(f"{'':<28}output files: {len(files['identical'])} identical, {len(files['different'])} different "
-              f"{files['different'][:4]}, {len(files['only_old'])} only old, {len(files['only_new'])} only new")  # fmt: skip
+              f"{files['different'][:4]}, {len(files['only_old'])} only old, "
+              f"{len(files['only_new'])} only new")  # fmt: skip
         if any(r["deprecated_ids"].values()):
             print(f"{'':<28}deprecation warnings (old checkpoint id {r['checkpoint_id']!r}): {r['deprecated_ids']}")
         for f in r["failures"][:10]:
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
     p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
-    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="default: all (the six bundles and 3 more rows)")
+    p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES),
+                   help="rows to run; default: all (the six bundles and 3 more rows)")  # fmt: skip
     p.add_argument("--fresh", nargs="?", const="all", choices=["all", "new"],
                    help="re-run the evaluations (all) or the new tree's only (new: after merging more changes); "
                         "datasets and checkpoints are kept")  # fmt: skip
@@ -334,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         commits[tag] = res.stdout.strip() or None
     summary = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "old_repo": str(old),
                "new_repo": str(REPO), "commits": commits,
-               "imported_from": {"old": imported_from(old), "new": imported_from(REPO)}, "rtol": RTOL, "datasets": DATASETS, "bundles": results}  # fmt: skip
+               "imported_from": {"old": imported_from(old), "new": imported_from(REPO)}, "rtol": RTOL,
+               "datasets": DATASETS, "bundles": results}  # fmt: skip
     out = work / "refactor_equivalence.json"
     sys.path.insert(0, str(REPO))
     from common.atomic import atomic_write_text
