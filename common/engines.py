@@ -3,7 +3,9 @@
 MONAI's ``Trainer`` takes ``data_loader``/``handlers``/``key_metric`` while ``SupervisedTrainer`` (what configs
 wire) names them ``train_data_loader``/``train_handlers``/``key_train_metric``; :class:`StepTrainer` gives
 custom steps the ``SupervisedTrainer`` names, so the configs of every bundle wire trainers the same way.
-Subclasses implement ``_iteration`` and return batched tensors (no decollation).
+Subclasses implement ``_iteration`` and return batched tensors (no decollation); they run the generator's
+forward through ``engine.inferer`` (``train#inferer``, MONAI's training property: a ``SimpleInferer`` calls the
+network as it is, so the step's arithmetic is that of a direct call).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
+from monai.inferers import Inferer, SimpleInferer
 
 
 class StepTrainer(Trainer):
@@ -29,7 +32,9 @@ class StepTrainer(Trainer):
         train_handlers: Sequence | None = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
+        inferer: Inferer | None = None,
     ) -> None:
+        """``inferer``: how the step calls the generator (default :class:`monai.inferers.SimpleInferer`)."""
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -42,3 +47,4 @@ class StepTrainer(Trainer):
             handlers=train_handlers,
             decollate=False,
         )
+        self.inferer = SimpleInferer() if inferer is None else inferer

@@ -15,8 +15,9 @@
 
   ``smoke_test`` is true when evaluated cases are in the training split: such a figure is not a quality
   figure. :func:`write_json` is the one writer (atomic; NaN and infinities are written as ``null``).
-  With ``previews`` it also draws, for the first cases, the model beside the baseline and the ground truth
-  (``<preview_dir>/<case>.png``, :func:`save_comparison_png`): the picture of the numbers.
+  With ``previews`` it also draws, for the first cases, the ground truth beside the model and the baselines
+  (``<preview_dir>/<case>_preview.png``, the one writer :func:`common.predictor.write_previews`): the picture of
+  the numbers.
 * :class:`CTPair` is the output transform of the ignite CT metrics configs wire (``PeakSignalToNoiseRatio``,
   ``IgniteMetricHandler(SSIMMetric)``, ``MeanAbsoluteError``...): network intensities -> [0, 1] in the
   xray2ct window, or HU.
@@ -234,10 +235,11 @@ class MetricsReport:
         set_metrics: engine metrics over the whole set (e.g. codebook usage) copied into the model's metrics.
         training_cases: ids of the training split (evaluated training cases make the report a smoke test).
         conventions, extra: merged into the report (conventions default to :data:`common.metrics.CONVENTIONS`).
-        previews, preview_dir, preview_window: montages (:func:`save_comparison_png`) of the first ``previews``
-            cases in ``preview_dir`` (default ``<report folder>/previews``), display window ``preview_window``;
-            their paths are listed in the report (``previews``). ``spacing`` (mm) sizes them when the case's
-            datalist item has no ``spacing`` (default 1 mm).
+        previews, preview_dir, preview_window: montages (:func:`preview_volumes`, written by
+            :func:`common.predictor.write_previews` as ``<case>_preview.png``) of the first ``previews`` cases in
+            ``preview_dir`` (default ``<report folder>/previews``), display window ``preview_window``; their paths
+            are listed in the report (``previews``). ``spacing`` (mm) sizes them when the case's datalist item
+            has no ``spacing`` (default 1 mm).
     """
 
     def __init__(
@@ -369,13 +371,17 @@ class MetricsReport:
         return case
 
     def _preview(self, case: str, shown: Mapping, image, item: Mapping) -> str:
+        from common.predictor import write_previews
+
         spacing = (item or {}).get("spacing", self.spacing)
         volumes = {"model": _hu(self.to_hu, shown["pred"])}
         for name, guess in shown["baselines"].items():
             volumes[f"baseline ({name})"] = _hu(self.to_hu, guess)
-        volumes["ground truth"] = _hu(self.to_hu, shown["label"])
-        path = os.path.join(self.preview_dir, f"{case}.png")
-        return save_comparison_png(path, volumes, image, spacing, self.preview_window)
+        truth = preview_volumes({"truth": _hu(self.to_hu, shown["label"])}, spacing)["truth"]
+        views, view_names = xray_views(image)
+        files = write_previews(preview_volumes(volumes, spacing), views, view_names, self.preview_dir, case, truth,
+                               gif=False, window=self.preview_window)  # fmt: skip
+        return files["preview"]
 
     def _collect(self, engine: Engine) -> None:
         outputs = split_batch(engine.state.output)
@@ -411,29 +417,29 @@ class MetricsReport:
         logger.info("metrics report: %s", self.path)
 
 
-def save_comparison_png(
-    path: str | os.PathLike,
-    volumes: Mapping[str, torch.Tensor],
-    image=None,
-    spacing: Sequence[float] | None = None,
-    window: str = "lung",
-) -> str:
-    """A montage: one row per HU volume (C, X, Y, Z) or (X, Y, Z) (model, baseline, ground truth...), and
-    the network input's radiographs as a last row when it is a stack of 2D images (PA, or PA + lateral)."""
-    from common.preview import save_montage_png
+def preview_volumes(volumes: Mapping[str, torch.Tensor], spacing: Sequence[float] | None = None) -> dict:
+    """HU tensors (C, X, Y, Z) or (X, Y, Z) -> ``{name: Volume}`` (first channel, ``spacing`` mm, default 1 mm)
+    for :func:`common.predictor.write_previews`."""
     from common.volume import Volume
 
-    def volume(x) -> Volume:
-        array = torch.as_tensor(x).reshape(-1, *torch.as_tensor(x).shape[-3:])[0].numpy()
-        sp = [float(v) for v in np.asarray(spacing, dtype=float).reshape(-1)[:3]] if spacing is not None else None
-        return Volume.from_spacing(array, sp if sp and len(sp) == 3 else (1.0, 1.0, 1.0))
+    sp = [float(v) for v in np.asarray(spacing, dtype=float).reshape(-1)[:3]] if spacing is not None else None
+    sp = tuple(sp) if sp and len(sp) == 3 else (1.0, 1.0, 1.0)
+    out = {}
+    for name, x in volumes.items():
+        t = torch.as_tensor(x)
+        out[name] = Volume.from_spacing(t.reshape(-1, *t.shape[-3:])[0].numpy(), sp)
+    return out
 
-    xrays = None
-    if image is not None:
-        img = torch.as_tensor(image).as_subclass(torch.Tensor).detach().float().cpu()
-        if img.ndim == 3 and img.shape[0] in (1, 2):  # (views, H, W): the X-ray input of an X-ray -> CT model
-            xrays = {name: img[k].numpy() for k, name in enumerate(("PA", "lateral")[: img.shape[0]])}
-    return save_montage_png(path, {name: volume(v) for name, v in volumes.items()}, xrays, window=window)
+
+def xray_views(image) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """The network input as model-domain X-rays ``((V, H, W), view names)`` when it is a stack of one or two 2D
+    images (PA, or PA + lateral); ``(None, ())`` for a CT input."""
+    if image is None:
+        return None, ()
+    img = torch.as_tensor(image).as_subclass(torch.Tensor).detach().float().cpu()
+    if img.ndim == 3 and img.shape[0] in (1, 2):
+        return img.numpy(), ("pa", "lateral")[: img.shape[0]]
+    return None, ()
 
 
 # ----------------------------------------------------------------------------------------------- ignite metrics

@@ -8,11 +8,14 @@ once), it takes the bundle's inputs (``{"pa": path or (H, W) array, "lateral": .
 :class:`Prediction`. ``inference.json``, :mod:`xray2ct.models` (pipeline, web app), the perx2ct server and the
 demo call it; nothing above it knows a bundle's own method names.
 
-File names (:func:`prediction_paths`), one scheme everywhere: ``[<case>_]<name>.<ext>`` in ``output_dir``:
+File names (:func:`output_path`, :func:`prediction_paths`), one scheme for every CT and preview the project
+writes (inference, evaluation previews, batch synthesis, demos): ``[<case>_]<name>.<ext>`` in ``output_dir``:
 ``ct.<fmt>`` (the final CT, HU), ``<stage>.<fmt>`` (every volume when there are several, e.g. ``stage1``),
-``preview.png`` (montage: every volume, the ground truth when known, the model-domain X-rays) and
-``axial.gif`` (axial slices of the final CT, beside the ground truth when known). ``case`` is omitted when each
-case has its own folder (the pipeline, the web app's jobs).
+``preview[_<kind>].png`` (montage: every volume, the reference (ground truth, or a CT-in bundle's input) when
+known, the model-domain X-rays) and ``axial[_<kind>].gif`` (axial slices of the final CT, beside the reference).
+``kind`` tells two montages of one case in one folder apart (the cascade's evaluation writes ``preview_stages``
+beside the report's ``preview``). ``case`` is omitted when each case has its own folder (the pipeline, the web
+app's jobs).
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from common.xray import NIFTI_SUFFIXES, RASTER_SUFFIXES
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "h5": ".h5", "npy": ".npy"}
 XRAY_SUFFIXES = (*RASTER_SUFFIXES, ".dcm", ".dicom", *NIFTI_SUFFIXES)
-PREVIEW_FILE = "preview.png"
-GIF_FILE = "axial.gif"
+PREVIEW_NAME, GIF_NAME = "preview", "axial"
+PREVIEW_FILE, GIF_FILE = f"{PREVIEW_NAME}.png", f"{GIF_NAME}.gif"
 VIEW_LABELS = {"pa": "PA", "lateral": "lateral"}
 
 
@@ -45,11 +48,12 @@ class Prediction:
 
     ``volumes``: ``{name: HU Volume}`` in order, the final CT last (``{"ct": v}`` for one volume,
     ``{"stage1": ..., "stage3": ...}`` for the cascade); ``views``: the model-domain X-rays (V, S, S) float32
-    [0, 1] as the network saw them, in ``view_names`` order; ``extras``: anything else the bundle reports.
+    [0, 1] as the network saw them, in ``view_names`` order (None: a CT-in bundle's output, written through the
+    same :func:`write_prediction`); ``extras``: anything else the bundle reports.
     """
 
     volumes: dict[str, Volume]
-    views: np.ndarray
+    views: np.ndarray | None
     view_names: tuple[str, ...] = ("pa", "lateral")
     extras: dict = dataclasses.field(default_factory=dict)
 
@@ -131,20 +135,32 @@ def unit_to_volume(unit: torch.Tensor | np.ndarray, window, spacing: Sequence[fl
     return Volume.from_spacing(np.asarray(hu, dtype=np.float32), tuple(float(s) for s in spacing))
 
 
+def output_path(output_dir: str | os.PathLike, case: str | None, name: str, suffix: str) -> str:
+    """``<output_dir>/[<case>_]<name><suffix>``: the one file-name rule (``case`` made a safe file name by
+    :func:`common.datalist.safe_case_name`, so every output stays inside ``output_dir``)."""
+    prefix = "" if not case else f"{safe_case_name(str(case))}_"
+    return os.path.join(os.fspath(output_dir), f"{prefix}{name}{suffix}")
+
+
+def preview_paths(output_dir: str | os.PathLike, case: str | None, kind: str | None = None) -> dict[str, str]:
+    """``{"preview": [<case>_]preview[_<kind>].png, "gif": [<case>_]axial[_<kind>].gif}``."""
+    tag = f"_{kind}" if kind else ""
+    return {
+        "preview": output_path(output_dir, case, PREVIEW_NAME + tag, ".png"),
+        "gif": output_path(output_dir, case, GIF_NAME + tag, ".gif"),
+    }
+
+
 def prediction_paths(output_dir: str | os.PathLike, case: str | None, names: Sequence[str],
                      fmt: str = "nii.gz") -> dict[str, str]:  # fmt: skip
     """The file of every output of a case (see the module doc): ``{"ct", <stage>..., "preview", "gif"}``."""
     suffix = FORMATS.get(fmt.lstrip("."))
     if suffix is None:
         raise InputError(None, f"unknown output format {fmt!r}; choose from {sorted(FORMATS)}")
-    prefix = "" if not case else f"{safe_case_name(str(case))}_"
-    folder = os.fspath(output_dir)
-    paths = {"ct": os.path.join(folder, f"{prefix}ct{suffix}")}
+    paths = {"ct": output_path(output_dir, case, "ct", suffix)}
     if len(names) > 1:
-        paths.update({n: os.path.join(folder, f"{prefix}{n}{suffix}") for n in names})
-    paths["preview"] = os.path.join(folder, prefix + PREVIEW_FILE)
-    paths["gif"] = os.path.join(folder, prefix + GIF_FILE)
-    return paths
+        paths.update({n: output_path(output_dir, case, n, suffix) for n in names})
+    return {**paths, **preview_paths(output_dir, case)}
 
 
 def write_volumes(volumes: Mapping[str, Volume], output_dir: str | os.PathLike, case: str | None = None,
@@ -164,34 +180,36 @@ def write_volumes(volumes: Mapping[str, Volume], output_dir: str | os.PathLike, 
 
 
 def write_previews(volumes: Mapping[str, Volume], views: np.ndarray | None, view_names: Sequence[str],
-                   output_dir: str | os.PathLike, case: str | None = None,
-                   reference: Volume | None = None) -> dict[str, str]:  # fmt: skip
-    """The montage PNG (every volume, ``reference`` (ground truth) first when given, the X-rays) and the axial
-    GIF of the final CT (beside ``reference``); ``{"preview": path, "gif": path}``."""
+                   output_dir: str | os.PathLike, case: str | None = None, reference: Volume | None = None,
+                   kind: str | None = None, gif: bool = True, window: str = "lung",
+                   reference_name: str = "ground truth") -> dict[str, str]:  # fmt: skip
+    """The montage PNG (``reference`` first when given, labelled ``reference_name``, then every volume, then the
+    X-rays ``views`` (V, S, S) [0, 1]) and (``gif``) the axial GIF of the final CT beside ``reference``, in the
+    HU display ``window``; ``{"preview": path[, "gif": path]}`` (:func:`preview_paths`)."""
     from common.preview import save_montage_png, save_slice_gif
 
-    paths = prediction_paths(output_dir, case, list(volumes))
+    paths = preview_paths(output_dir, case, kind)
     os.makedirs(os.fspath(output_dir), exist_ok=True)
-    shown = dict(volumes) if reference is None else {"ground truth": reference, **volumes}
+    shown = dict(volumes) if reference is None else {reference_name: reference, **volumes}
     xrays = None
     if views is not None:
         xrays = {VIEW_LABELS.get(n, n): np.asarray(views[i]) for i, n in enumerate(view_names)}
-    final = list(volumes.values())[-1]
-    return {
-        "preview": save_montage_png(paths["preview"], shown, xrays=xrays),
-        "gif": save_slice_gif(paths["gif"], final, compare=reference),
-    }
+    written = {"preview": save_montage_png(paths["preview"], shown, xrays=xrays, window=window)}
+    if gif:
+        final = list(volumes.values())[-1]
+        written["gif"] = save_slice_gif(paths["gif"], final, compare=reference, window=window)
+    return written
 
 
 def write_prediction(prediction: Prediction, output_dir: str | os.PathLike, case: str | None = None,
-                     fmt: str = "nii.gz", previews: bool = True,
-                     reference: Volume | None = None) -> dict[str, str]:  # fmt: skip
-    """The one writer of a predicted case: :func:`write_volumes` then (``previews``) :func:`write_previews`."""
+                     fmt: str = "nii.gz", previews: bool = True, reference: Volume | None = None,
+                     **preview_options) -> dict[str, str]:  # fmt: skip
+    """The one writer of a predicted case: :func:`write_volumes` then (``previews``) :func:`write_previews`
+    (``preview_options``: its ``kind``, ``gif``, ``window``, ``reference_name``)."""
     written = write_volumes(prediction.volumes, output_dir, case, fmt)
     if previews:
-        written.update(
-            write_previews(prediction.volumes, prediction.views, prediction.view_names, output_dir, case, reference)
-        )
+        written.update(write_previews(prediction.volumes, prediction.views, prediction.view_names, output_dir, case,
+                                      reference, **preview_options))  # fmt: skip
     return written
 
 

@@ -174,8 +174,8 @@ def test_metrics_report_previews_show_model_baseline_and_truth(tmp_path):
     )  # fmt: skip
     report.score_case(out, {"id": "p1", "spacing": [10.0, 10.0, 10.0]}, 0)
     report.score_case(out, {"id": "p2"}, 1)
-    assert report.written == [str(tmp_path / "previews" / "p1.png")]  # one preview asked for
-    with Image.open(report.written[0]) as image:  # 4 rows: model, baseline, ground truth, the two X-rays
+    assert report.written == [str(tmp_path / "previews" / "p1_preview.png")]  # one preview asked for, one naming
+    with Image.open(report.written[0]) as image:  # 4 rows: ground truth, model, baseline, the two X-rays
         assert image.height > 3.5 * image.width / 3 and image.width > 3 * 200
 
 

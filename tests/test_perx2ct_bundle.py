@@ -188,7 +188,8 @@ def test_export_and_verify(trained, dataset, tmp_path, repo_root):
 
 @pytest.mark.slow
 def test_api_on_real_radiographs(trained, shared_data, tmp_path):
-    from bundles.perx2ct.scripts.inference import PerX2CTInference, save_previews
+    from bundles.perx2ct.scripts.inference import PerX2CTInference
+    from common.predictor import write_prediction
 
     root = trained["root"]
     api = PerX2CTInference.from_bundle(
@@ -202,8 +203,10 @@ def test_api_on_real_radiographs(trained, shared_data, tmp_path):
         assert np.isfinite(vol.array).all()
         x = api.preprocess(str(pa), str(lateral))
         assert x.shape == (1, 2, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
-        png, gif = save_previews(vol, x[0].numpy(), str(tmp_path / pa.stem))
-        assert os.path.getsize(png) > 0 and os.path.getsize(gif) > 0
+        files = write_prediction(api.infer({"pa": str(pa), "lateral": str(lateral)}), tmp_path, pa.stem)
+        assert [os.path.basename(files[k]) for k in ("ct", "preview", "gif")] == [
+            f"{pa.stem}_ct.nii.gz", f"{pa.stem}_preview.png", f"{pa.stem}_axial.gif"]  # the one naming
+        assert all(os.path.getsize(f) > 0 for f in files.values())
     # arrays work too, and a single view is refused with a clear error
     vol = api.predict(np.random.rand(40, 40), np.random.rand(40, 40).astype(np.float32))
     assert vol.shape == (32, 32, 32)

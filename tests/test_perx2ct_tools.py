@@ -79,26 +79,30 @@ def test_synthesize_skips_missing_views_and_resumes(collection, predictor):
     summary = synthesize(output_dir=str(c["out"]), format="h5", **kw)
     assert summary == {"uids": 4, "written": 2, "already_done": 0, "skipped": 2}
     out = c["out"]
-    vol = load_volume(out / "u1_ct_synthetic.h5")
+    vol = load_volume(out / "u1_ct.h5")
     assert vol.shape == (32, 32, 32) and np.allclose(vol.spacing, 12.0)
     assert [r["uid"] for r in read_csv(out / "projections_synth.csv")] == ["u1", "u4"]
-    assert read_csv(out / "projections_synth.csv")[0]["volume"] == "u1_ct_synthetic.h5"
+    assert read_csv(out / "projections_synth.csv")[0]["volume"] == "u1_ct.h5"
     skipped = {r["uid"]: r["reason"] for r in read_csv(out / "skipped.csv")}
     assert set(skipped) == {"u2", "u3"} and "lateral" in skipped["u2"] and "3_pa.png" in skipped["u3"]
     assert json.loads((out / "skipped.json").read_text())[0]["uid"] == "u2"
-    assert not list(out.glob("*.part*")) and not (out / "u2_ct_synthetic.h5").exists()
-    mtime = os.path.getmtime(out / "u1_ct_synthetic.h5")
+    assert not list(out.glob("*.part*")) and not (out / "u2_ct.h5").exists()
+    mtime = os.path.getmtime(out / "u1_ct.h5")
     again = synthesize(output_dir=str(out), format="h5", **kw)  # resume: nothing recomputed
     assert again["already_done"] == 2 and again["written"] == 0
-    assert os.path.getmtime(out / "u1_ct_synthetic.h5") == mtime
+    assert os.path.getmtime(out / "u1_ct.h5") == mtime
+    os.rename(out / "u1_ct.h5", out / "u1_ct_synthetic.h5")  # written before the one writer's naming
+    legacy = synthesize(output_dir=str(out), format="h5", **kw)
+    assert legacy["already_done"] == 2 and legacy["written"] == 0 and not (out / "u1_ct.h5").exists()
+    assert read_csv(out / "projections_synth.csv")[0]["volume"] == "u1_ct_synthetic.h5"
     # a shard of the range [1, 4): uids u2, u3, u4 -> part 1 of 2 is u3 only
     assert select_part(["u1", "u2", "u3", "u4"], 1, 4, 1, 2) == ["u3"]
     part = synthesize(output_dir=str(tmp := out / "shard"), format="npy", start_from=1, end_at=4,
                       part_index=0, total_parts=2, **kw)  # fmt: skip
     assert (
         part["uids"] == 2
-        and (tmp / "u4_ct_synthetic.npy").exists()
-        and (tmp / "u4_ct_synthetic.json").exists()
+        and (tmp / "u4_ct.npy").exists()
+        and (tmp / "u4_ct.json").exists()
     )
     assert [r["uid"] for r in read_csv(tmp / "skipped.part0of2.csv")] == ["u2"]
 
@@ -116,10 +120,10 @@ def test_synthesize_cli(collection, predictor, tmp_path, repo_root):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in c["out"].glob("*.nii.gz")) == [
-        "u1_ct_synthetic.nii.gz",
-        "u4_ct_synthetic.nii.gz",
+        "u1_ct.nii.gz",
+        "u4_ct.nii.gz",
     ]
-    got = load_volume(c["out"] / "u1_ct_synthetic.nii.gz")
+    got = load_volume(c["out"] / "u1_ct.nii.gz")
     pairs = Path(c["images"])
     want = predictor.predict(str(pairs / "1_pa.png"), str(pairs / "1_lat.png"))
     np.testing.assert_allclose(got.array, want.array, atol=1e-3)
@@ -142,15 +146,15 @@ def test_synthesize_reports_any_per_uid_error_and_goes_on(collection, predictor,
     assert summary == {"uids": 6, "written": 3, "already_done": 0, "skipped": 3}
     skipped = {r["uid"]: r["reason"] for r in read_csv(c["out"] / "skipped.csv")}
     assert "bomb.png" in skipped["ubomb"] and "pixels" in skipped["ubomb"]
-    assert (c["out"] / "u5_ct_synthetic.npy").exists()  # the uid after the bomb was synthesised
+    assert (c["out"] / "u5_ct.npy").exists()  # the uid after the bomb was synthesised
     resumed = synthesize(output_dir=str(c["out"]), format="npy", predictor=predictor, **kw)
     assert resumed == {"uids": 6, "written": 0, "already_done": 3, "skipped": 3}  # no stop at the bomb
 
     class Flaky:  # any exception type, not only InputError, goes to the skip report
-        def predict(self, pa, lateral):
-            if "1_pa" in str(pa):
+        def infer(self, inputs):
+            if "1_pa" in str(inputs["pa"]):
                 raise RuntimeError("CUDA error: an illegal memory access (simulated)")
-            return predictor.predict(pa, lateral)
+            return predictor.infer(inputs)
 
     again = synthesize(output_dir=str(c["out"] / "flaky"), format="npy", predictor=Flaky(), **kw)
     assert again["skipped"] == 5 and again["written"] == 1  # u1 and u5 crash, u4 is written
@@ -171,12 +175,12 @@ def test_synthesize_keeps_outputs_inside_output_dir(tmp_path, collection, predic
     kw = dict(reports_csv=c["reports"], projections_csv=c["projections"], image_dir=c["images"])
     summary = synthesize(output_dir=str(out), format="h5", predictor=predictor, **kw)
     assert summary["written"] == 5 and summary["skipped"] == 0
-    assert not (tmp_path / "escaped_ct_synthetic.h5").exists() and not list(tmp_path.glob("*.h5"))
+    assert not (tmp_path / "escaped_ct.h5").exists() and not list(tmp_path.glob("*.h5"))
     assert not [p for p in out.rglob("*") if p.is_dir()]  # no subfolder for "sub/dir"
     rows = read_csv(out / "projections_synth.csv")
     assert [r["uid"] for r in rows] == uids
     names = [r["volume"] for r in rows]
-    assert len(set(names)) == 5 and names[-1] == "u1_ct_synthetic.h5"
+    assert len(set(names)) == 5 and names[-1] == "u1_ct.h5"
     for name in names:  # the CSV names the file that exists, inside output_dir
         assert "/" not in name and (out / name).is_file()
     from bundles.perx2ct.scripts.synthesize import safe_uid_name

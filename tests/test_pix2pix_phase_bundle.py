@@ -179,12 +179,12 @@ def test_inference_keeps_the_input_affine(trained, tmp_path):
     outs = {}
     for name in ("ras_case", "lps_case"):
         inp = nib.load(in_dir / f"{name}.nii.gz")
-        out = nib.load(out_dir / f"{name}_phase0.nii.gz")
+        out = nib.load(out_dir / f"{name}_ct.nii.gz")
         assert "".join(nib.aff2axcodes(inp.affine)) == ("LPS" if name == "lps_case" else "RAS")
         np.testing.assert_allclose(out.affine, inp.affine, atol=1e-5)
         assert out.shape == inp.shape and out.get_data_dtype() == np.float32
-        assert (out_dir / f"{name}_phase0.png").stat().st_size > 0
-        assert (out_dir / f"{name}_phase0.gif").stat().st_size > 0
+        assert (out_dir / f"{name}_preview.png").stat().st_size > 0
+        assert (out_dir / f"{name}_axial.gif").stat().st_size > 0
         outs[name] = np.asarray(out.dataobj)
     # same anatomy, same world positions: the LPS result is the RAS result flipped back
     np.testing.assert_allclose(outs["lps_case"][::-1, ::-1], outs["ras_case"], atol=1.0)

@@ -31,7 +31,9 @@ from common.predictor import (
     inference_items,
     postprocess,
     prediction_paths,
+    preview_paths,
     write_prediction,
+    write_previews,
 )
 from common.volume import Volume
 
@@ -158,6 +160,28 @@ def test_one_writer_one_naming_scheme(case, names, files, tmp_path):
     assert prediction_paths(tmp_path, case, names) == {k: str(tmp_path / v) for k, v in files.items()}
     escaped = prediction_paths(tmp_path, "../escape", names)  # common.datalist.safe_case_name: stays in the folder
     assert all(Path(p).parent == tmp_path and "escape-" in Path(p).name for p in escaped.values())
+
+
+@pytest.mark.parametrize(
+    "case,kind,gif,files",
+    [
+        ("p1", None, True, {"preview": "p1_preview.png", "gif": "p1_axial.gif"}),  # inference, demos
+        ("p1", None, False, {"preview": "p1_preview.png"}),  # the evaluation report's montage
+        ("p1", "stages", False, {"preview": "p1_preview_stages.png"}),  # the cascade's stages beside the report's
+        (None, "stages", True, {"preview": "preview_stages.png", "gif": "axial_stages.gif"}),
+    ],
+)  # fmt: skip
+def test_previews_of_every_kind_follow_the_one_scheme(case, kind, gif, files, tmp_path):
+    """Evaluation previews and montages of other kinds are named by the same rule as the inference outputs."""
+    from PIL import Image
+
+    volumes = {"model": _volume(8, 0.0), "baseline": _volume(8, 100.0)}
+    written = write_previews(volumes, np.zeros((2, 8, 8), np.float32), ("pa", "lateral"), tmp_path, case,
+                             reference=_volume(8, -500.0), kind=kind, gif=gif, reference_name="input")  # fmt: skip
+    assert {k: os.path.basename(v) for k, v in written.items()} == files
+    assert {k: v for k, v in preview_paths(tmp_path, case, kind).items() if k in files} == written
+    with Image.open(written["preview"]) as image:  # 4 rows: the reference, model, baseline, the X-rays
+        assert image.height > image.width  # three volume rows of three 8 mm panels each, then the X-rays
 
 
 def test_postprocessing_is_the_configs(dataset):

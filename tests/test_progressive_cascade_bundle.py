@@ -83,7 +83,7 @@ def test_train_three_stages_evaluate_infer_export(dataset_dir, tmp_path):
     assert 0 < report["metrics"]["psnr_xray2ct"] < 60 and report["metrics"]["drr_l1"] > 0
     assert "xray2ct" in report["conventions"] and "drr_consistency" in report["conventions"]
     check_anatomy_report(report)  # anatomy metrics, both baselines, intervals
-    assert len(list((out / "eval" / "previews").glob("*_stages.png"))) == 2
+    assert len(list((out / "eval" / "previews").glob("*_preview_stages.png"))) == 2
 
     case = Path(dataset_dir) / "phantom_000"
     run(

@@ -119,7 +119,7 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
     assert ci["n_cases"] == 2 and ci["low"] <= ci["estimate"] <= ci["high"]
     assert report["latent_factor"] == 8
     assert "xray2ct" in report["conventions"] and "codebook_usage" in report["conventions"]
-    assert len(glob.glob(str(out / "reconstructions" / "*_recon.nii.gz"))) == 2
+    assert len(glob.glob(str(out / "reconstructions" / "*_ct.nii.gz"))) == 2
 
     infer_out = tmp_path / "infer"
     run(
@@ -129,7 +129,7 @@ def test_train_evaluate_infer_export_resume(phantom_pairs, tmp_path):
         bundle_root=str(bundle_root),
         output_dir=str(infer_out),
     )
-    written = sorted(glob.glob(str(infer_out / "*_recon.nii.gz")))
+    written = sorted(glob.glob(str(infer_out / "*_ct.nii.gz")))
     assert len(written) == 2 and glob.glob(str(infer_out / "*_preview.png"))
     test_items = json.loads(Path(phantom_pairs["datalist"]).read_text())["test"]
     source = nib.load(

@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from common.drr import image_to_line_integral
-from common.errors import InputError, require_file
+from common.errors import InputError
 from common.xray import NIFTI_SUFFIXES, check_image_array, load_xray, square
 
 VIEW_KEYS = ("pa", "lateral")
@@ -69,19 +68,6 @@ def volume_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwa
         batchdata["image"].to(device=device, non_blocking=non_blocking),
         batchdata["ct"].to(device=device, non_blocking=non_blocking),
     )
-
-
-def load_drr(path: str) -> np.ndarray:
-    """A DRR file written by data_prep (2D NIfTI, [0, 1]) as float32 (H, W)."""
-    path = require_file(path)
-    try:
-        array = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
-    except Exception as e:
-        raise InputError(path, f"cannot read DRR ({type(e).__name__}: {e})") from e
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise InputError(path, f"expected a 2D DRR, got shape {array.shape}")
-    return array
 
 
 def perx2ct_png_intensity(line_integral: np.ndarray) -> np.ndarray:

@@ -67,8 +67,8 @@ def demo(
     written = sorted(str(p) for p in (out / "inference").glob("*"))
     pairs = Path(shared_data) if shared_data else BUNDLE.parents[2] / "shared" / "data" / "cxr" / "pairs"
     if pairs.is_dir():
-        from bundles.perx2ct.scripts.inference import PerX2CTInference, save_previews
-        from common.io import save_volume
+        from bundles.perx2ct.scripts.inference import PerX2CTInference
+        from common.predictor import write_prediction
 
         api = PerX2CTInference.from_bundle(
             str(BUNDLE), str(bundle_root / "models" / "model.pt"), [str(CONFIGS / "inference.json"), configs[1]],
@@ -78,10 +78,9 @@ def demo(
             lateral = next(iter(sorted(pairs.glob(pa.name.split("-PA.")[0] + "-L.*"))), None)
             if lateral is None:
                 continue
-            stem = out / "real_xrays" / pa.name.split("-PA.")[0]
-            vol = api.predict(str(pa), str(lateral))
-            written.append(save_volume(vol, str(stem) + "_ct.nii.gz"))
-            written += save_previews(vol, api.preprocess(str(pa), str(lateral))[0].numpy(), str(stem))
+            prediction = api.infer({"pa": str(pa), "lateral": str(lateral)})  # the one inference path and writer
+            files = write_prediction(prediction, out / "real_xrays", pa.name.split("-PA.")[0])
+            written += [files["ct"], files["preview"], files["gif"]]  # <case>_ct.nii.gz, _preview.png, _axial.gif
     report = json.loads((out / "metrics_report.json").read_text())
     summary = {
         "metrics": report["metrics"],

@@ -45,13 +45,12 @@ from common.predictor import (
     require_views,
     unit_to_volume,
     views_tensor,
-    write_previews,
 )
 from common.volume import Volume
 from common.xray import load_view
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-__all__ = ["BUNDLE_ROOT", "FORMATS", "PerX2CTInference", "legacy_geometry", "read_checkpoint", "save_previews"]
+__all__ = ["BUNDLE_ROOT", "FORMATS", "PerX2CTInference", "legacy_geometry", "read_checkpoint"]
 
 
 def read_checkpoint(path: str) -> dict:
@@ -277,10 +276,3 @@ class PerX2CTInference:
     ) -> list[str]:
         """Reconstruct every ``{"id", "pa", "lateral"}`` item (:func:`common.predictor.predict_items`)."""
         return predict_items(self, items, output_dir, fmt, previews, desc="perx2ct inference")
-
-
-def save_previews(volume: Volume, views: np.ndarray, stem: str, reference: Volume | None = None) -> list[str]:
-    """``<stem>_preview.png`` and ``<stem>_axial.gif`` (:func:`common.predictor.write_previews`)."""
-    folder, case = os.path.split(os.fspath(stem))
-    files = write_previews({"PerX2CT": volume}, views, ("pa", "lateral"), folder or ".", case, reference)
-    return [files["preview"], files["gif"]]

@@ -6,9 +6,10 @@
         [--part_index 0 --total_parts 4] [--device cuda]
 
 ``projections_csv`` has ``uid``, ``projection`` (``Frontal`` / ``Lateral``) and ``filename`` (relative to
-``image_dir``); ``reports_csv`` lists the uids to process (column ``uid``). Each uid gets
-``<output_dir>/<name>_ct_synthetic.<format>`` (written atomically; finished volumes are skipped, so a
-killed job resumes) and a row in ``projections_synth.csv`` (``uid``, ``volume``, ``frontal``,
+``image_dir``); ``reports_csv`` lists the uids to process (column ``uid``). Each uid gets ``<output_dir>/<name>_ct.<format>``
+(the one writer's naming, :func:`common.predictor.write_prediction`; written atomically; finished volumes are
+skipped, so a killed job resumes, also one that wrote ``<name>_ct_synthetic.<format>`` before release 0.4.0) and
+a row in ``projections_synth.csv`` (``uid``, ``volume``, ``frontal``,
 ``lateral``; ``volume`` is the file name inside ``output_dir``). ``<name>`` is the uid itself when it is
 a plain file name (letters, digits, ``.``, ``_``, ``-``); any other uid (``../../x``, ``sub/dir``, spaces)
 is mapped to a safe name plus a hash of the uid (:func:`common.datalist.safe_case_name`), so every output stays inside
@@ -32,9 +33,11 @@ from tqdm import tqdm
 from common.atomic import atomic_write_text, remove_partial_files
 from common.datalist import safe_case_name as safe_uid_name
 from common.errors import InputError, require_file
+from common.predictor import FORMATS, prediction_paths, write_prediction
 from common.tables import csv_text
 
-SUFFIXES = {"h5": ".h5", "nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy"}
+SUFFIXES = FORMATS  # the one writer's formats
+LEGACY_NAME = "ct_synthetic"  # the name before the one writer (release 0.4.0): still found when resuming
 logger = logging.getLogger(__name__)
 
 
@@ -93,9 +96,9 @@ def synthesize(
     """Synthesize one CT per uid; returns a summary dict (also the CLI's printed result)."""
     from bundles.perx2ct.scripts.inference import BUNDLE_ROOT, PerX2CTInference
 
-    suffix = SUFFIXES.get(str(format).lstrip("."))
-    if suffix is None:
-        raise InputError(None, f"unknown --format {format!r}; choose from {sorted(SUFFIXES)}")
+    fmt = str(format).lstrip(".")
+    if fmt not in FORMATS:
+        raise InputError(None, f"unknown --format {format!r}; choose from {sorted(FORMATS)}")
     uids = select_part(read_uids(reports_csv), int(start_from), end_at, int(part_index), int(total_parts))
     views = read_projections(projections_csv)
     if predictor is None:
@@ -105,11 +108,12 @@ def synthesize(
         predictor = PerX2CTInference.from_bundle(bundle_root or BUNDLE_ROOT, checkpoint, config_files, device)
     os.makedirs(output_dir, exist_ok=True)
     remove_partial_files(output_dir, recursive=False)  # leftovers of a killed run (none of a live shard's)
-    from common.io import save_volume
-
     rows, skipped, done = [], [], 0
     for uid in tqdm(uids, desc=f"synthesize part {part_index + 1}/{total_parts}", unit="uid"):
-        target = os.path.join(output_dir, f"{safe_uid_name(uid)}_ct_synthetic{suffix}")
+        target = prediction_paths(output_dir, uid, ["ct"], fmt)["ct"]
+        legacy = os.path.join(output_dir, f"{safe_uid_name(uid)}_{LEGACY_NAME}{FORMATS[fmt]}")
+        if not os.path.exists(target) and os.path.exists(legacy):
+            target = legacy
         files = views.get(uid, {})
         absent = [k for k in ("frontal", "lateral") if k not in files]
         if absent:
@@ -129,8 +133,8 @@ def synthesize(
             done += 1
             continue
         try:
-            volume = predictor.predict(paths["frontal"], paths["lateral"])
-            save_volume(volume, target)
+            prediction = predictor.infer({"pa": paths["frontal"], "lateral": paths["lateral"]})
+            write_prediction(prediction, output_dir, uid, fmt, previews=False)
         except InputError as e:
             skipped.append({"uid": uid, "reason": str(e)})
             continue

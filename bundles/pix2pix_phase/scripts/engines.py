@@ -45,7 +45,7 @@ class ConditionalGanTrainer(StepTrainer):
         prepare_batch: Callable | None = None,
         **trainer_args,
     ) -> None:
-        """``trainer_args``: the other :class:`common.engines.StepTrainer` arguments (handlers, metrics...)."""
+        """``trainer_args``: the other :class:`common.engines.StepTrainer` arguments (handlers, metrics, inferer...)."""
         super().__init__(device, max_epochs, train_data_loader, prepare_batch=prepare_batch or PairBatch(), **trainer_args)
         self.g_network, self.g_optimizer = g_network, g_optimizer
         self.d_network, self.d_optimizer = d_network, d_optimizer
@@ -66,7 +66,7 @@ class ConditionalGanTrainer(StepTrainer):
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         engine.g_network.train()
         engine.d_network.train()
-        fakes = engine.g_network(inputs)
+        fakes = engine.inferer(inputs, engine.g_network)  # train#inferer
 
         # discriminator step on real (x, y) and detached fake (x, G(x)) pairs
         engine.d_network.requires_grad_(True)

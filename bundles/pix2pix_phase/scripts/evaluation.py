@@ -1,7 +1,8 @@
 """Evaluation pieces of the bundle: the writer of translated volumes (NIfTI + previews).
 
-MONAI's ``SaveImaged`` writes NIfTI too, but the project writes volumes through ``common.io`` (atomic,
-validated, sform and qform both set) and previews through ``common.preview``, so this handler does. The
+MONAI's ``SaveImaged`` writes NIfTI too, but the project writes CTs and previews through its one writer,
+:func:`common.predictor.write_prediction` (``common.io``: atomic, validated, sform and qform both set; one
+naming scheme), so this handler does. The
 metrics report (model vs the input copied as the prediction) is :class:`common.handlers.MetricsReport`.
 """
 
@@ -17,8 +18,8 @@ from ignite.engine import Engine, Events
 
 from common.datalist import case_id
 from common.intensity import get_window
-from common.io import load_volume, save_volume
-from common.preview import save_montage_png, save_slice_gif
+from common.io import load_volume
+from common.predictor import Prediction, write_prediction
 from common.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def to_hu_volume(pred: torch.Tensor, window: str | None = "xray2ct") -> Volume:
 
 
 class SavePhaseVolumes:
-    """After each iteration, write ``<case>_phase0.nii.gz`` (HU, float32) and its previews."""
+    """After each iteration, write ``<case>_ct.nii.gz`` (the predicted phase 0, HU, float32), and its previews
+    ``<case>_preview.png`` (the average CT input above the prediction) and ``<case>_axial.gif`` (beside the
+    input): :func:`common.predictor.write_prediction`'s names."""
 
     def __init__(
         self,
@@ -43,11 +46,10 @@ class SavePhaseVolumes:
         pred_key: str = "pred",
         input_key: str = "avg",
         window: str | None = "xray2ct",
-        postfix: str = "phase0",
         previews: bool = True,
     ) -> None:
         self.output_dir, self.pred_key, self.input_key = output_dir, pred_key, input_key
-        self.window, self.postfix, self.previews = window, postfix, previews
+        self.window, self.previews = window, previews
         self.written: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -59,22 +61,15 @@ class SavePhaseVolumes:
         for out, item in zip(outputs, batches):
             name = case_id(item, len(self.written), key=self.input_key)
             vol = to_hu_volume(out[self.pred_key], self.window)
-            path = save_volume(vol, os.path.join(self.output_dir, f"{name}_{self.postfix}.nii.gz"))
-            self.written.append(path)
+            source = None
             if self.previews:
-                source = getattr(item.get(self.input_key), "meta", {}).get("filename_or_obj")
-                self._save_previews(vol, os.path.join(self.output_dir, f"{name}_{self.postfix}"), source)
-            logger.info("wrote %s", path)
-
-    @staticmethod
-    def _save_previews(vol: Volume, stem: str, source: str | None) -> None:
-        """Middle-slice montage (input above prediction) and an axial GIF of prediction beside input."""
-        volumes = {"phase 0 (predicted)": vol}
-        source_vol = load_volume(source) if source and os.path.exists(str(source)) else None
-        if source_vol is not None:
-            volumes = {"average CT (input)": source_vol, **volumes}
-        save_montage_png(stem + ".png", volumes)
-        save_slice_gif(stem + ".gif", vol, compare=source_vol)
+                path = getattr(item.get(self.input_key), "meta", {}).get("filename_or_obj")
+                source = load_volume(path) if path and os.path.exists(str(path)) else None
+            files = write_prediction(Prediction({"phase 0 (predicted)": vol}, None, ()), self.output_dir, name,
+                                     previews=self.previews, reference=source,
+                                     reference_name="average CT (input)")  # fmt: skip
+            self.written.append(files["ct"])
+            logger.info("wrote %s", files["ct"])
 
 
 def _as_list(x) -> Sequence:

@@ -1,4 +1,5 @@
-"""Evaluation pieces for MONAI engines: an all-stages inferer and the three-stage previews.
+"""Evaluation pieces for MONAI engines: an all-stages inferer and the three-stage previews (written by the one
+writer, :func:`common.predictor.write_previews`: ``<output_dir>/previews/<case>_preview_stages.png``).
 
 Per-stage metrics (``_target_`` lists in the configs), the DRR consistency (:class:`common.drr_loss.DRRConsistency`)
 and the report with its baseline (:class:`common.handlers.MetricsReport`, the mean training CT resized to each
@@ -30,7 +31,10 @@ class CascadeInferer(Inferer):
 
 
 class StagePreviews:
-    """Handler: montage PNG (every stage beside the ground truth and the input X-rays) for the first cases."""
+    """Handler: montage PNG (the ground truth, every stage, the input X-rays) of the first ``n_cases`` cases,
+    ``<output_dir>/previews/<case>_preview_stages.png``."""
+
+    KIND = "stages"
 
     def __init__(self, output_dir: str, fov_mm: Sequence[float], n_cases: int = 2, window: str = "lung"):
         self.output_dir, self.fov_mm, self.n_cases, self.window = (
@@ -51,32 +55,32 @@ class StagePreviews:
             if len(self.written) >= self.n_cases:
                 return
             case = case_id(split_batch(batch)[i] if batch is not None else None, len(self.written))
-            path = os.path.join(self.output_dir, "previews", f"{case}_stages.png")
+            folder = os.path.join(self.output_dir, "previews")
             self.written.append(
                 save_stage_montage(
-                    path, output["pred"], output["label"], output["image"], i, self.fov_mm, self.window
+                    folder, case, output["pred"], output["label"], output["image"], i, self.fov_mm, self.window
                 )
             )
 
 
 def save_stage_montage(
-    path, preds: dict, labels: dict | None, xrays: torch.Tensor, i: int, fov_mm, window="lung"
+    folder, case: str, preds: dict, labels: dict | None, xrays: torch.Tensor, i: int, fov_mm, window="lung"
 ) -> str:
-    """One PNG row per stage (HU, physical size from ``fov_mm``), the ground truth, and the X-ray pair."""
-    from common.preview import save_montage_png
+    """Batch item ``i``: the ground truth, one row per stage (HU, physical size from ``fov_mm``) and the X-ray
+    pair, through :func:`common.predictor.write_previews` (kind ``stages``); returns the PNG's path."""
+    from common.predictor import write_previews
     from common.volume import Volume
 
-    volumes = {}
-    last = sorted(preds)[-1]
-    for name in sorted(preds):
-        arr = XRAY2CT.from_unit(preds[name][i, 0].detach().float().cpu().numpy())
-        volumes[name] = Volume.from_spacing(arr, tuple(f / n for f, n in zip(fov_mm, arr.shape)))
+    def volume(unit: torch.Tensor) -> Volume:
+        arr = XRAY2CT.from_unit(unit.detach().float().cpu().numpy())
+        return Volume.from_spacing(arr, tuple(f / n for f, n in zip(fov_mm, arr.shape)))
+
+    names = sorted(preds)
+    volumes = {name: volume(preds[name][i, 0]) for name in names}
+    truth = None
     if labels is not None:
-        gt = labels[last] if isinstance(labels, dict) else labels
-        arr = XRAY2CT.from_unit(gt[i, 0].detach().float().cpu().numpy())
-        volumes["ground truth"] = Volume.from_spacing(arr, tuple(f / n for f, n in zip(fov_mm, arr.shape)))
-    images = {
-        "PA": xrays[i, 0].detach().float().cpu().numpy(),
-        "lateral": xrays[i, 1].detach().float().cpu().numpy(),
-    }
-    return save_montage_png(path, volumes, images, window=window)
+        truth = volume((labels[names[-1]] if isinstance(labels, dict) else labels)[i, 0])
+    views = xrays[i, :2].detach().float().cpu().numpy()
+    files = write_previews(volumes, views, ("pa", "lateral"), folder, case, truth, kind=StagePreviews.KIND,
+                           gif=False, window=window)  # fmt: skip
+    return files["preview"]

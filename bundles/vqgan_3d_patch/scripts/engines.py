@@ -66,7 +66,7 @@ class VQGANTrainer(StepTrainer):
         **trainer_args,
     ) -> None:
         """``trainer_args``: the other :class:`common.engines.StepTrainer` arguments (epoch_length, prepare_batch,
-        train_handlers, key_train_metric, additional_metrics, non_blocking)."""
+        train_handlers, key_train_metric, additional_metrics, non_blocking, inferer)."""
         super().__init__(device, max_epochs, train_data_loader, **trainer_args)
         if discriminator is not None and (d_optimizer is None or adversarial_loss_function is None):
             raise ValueError("a discriminator needs d_optimizer and adversarial_loss_function")
@@ -114,7 +114,7 @@ class VQGANTrainer(StepTrainer):
 
         engine.generator.train()
         engine.g_optimizer.zero_grad(set_to_none=True)
-        recon, quantization_loss = engine.generator(images)
+        recon, quantization_loss = engine.inferer(images, engine.generator)  # train#inferer
         recon_loss = engine.recon_loss_function(recon, images)
         loss = recon_loss + quantization_loss
         out: dict = {Keys.IMAGE: images, Keys.LABEL: images, Keys.PRED: recon.detach()}

@@ -8,8 +8,9 @@ perplexity only; :class:`CodebookMetric` accumulates over a whole epoch / set of
 has no such metric).
 
 :class:`ReconstructionWriter` writes each reconstructed volume as NIfTI in HU (input's affine) plus PNG/GIF
-previews: an ignite handler rather than MONAI's SaveImaged so the project's writer is used (atomic writes,
-geometry checks, the RAS affine carried by the input MetaTensor; see docs/ARCHITECTURE.md).
+previews: an ignite handler rather than MONAI's SaveImaged so the project's one writer is used
+(:func:`common.predictor.write_prediction`: atomic writes, geometry checks, one naming scheme; the RAS affine
+carried by the input MetaTensor; see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from common.datalist import case_id
 from common.intensity import get_window
-from common.io import save_volume
-from common.preview import save_montage_png, save_slice_gif
+from common.predictor import Prediction, write_prediction
 from common.volume import Volume
 
 
@@ -113,7 +113,8 @@ def item_affine(meta_tensor, index: int) -> np.ndarray:
 
 
 class ReconstructionWriter:
-    """Per iteration: ``<output_dir>/<case>_recon.nii.gz`` (HU) and ``<case>_preview.png`` / ``.gif``.
+    """Per iteration: ``<output_dir>/<case>_ct.nii.gz`` (HU), ``<case>_preview.png`` (the input beside the
+    reconstruction) and ``<case>_axial.gif``: :func:`common.predictor.write_prediction`'s names.
 
     ``<case>`` is :func:`common.datalist.case_id` of the input file (``<case>/ct.nii.gz`` -> ``<case>``).
     """
@@ -165,18 +166,9 @@ class ReconstructionWriter:
         to_hu = lambda t: self.window.from_unit(torch.as_tensor(t).detach().cpu().float().numpy())  # noqa: E731
         hu = torch.as_tensor(pred).detach().cpu().float().numpy() if self.pred_is_hu else to_hu(pred)
         recon = Volume(hu.astype(np.float32), affine)
-        path = save_volume(recon, os.path.join(self.output_dir, f"{name}_recon.nii.gz"))
-        self.written.append(path)
-        if self.previews:
-            truth = Volume(to_hu(image).astype(np.float32), affine)
-            vols = {"input": truth, "reconstruction": recon}
-            save_montage_png(
-                os.path.join(self.output_dir, f"{name}_preview.png"), vols, window=self.preview_window
-            )
-            save_slice_gif(
-                os.path.join(self.output_dir, f"{name}_axial.gif"),
-                recon,
-                compare=truth,
-                window=self.preview_window,
-            )
-        return path
+        truth = Volume(to_hu(image).astype(np.float32), affine) if self.previews else None
+        files = write_prediction(Prediction({"reconstruction": recon}, None, ()), self.output_dir, name,
+                                 previews=self.previews, reference=truth, window=self.preview_window,
+                                 reference_name="input")  # fmt: skip
+        self.written.append(files["ct"])
+        return files["ct"]
