@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -201,28 +202,42 @@ def compare(old: dict, new: dict, rtol: float = RTOL, places: dict[str, str] | N
     }
 
 
-def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
-    """The files both evaluations wrote under the same relative path (previews, CSVs, volumes): byte-identical?
+def same_file(a: Path, b: Path) -> bool:
+    """Same content: bytes, or for ``.nii.gz`` the decoded affine and voxels (its gzip header has a time stamp)."""
+    if a.name.endswith(".nii.gz") != b.name.endswith(".nii.gz"):
+        return False
+    if a.name.endswith(".nii.gz"):
+        import nibabel as nib
+        import numpy as np
 
-    A ``.nii.gz`` is compared by its decoded header and voxels (its gzip header carries a time stamp).
+        va, vb = nib.load(a), nib.load(b)
+        return np.array_equal(va.affine, vb.affine) and np.array_equal(va.get_fdata(), vb.get_fdata())
+    return a.read_bytes() == b.read_bytes()
+
+
+def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
+    """The files the two evaluations wrote (previews, CSVs, volumes): the same content?
+
+    Files under the same relative path are compared; a file only one side has is paired with a file of the
+    same content under another name on the other side (``renamed``: the refactor's one naming scheme).
     """
+
     def files(d: Path) -> set[str]:
         return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != REPORT}
 
+    fo, fn = files(old_dir), files(new_dir)
     same, different = [], []
-    for rel in sorted(files(old_dir) & files(new_dir)):
-        a, b = old_dir / rel, new_dir / rel
-        if rel.endswith(".nii.gz"):
-            import nibabel as nib
-            import numpy as np
-
-            va, vb = nib.load(a), nib.load(b)
-            equal = np.array_equal(va.affine, vb.affine) and np.array_equal(va.get_fdata(), vb.get_fdata())
-        else:
-            equal = a.read_bytes() == b.read_bytes()
-        (same if equal else different).append(rel)
-    return {"identical": same, "different": different, "only_old": sorted(files(old_dir) - files(new_dir)),
-            "only_new": sorted(files(new_dir) - files(old_dir))}  # fmt: skip
+    for rel in sorted(fo & fn):
+        (same if same_file(old_dir / rel, new_dir / rel) else different).append(rel)
+    only_old, only_new, renamed = sorted(fo - fn), sorted(fn - fo), {}
+    for rel in list(only_old):
+        match = next((n for n in only_new if same_file(old_dir / rel, new_dir / n)), None)
+        if match is not None:
+            renamed[rel] = match
+            only_old.remove(rel)
+            only_new.remove(match)
+    return {"identical": same, "different": different, "renamed": renamed, "only_old": only_old,
+            "only_new": only_new}  # fmt: skip
 
 
 def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: str | None = None) -> dict:
@@ -258,6 +273,7 @@ def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: str | None = 
             over["latent_dir"] = str(root / "train_out" / "latent_cache")
         log = logs / f"evaluate_{tag}.log"
         if fresh in ("all", tag) or not (out / REPORT).is_file():
+            shutil.rmtree(out, ignore_errors=True)  # no file of an earlier run is compared
             log.write_text("")
             names = ["train.json", "evaluate.json", "cpu_tiny.json"]
             times[f"evaluate_{tag}_s"] = round(bundle_run(tree, bundle, "evaluating", names, over, log), 1)
@@ -294,8 +310,9 @@ def print_table(results: list[dict]) -> None:
               f"{r['max_abs_diff']:.3g}; {len(r['failures'])} failures; {len(r['only_new'])} keys only in new, "
               f"{len(r['only_old'])} only in old, {len(r['differing_values'])} differing strings")  # fmt: skip
         files = r["files"]
-        print(f"{'':<28}output files: {len(files['identical'])} identical, {len(files['different'])} different "
-              f"{files['different'][:4]}, {len(files['only_old'])} only old, "
+        print(f"{'':<28}output files: {len(files['identical'])} identical, {len(files['renamed'])} identical under "
+              f"another name, {len(files['different'])} different {files['different'][:4]}, "
+              f"{len(files['only_old'])} only old, "
               f"{len(files['only_new'])} only new")  # fmt: skip
         if any(r["deprecated_ids"].values()):
             print(f"{'':<28}deprecation warnings (old checkpoint id {r['checkpoint_id']!r}): {r['deprecated_ids']}")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks.refactor_equivalence import RTOL, compare, flatten
+from benchmarks.refactor_equivalence import RTOL, compare, compare_outputs, flatten
 
 
 def test_flatten_joins_keys_and_indices():
@@ -39,3 +39,16 @@ def test_keys_and_strings():
     assert [d["key"] for d in r["differing_values"]] == ["kind", "n"]  # the output folders are not a difference
     assert set(r["failures"]) == {"n", "missing in new: gone"}  # a number that became a string fails; "kind" is listed
     assert r["n_numbers"] == 1 and r["n_exactly_equal"] == 1 and r["max_abs_diff"] == 0.0
+
+
+def test_output_files_same_name_renamed_and_different(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, files in ((old, {"a.png": b"A", "p/c.png": b"C", "d.csv": b"1", "gone.png": b"G"}),
+                        (new, {"a.png": b"A", "p/c_preview.png": b"C", "d.csv": b"2", "extra.png": b"X"})):  # fmt: skip
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+    r = compare_outputs(old, new)
+    assert r["identical"] == ["a.png"] and r["different"] == ["d.csv"]
+    assert r["renamed"] == {"p/c.png": "p/c_preview.png"}  # the same bytes under the new naming scheme
+    assert r["only_old"] == ["gone.png"] and r["only_new"] == ["extra.png"]
