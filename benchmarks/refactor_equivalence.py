@@ -29,11 +29,15 @@ Prints the table (bundle, metric, old, new, |diff|) of each report's ``metrics``
 over all other numbers; writes ``<work>/refactor_equivalence.json``. Resumable: a dataset, checkpoint or
 report already under ``--work`` is reused (``--fresh`` re-runs the evaluations, ``--fresh new`` the new tree's).
 
-Measured (2026-12-07, old af6b8e9, new main de8c170, 2-core CPU, one thread per run; the JSON of
-``--work /tmp/eq``): 9 rows, 14,288 numbers compared, **all bit-identical** (max |diff| 0), 0 keys added or
-removed, every output file both wrote identical (30: previews, reconstructions, CSVs); the renamed
-``checkpoint`` id warned in the new tree for vqgan_3d_patch, progressive_cascade and pix2pix_phase. About 20
-minutes from scratch on the shared, loaded 2-core machine.
+Measured (2026-12-07, old af6b8e9, 2-core CPU, one thread per run, ``--work /tmp/eq``): 9 rows, 14,288
+numbers compared, **all bit-identical** (max |diff| 0), no key added or removed, both against main de8c170 and
+against main 09c57d3 (after the one-writer merge, re-run with ``--fresh new``). The renamed ``checkpoint`` id
+warned in the new tree for vqgan_3d_patch, progressive_cascade and pix2pix_phase. Output files: at de8c170 all
+30 identical; at 09c57d3 the VQ-GAN reconstructions are the same voxels under the new names
+(``<case>_recon.nii.gz`` -> ``<case>_ct.nii.gz``), and the 16 evaluation previews are ``<case>_preview.png``
+(``_preview_stages.png``) with the same panel rows, the ground truth moved to the top (the one writer puts the
+reference first: common.predictor.write_previews). About 20 minutes from scratch on the shared, loaded 2-core
+machine; ``--fresh new`` about 5.
 """
 
 from __future__ import annotations
@@ -215,29 +219,50 @@ def same_file(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
+def same_rows(a: Path, b: Path) -> bool:
+    """Two PNGs whose pixel rows are the same multiset: the same panels in another order (a montage's rows moved)."""
+    if not (a.suffix == b.suffix == ".png"):
+        return False
+    import numpy as np
+    from PIL import Image
+
+    try:
+        pa, pb = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+    except OSError:  # not a readable image: only bytes can say
+        return False
+    return pa.shape == pb.shape and sorted(r.tobytes() for r in pa) == sorted(r.tobytes() for r in pb)
+
+
 def compare_outputs(old_dir: Path, new_dir: Path) -> dict:
     """The files the two evaluations wrote (previews, CSVs, volumes): the same content?
 
     Files under the same relative path are compared; a file only one side has is paired with a file of the
-    same content under another name on the other side (``renamed``: the refactor's one naming scheme).
+    same content under another name on the other side (``renamed``: the refactor's one naming scheme), or else
+    with a PNG of the same pixel rows in another order (``rows_reordered``: a montage's panels moved).
     """
 
     def files(d: Path) -> set[str]:
         return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != REPORT}
 
     fo, fn = files(old_dir), files(new_dir)
-    same, different = [], []
+    same, different, reordered = [], [], {}
     for rel in sorted(fo & fn):
-        (same if same_file(old_dir / rel, new_dir / rel) else different).append(rel)
+        if same_file(old_dir / rel, new_dir / rel):
+            same.append(rel)
+        elif same_rows(old_dir / rel, new_dir / rel):
+            reordered[rel] = rel
+        else:
+            different.append(rel)
     only_old, only_new, renamed = sorted(fo - fn), sorted(fn - fo), {}
-    for rel in list(only_old):
-        match = next((n for n in only_new if same_file(old_dir / rel, new_dir / n)), None)
-        if match is not None:
-            renamed[rel] = match
-            only_old.remove(rel)
-            only_new.remove(match)
-    return {"identical": same, "different": different, "renamed": renamed, "only_old": only_old,
-            "only_new": only_new}  # fmt: skip
+    for test, found in ((same_file, renamed), (same_rows, reordered)):
+        for rel in list(only_old):
+            match = next((n for n in only_new if test(old_dir / rel, new_dir / n)), None)
+            if match is not None:
+                found[rel] = match
+                only_old.remove(rel)
+                only_new.remove(match)
+    return {"identical": same, "different": different, "renamed": renamed, "rows_reordered": reordered,
+            "only_old": only_old, "only_new": only_new}  # fmt: skip
 
 
 def run_bundle(name: str, old: Path, new: Path, work: Path, fresh: str | None = None) -> dict:
@@ -311,7 +336,8 @@ def print_table(results: list[dict]) -> None:
               f"{len(r['only_old'])} only in old, {len(r['differing_values'])} differing strings")  # fmt: skip
         files = r["files"]
         print(f"{'':<28}output files: {len(files['identical'])} identical, {len(files['renamed'])} identical under "
-              f"another name, {len(files['different'])} different {files['different'][:4]}, "
+              f"another name, {len(files['rows_reordered'])} PNGs of the same rows reordered, "
+              f"{len(files['different'])} different {files['different'][:4]}, "
               f"{len(files['only_old'])} only old, "
               f"{len(files['only_new'])} only new")  # fmt: skip
         if any(r["deprecated_ids"].values()):

@@ -52,3 +52,19 @@ def test_output_files_same_name_renamed_and_different(tmp_path):
     assert r["identical"] == ["a.png"] and r["different"] == ["d.csv"]
     assert r["renamed"] == {"p/c.png": "p/c_preview.png"}  # the same bytes under the new naming scheme
     assert r["only_old"] == ["gone.png"] and r["only_new"] == ["extra.png"]
+
+
+def test_a_montage_with_its_rows_moved_is_reordered_not_different(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rows = np.arange(4 * 3, dtype=np.uint8).reshape(4, 3) * 20
+    for root, image in ((tmp_path / "old", rows), (tmp_path / "new", rows[[3, 0, 1, 2]])):
+        root.mkdir()
+        Image.fromarray(image).save(root / "m.png")
+        Image.fromarray(image).save(root / f"{root.name}_named.png")
+    Image.fromarray(rows[::-1].T.copy()).save(tmp_path / "new" / "other.png")  # not a row permutation
+    Image.fromarray(rows).save(tmp_path / "old" / "other.png")
+    r = compare_outputs(tmp_path / "old", tmp_path / "new")
+    assert r["rows_reordered"] == {"m.png": "m.png", "old_named.png": "new_named.png"}
+    assert r["different"] == ["other.png"] and r["identical"] == [] and r["renamed"] == {}
