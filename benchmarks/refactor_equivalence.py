@@ -3,9 +3,9 @@
     python benchmarks/refactor_equivalence.py --old_repo /work/wt-old --work /tmp/eq [--bundles perx2ct ...]
 
 ``--old_repo`` is a checkout of the pre-refactor commit (``git worktree add --detach /work/wt-old af6b8e9``);
-this checkout is the new tree. For each row of :data:`BUNDLES` (the six bundles, the X-ray-only PE classifier,
-perx2ct and the cascade on the real-CT cohort), with the **old** tree: build the tiny dataset (its
-``data_prep.phantom`` / ``data_prep.cohort``), train at ``cpu_tiny`` size, evaluate with its
+this checkout (or ``--new_repo``) is the new tree. For each row of :data:`BUNDLES` (the six bundles, the
+X-ray-only PE classifier, perx2ct and the cascade on the real-CT cohort), with the **old** tree: build the
+tiny dataset (its ``data_prep.phantom`` / ``data_prep.cohort``), train at ``cpu_tiny`` size, evaluate with its
 ``evaluate.json``; then evaluate the **same** checkpoint on the **same** dataset with the **new** tree's
 ``evaluate.json``: the same command-line ids (the checkpoint under the old tree's id, which the new tree takes
 with a DeprecationWarning where it was renamed: the warnings are recorded), another ``output_dir``. Every run
@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--old_repo", required=True, help="checkout of the pre-refactor commit (af6b8e9)")
+    p.add_argument("--new_repo", default=str(REPO), help="the checkout evaluated as new (default: this one)")
     p.add_argument("--work", default="outputs/refactor_equivalence", help="datasets, checkpoints, reports, logs")
     p.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES),
                    help="rows to run; default: all (the six bundles and 3 more rows)")  # fmt: skip
@@ -357,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-run the evaluations (all) or the new tree's only (new: after merging more changes); "
                         "datasets and checkpoints are kept")  # fmt: skip
     args = p.parse_args(argv)
-    old, work = Path(args.old_repo).resolve(), Path(args.work).resolve()
-    if not (old / "bundles").is_dir():
-        p.error(f"{old}: not a checkout of this repository (no bundles/)")
+    old, new, work = Path(args.old_repo).resolve(), Path(args.new_repo).resolve(), Path(args.work).resolve()
+    for tree in (old, new):
+        if not (tree / "bundles").is_dir():
+            p.error(f"{tree}: not a checkout of this repository (no bundles/)")
     work.mkdir(parents=True, exist_ok=True)
     selected = [n for n in BUNDLES if n in args.bundles]  # the table's order: vqgan before latent_ddpm
     if "latent_ddpm" in selected and "vqgan_3d_patch" not in selected:
@@ -368,18 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         t0 = time.time()
         try:
-            results.append(run_bundle(name, old, REPO, work, args.fresh))
+            results.append(run_bundle(name, old, new, work, args.fresh))
         except Exception as e:  # one failing bundle must not hide the others
             results.append({"bundle": name, "error": str(e)})
         print(f"[equivalence] {name}: {time.time() - t0:.0f} s", flush=True)
     print_table(results)
     commits = {}
-    for tag, tree in (("old", old), ("new", REPO)):
+    for tag, tree in (("old", old), ("new", new)):
         res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True)
         commits[tag] = res.stdout.strip() or None
     summary = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "old_repo": str(old),
-               "new_repo": str(REPO), "commits": commits,
-               "imported_from": {"old": imported_from(old), "new": imported_from(REPO)}, "rtol": RTOL,
+               "new_repo": str(new), "commits": commits,
+               "imported_from": {"old": imported_from(old), "new": imported_from(new)}, "rtol": RTOL,
                "datasets": DATASETS, "bundles": results}  # fmt: skip
     out = work / "refactor_equivalence.json"
     sys.path.insert(0, str(REPO))
