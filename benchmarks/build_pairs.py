@@ -68,13 +68,13 @@ def make_cases(folder: Path, n_cases: int, input_format: str, seed: int = 0) -> 
 
 def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repeats: int = 2) -> dict:
     """Seconds per step for one case on one thread: previous pipeline vs current (best of ``repeats``)."""
-    from common.drr import drr_to_image, get_geometry, render_drr
+    from common.drr import detector_geometry, drr_to_image, render_drr
     from common.intensity import hu_to_mu
     from common.io import load_volume, save_volume
     from data_prep import layout, render, resample
 
     torch.set_num_threads(1)
-    geometry = get_geometry("x2ctgan").resized(drr_pixels)
+    geometry = detector_geometry("x2ctgan", drr_pixels)
     out = Path(tempfile.mkdtemp(prefix="bp-profile-"))
 
     def drrs(ct, method):
@@ -111,7 +111,7 @@ def profile_one_case(path: str, size: int, spacing: float, drr_pixels: int, repe
         t0 = time.perf_counter()
         ct = resample.prepare_ct(vol, spacing, size)
         t["prepare"] = time.perf_counter() - t0
-        layout.write_case(out, "c", ct, "x2ctgan", drr_pixels, timings=t)
+        layout.write_case(out, "c", ct, geometry, timings=t)
         return t
 
     results = {}

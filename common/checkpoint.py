@@ -46,6 +46,7 @@ from common.checkpoint_inference import (
 )
 from common.checkpoint_records import (
     ARGS_FILE,
+    BASELINE_SUFFIX,
     DEFAULT_MAX_CHECKPOINT_BYTES,
     MAX_CHECKPOINT_BYTES_ENV,
     MAX_SIDECAR_BYTES,
@@ -55,6 +56,7 @@ from common.checkpoint_records import (
     RECORD_KEY,
     SIDECAR_SUFFIX,
     CheckpointRecord,
+    baseline_path,
     build_from_checkpoint,
     check_record,
     check_torch_file,
@@ -86,10 +88,10 @@ from common.checkpoint_registry import (  # noqa: F401  (_locate, _qualified_nam
 )
 
 __all__ = [
-    "ARGS_FILE", "DEFAULT_MAX_CHECKPOINT_BYTES", "MAX_CHECKPOINT_BYTES_ENV", "MAX_SIDECAR_BYTES", "MODEL_KEY",
+    "ARGS_FILE", "BASELINE_SUFFIX", "DEFAULT_MAX_CHECKPOINT_BYTES", "MAX_CHECKPOINT_BYTES_ENV", "MAX_SIDECAR_BYTES", "MODEL_KEY",
     "NETWORKS", "RECORD_FILE", "RECORD_FORMAT", "RECORD_KEY", "SIDECAR_SUFFIX", "CheckpointLoader",
     "CheckpointRecord", "CheckpointSaver", "InferenceSettings", "LEGACY_PREDICTION_TYPE", "resolve_settings", "allow_network", "allowed_network",
-    "build_for_inference", "build_from_checkpoint", "build_network", "check_arguments", "check_record",
+    "baseline_path", "build_for_inference", "build_from_checkpoint", "build_network", "check_arguments", "check_record",
     "check_torch_file", "comparable", "configured_network_def", "export_bare", "file_sha256",
     "instantiate_network", "load_weights", "max_checkpoint_bytes", "network_description", "network_differences",
     "network_state", "plain", "read_bundle_version", "read_checkpoint", "read_config", "read_record", "record_of",

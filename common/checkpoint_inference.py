@@ -23,7 +23,7 @@ from common.checkpoint_records import (
     record_of,
 )
 from common.checkpoint_registry import _same, instantiate_network, network_description, plain
-from common.drr import DRRGeometry, get_geometry
+from common.drr import DRRGeometry, detector_geometry, get_geometry
 from common.errors import InputError, require_file
 from common.intensity import HUWindow, get_window
 
@@ -89,8 +89,8 @@ def resolve_settings(
     if geometry is None and record.get("network_def") is None:
         geometry = configured("geometry")
     geometry = None if geometry is None else get_geometry(geometry)
-    if geometry is not None and size is not None:
-        geometry = geometry.resized(int(size))
+    if geometry is not None and size is not None:  # recorded at the input size: as is (older records: resized)
+        geometry = detector_geometry(geometry, int(size))
     prediction_type = inputs.get("prediction_type")
     if prediction_type is None and parser is not None and "prediction_type" in parser:
         prediction_type = LEGACY_PREDICTION_TYPE

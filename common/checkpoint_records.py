@@ -138,6 +138,8 @@ MAX_CHECKPOINT_BYTES_ENV = "XRAY2CT_MAX_CHECKPOINT_BYTES"
 DEFAULT_MAX_CHECKPOINT_BYTES = 8 << 30  # 8 GiB: above every network of the project with optimiser states
 MAX_SIDECAR_BYTES = 1 << 20
 SIDECAR_SUFFIX = ".record.json"
+BASELINE_SUFFIX = ".baseline.pt"  # the zoo form's mean-CT baseline beside X.pt (X.baseline.pt)
+BASELINE_ENTRY = "baseline"  # common.baselines.BASELINE_KEY: the checkpoint entry it travels in
 _CONFIG_SYNTAX = ("$", "@", "%")  # MONAI ConfigParser: expression, reference, macro
 _CONFIG_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 
@@ -236,6 +238,42 @@ def sidecar_path(path: str | os.PathLike) -> str:
     return stem + SIDECAR_SUFFIX
 
 
+def baseline_path(path: str | os.PathLike) -> str:
+    """``X.baseline.pt`` beside the bare state dict ``X.pt``: the training checkpoint's ``baseline`` entry (the mean
+    training CT of the X-ray -> CT bundles) in the zoo form, bound to the record by ``baseline_sha256``."""
+    stem, _ = os.path.splitext(os.fspath(path))
+    return stem + BASELINE_SUFFIX
+
+
+def _read_baseline(path: str, expected: object) -> dict | None:
+    """The ``baseline`` entry of a zoo-form checkpoint ``path`` from ``X.baseline.pt`` (:func:`baseline_path`),
+    read like a checkpoint (zip checks, ``weights_only``) and refused unless its sha256 is the record's
+    ``baseline_sha256`` (``expected``). A missing file (published without it) loads without it, with a warning:
+    the baseline is then rebuilt from the training datalist or reported unavailable."""
+    if expected is None:
+        return None
+    file = baseline_path(path)
+    if not isinstance(expected, str):
+        raise InputError(sidecar_path(path), "baseline_sha256 is not a sha256 string")
+    if not os.path.isfile(file):
+        warnings.warn(f"{file}: not found (the record names a stored mean-CT baseline); loaded without it", stacklevel=3)
+        return None
+    actual = file_sha256(file)
+    if actual != expected:
+        raise InputError(
+            file, f"belongs to other weights (baseline_sha256 {expected[:12]}..., the file is {actual[:12]}...): "
+            "refusing a swapped baseline",
+        )
+    check_torch_file(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged file: as read_checkpoint
+        raise InputError(file, f"cannot read the stored baseline ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise InputError(file, f"stored baseline is a {type(state).__name__}, not a dict")
+    return dict(state)
+
+
 def _read_sidecar(path: str) -> dict | None:
     """The record of a bare state dict from its sidecar, refused unless its ``weights_sha256`` is the file's."""
     sidecar = sidecar_path(path)
@@ -291,6 +329,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         checkpoint = {MODEL_KEY: checkpoint}  # a bare state dict (ignite's one-entry save_dict, the zoo form)
         record = _read_sidecar(path)
         if record is not None:
+            baseline = _read_baseline(path, record.pop("baseline_sha256", None))
+            if baseline is not None:
+                checkpoint[BASELINE_ENTRY] = baseline
             checkpoint[RECORD_KEY] = {"json": json.dumps(record, sort_keys=True)}
     record_of(checkpoint, path)
     return checkpoint
@@ -316,7 +357,10 @@ def record_of(checkpoint: Mapping, source: str | os.PathLike | None = None) -> d
 def export_bare(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, str]:
     """Write the zoo form of checkpoint ``src``: the bare state dict ``dst`` (what MONAI's ``ckpt_export``
     loads without ``key_in_ckpt``) and its record ``dst`` minus ``.pt`` plus ``.record.json``, bound to the
-    weights by ``weights_sha256``. Both files are written atomically; returns ``(weights, record)`` paths."""
+    weights by ``weights_sha256``. A stored mean-CT baseline (the ``baseline`` entry of the X-ray -> CT bundles'
+    checkpoints) goes to ``X.baseline.pt`` (:func:`baseline_path`, tensors and numbers: ``weights_only``),
+    bound by ``baseline_sha256``, so a published bundle still reports its baseline. Each file is written
+    atomically, the record last; returns ``(weights, record)`` paths."""
     from common.atomic import atomic_path
 
     src, dst = os.fspath(src), os.fspath(dst)
@@ -325,6 +369,11 @@ def export_bare(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, st
     if record is None:
         raise InputError(src, "checkpoint has no record to export beside its weights")
     sidecar = sidecar_path(dst)
+    baseline = checkpoint.get(BASELINE_ENTRY)
+    if isinstance(baseline, Mapping) and baseline:
+        with atomic_path(baseline_path(dst)) as tmp:
+            torch.save(dict(baseline), tmp)
+            record = {**record, "baseline_sha256": file_sha256(tmp)}
     with atomic_path(dst) as tmp:
         torch.save(network_state(checkpoint, src), tmp)
         record = {**record, "weights_sha256": file_sha256(tmp)}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from common.drr import same_camera
 from common.errors import InputError
 from common.json_values import plain  # noqa: F401  (the one JSON-plain helper; re-exported)
 
@@ -211,6 +212,8 @@ def network_differences(
         default = params[key].default if key in params else inspect.Parameter.empty
         a = recorded.get(key, plain(default) if default is not inspect.Parameter.empty else "<unset>")
         b = configured.get(key, plain(default) if default is not inspect.Parameter.empty else "<unset>")
+        if key == "geometry" and same_camera(a, b):
+            continue  # one DRR camera: its pixel count follows the network's input size (older records: the DRRs')
         if not _same(a, b):
             out.append(f"{key}={json.dumps(a)} (checkpoint) vs {json.dumps(b)} (config)")
     return out

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from common.drr import DEFAULT_GEOMETRY, DRRGeometry, detector_geometry, get_geometry
 from common.errors import InputError
 from common.io import load_nifti_image, load_volume
 
@@ -66,6 +67,42 @@ def datalist_field(datalist_file: str | os.PathLike, key: str, default=None):
     with open(datalist_file) as f:
         value = json.load(f).get(key)
     return default if value is None else value
+
+
+def dataset_geometry(datalist_file: str | os.PathLike, pixels: int | None = None) -> DRRGeometry:
+    """The DRR camera of a dataset's X-rays, read from its datalist: the one reader (training, inference and
+    evaluation configs, the cascade's dataset info).
+
+    ``geometry`` as the dataset builders store it (:meth:`DRRGeometry.as_dict` at the DRRs' pixel count), or as
+    a preset name (older datasets: at the datalist's ``drr_pixels`` when recorded). Absent (no file: a config
+    parsed without data; or an older datalist without the field): the one default,
+    :data:`common.drr.DEFAULT_GEOMETRY`, with a warning when the file exists. ``pixels``: the camera at the
+    network's X-ray input size, which the X-ray transforms resize to (:func:`common.drr.detector_geometry`):
+    what a network and its checkpoint record keep, so nothing below resizes it again. A geometry that cannot be
+    read is an :class:`InputError` naming the file.
+    """
+    datalist_file = os.fspath(datalist_file)
+    meta: dict = {}
+    if os.path.isfile(datalist_file):
+        try:
+            with open(datalist_file) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(datalist_file, f"cannot read the datalist ({e})") from None
+        if not isinstance(meta, dict):
+            raise InputError(datalist_file, "a datalist is a JSON object")
+        if meta.get("geometry") is None:
+            import warnings
+
+            warnings.warn(f"{datalist_file}: no DRR 'geometry'; assuming the {DEFAULT_GEOMETRY!r} preset", stacklevel=2)
+    value = meta.get("geometry")
+    try:
+        geometry = get_geometry(DEFAULT_GEOMETRY if value is None else value)
+        if isinstance(value, str) and meta.get("drr_pixels") is not None:
+            geometry = detector_geometry(geometry, int(meta["drr_pixels"]))
+        return geometry if pixels is None else detector_geometry(geometry, int(pixels))
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(datalist_file, f"bad DRR 'geometry' {value!r} ({e})") from None
 
 
 ON_ERROR = ("raise", "exit")

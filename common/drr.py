@@ -189,6 +189,33 @@ def get_geometry(geometry: str | dict | DRRGeometry) -> DRRGeometry:
         raise ValueError(f"unknown DRR geometry {geometry!r}; presets: {sorted(PRESETS)}") from None
 
 
+DEFAULT_GEOMETRY = X2CTGAN.name  # the one default: the dataset builders' preset (common.datalist.dataset_geometry)
+
+
+def detector_geometry(geometry: str | dict | DRRGeometry, pixels: int | Sequence[int]) -> DRRGeometry:
+    """``geometry`` (preset name, :meth:`DRRGeometry.as_dict` dict or object) with a detector of ``pixels``
+    (side, or (rows, cols)): the one place a camera gets its pixel count.
+
+    Called once where a dataset is built (the DRRs' size) and, read back, where an X-ray's size differs from
+    the camera's: :func:`common.datalist.dataset_geometry` (the network's input size) and the settings of
+    checkpoints recorded before geometries were stored at that size. The same object when already at ``pixels``.
+    """
+    geometry = get_geometry(geometry)
+    pix = (int(pixels[0]), int(pixels[1])) if isinstance(pixels, Sequence) else (int(pixels), int(pixels))
+    return geometry if tuple(geometry.detector_pixels) == pix else geometry.resized(pix)
+
+
+def same_camera(a: str | dict | DRRGeometry, b: str | dict | DRRGeometry) -> bool:
+    """Whether two geometries are one camera, whatever their detector pixel counts: a network's ``geometry``
+    argument follows its X-ray input size, and records written before the configs did so carry the DRRs' size
+    (:func:`common.checkpoint.network_differences` compares geometries by this). False for a non-geometry."""
+    try:
+        a, b = get_geometry(a), get_geometry(b)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return dataclasses.replace(a, detector_pixels=b.detector_pixels) == b
+
+
 def _view_axes(view: str) -> tuple[int, float, int]:
     try:
         return _VIEW_AXES[view]

@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write_text, remove_partial_files
 from common.dicom import Z_SPACINGS
-from common.drr import get_geometry, paper_hu_offset
+from common.drr import detector_geometry, paper_hu_offset
 from common.errors import InputError
 from common.io import load_volume, save_volume  # noqa: F401  (save_volume: re-exported, tests patch it here)
 from common.preview import save_montage_png
@@ -150,7 +150,7 @@ def build_settings(
         "format_version": FORMAT_VERSION,
         "size": [int(s) for s in size],
         "spacing": [float(s) for s in spacing],
-        "geometry": get_geometry(geometry).resized(drr_pixels).as_dict(),
+        "geometry": detector_geometry(geometry, int(drr_pixels)).as_dict(),  # resolved once: the jobs take it
         "drr_pixels": int(drr_pixels),
         "renderer": renderer,
         "attenuation": attenuation,
@@ -238,7 +238,7 @@ def process_case(job: dict) -> dict:
         t2 = time.perf_counter()
         timings.update(load=t1 - t0, prepare=t2 - t1)
         drrs = write_case(
-            root, case, ct, job["geometry"], job["drr_pixels"], renderer=job["renderer"], timings=timings,
+            root, case, ct, job["geometry"], renderer=job["renderer"], timings=timings,
             attenuation=job["attenuation"], hu_offset=job.get("drr_hu_offset", 0.0),
         )  # fmt: skip
         if job["previews"]:
@@ -377,7 +377,7 @@ def build_pairs(
             continue
         jobs.append(dict(root=str(root), id=item["id"], path=sources.get(item["id"], item["path"]),
                          source=item["path"], patient=item["patient"],
-                         size=size3, spacing=spacing3, geometry=geometry, drr_pixels=int(drr_pixels),
+                         size=size3, spacing=spacing3, geometry=settings["geometry"],
                          renderer=renderer, attenuation=settings["attenuation"], previews=bool(previews),
                          settings_fp=settings_fp, z_spacing=z_spacing, drr_hu_offset=hu_offset))  # fmt: skip
     desc = "build_pairs" if total_parts == 1 else f"build_pairs part {part_index + 1}/{total_parts}"
@@ -515,7 +515,7 @@ def merge_parts(out_root: str, total_parts: int | None = None) -> dict:
     datalist = None
     if entries:
         datalist = write_datalist(
-            root, entries, settings["spacing"], settings["size"], settings["geometry"], settings["drr_pixels"],
+            root, entries, settings["spacing"], settings["size"], settings["geometry"],
             val_fraction, test_fraction, seed, splits=splits, extra=extra,
             description="xray2ct paired CT/DRR dataset (data_prep.build_pairs)",
         )  # fmt: skip

@@ -104,6 +104,7 @@ from tqdm import tqdm
 
 from common.anatomy import ANATOMY_LABELS
 from common.atomic import atomic_write_text
+from common.drr import detector_geometry
 from common.errors import InputError, require_file
 from common.io import load_volume, save_volume
 from common.preview import save_montage_png
@@ -655,6 +656,7 @@ def make_cohort(
             f"need n_cases >= 1, size >= 8, spacing > 0, drr_pixels >= 8; got "
             f"{n_cases}, {size}, {spacing}, {drr_pixels}",
         )
+    camera = detector_geometry(geometry, drr_pixels)  # resolved once for every case and the datalist
     source_list, mask_list, names = _resolve_sources(sources, masks, structures, cache_dir)
     settings = {
         "format": FORMAT_VERSION,
@@ -720,7 +722,7 @@ def make_cohort(
             t1 = time.perf_counter()
             folder.mkdir(parents=True, exist_ok=True)
             save_volume(label, folder / LABEL_FILE)
-            write_case(root, case, ct, geometry, drr_pixels)
+            write_case(root, case, ct, camera)
             measured = measure_anatomy(label.array, label.spacing)
             meta = {
                 "fingerprint": fp,
@@ -758,8 +760,7 @@ def make_cohort(
         entries,
         (spacing,) * 3,
         (size,) * 3,
-        geometry,
-        drr_pixels,
+        camera,
         val_fraction,
         test_fraction,
         seed,

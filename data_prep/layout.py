@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write_text
-from common.drr import get_geometry
+from common.drr import DRRGeometry, get_geometry
 from common.intensity import XRAY2CT
 from common.io import save_volume
 from common.volume import Volume
@@ -50,8 +50,7 @@ def write_case(
     root: str | os.PathLike,
     case: str,
     ct: Volume,
-    geometry: str | dict,
-    drr_pixels: int,
+    geometry: DRRGeometry | dict,
     label: dict | None = None,
     extra_volumes: dict[str, Volume] | None = None,
     renderer: str = "xray2ct",
@@ -60,7 +59,8 @@ def write_case(
     hu_offset: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Write ``ct.nii.gz`` (int16 HU), its PA/lateral DRRs, ``label.json`` and ``<key>.nii.gz`` extras.
-    ``hu_offset``: added to the HU for the DRRs only (:func:`render_pa_lateral`).
+    ``geometry``: the dataset's camera at the DRRs' pixel count (:func:`common.drr.detector_geometry`, resolved
+    once by the builder; its ``as_dict`` in worker processes). ``hu_offset``: added to the HU for the DRRs only (:func:`render_pa_lateral`).
 
     Returns the DRR images. The CT is stored as int16 (whole HU, the scanner's own precision); the DRRs
     are rendered from exactly the stored values. ``timings`` (optional) receives seconds per step.
@@ -69,9 +69,10 @@ def write_case(
     folder.mkdir(parents=True, exist_ok=True)
     ct = ct.with_array(np.rint(ct.array).astype(np.int16))
     t0 = time.perf_counter()
-    drrs = render_pa_lateral(ct, geometry, drr_pixels, renderer, attenuation, hu_offset)
+    geometry = get_geometry(geometry)
+    drrs = render_pa_lateral(ct, geometry, renderer, attenuation, hu_offset)
     t1 = time.perf_counter()
-    pixel = get_geometry(geometry).resized(drr_pixels).detector_spacing
+    pixel = geometry.detector_spacing
     for key, vol in (extra_volumes or {}).items():
         save_volume(vol.with_array(np.rint(vol.array).astype(np.int16)), folder / f"{key}.nii.gz")
     if label is not None:
@@ -183,8 +184,7 @@ def write_datalist(
     entries: Sequence[dict],
     spacing: Sequence[float],
     size: Sequence[int],
-    geometry: str | dict,
-    drr_pixels: int,
+    geometry: DRRGeometry | dict,
     val_fraction: float,
     test_fraction: float,
     seed: int = 0,
@@ -195,21 +195,25 @@ def write_datalist(
 ) -> str:
     """Write ``<root>/dataset.json`` (MONAI datalist + geometry, spacing, HU window); returns its path.
 
+    ``geometry``: the camera at the DRRs' pixel count, as :func:`write_case` rendered them (stored as is, with
+    ``drr_pixels`` its side; :func:`common.datalist.dataset_geometry` reads it back).
+
     Splits are :func:`assign_splits` of the entries (grouped by their ``patient`` key when present), or
     ``splits`` (case id -> split name; names beyond the three standard ones become extra datalist keys).
     """
     if splits is None:
         groups = {e["id"]: e["patient"] for e in entries if "patient" in e}
         splits = assign_splits([e["id"] for e in entries], val_fraction, test_fraction, seed, strata, groups)
+    geometry = get_geometry(geometry)
     datalist: dict = {name: [] for name in SPLITS}
     for entry in sorted(entries, key=lambda e: e["id"]):
         datalist.setdefault(splits[entry["id"]], []).append(entry)
     datalist.update(
         description=description,
-        geometry=get_geometry(geometry).resized(drr_pixels).as_dict(),
+        geometry=geometry.as_dict(),
         spacing=[float(s) for s in spacing],
         size=[int(s) for s in size],
-        drr_pixels=int(drr_pixels),
+        drr_pixels=int(geometry.detector_pixels[0]),
         hu_window=XRAY2CT.as_dict(),
         ct_orientation="RAS",
         split={"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},

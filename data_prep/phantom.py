@@ -60,7 +60,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text
-from common.drr import get_geometry
+from common.drr import detector_geometry
 from common.errors import InputError
 from common.volume import Volume
 from data_prep.layout import case_entry, case_is_done, write_case, write_datalist
@@ -386,6 +386,7 @@ def make_phantom_dataset(
     added: ``"avg"``, ``"phase0"`` (paths), ``"phase": 0`` and ``"n_phases"``.
     """
     shape = (int(size),) * 3 if np.ndim(size) == 0 else tuple(int(s) for s in size)
+    camera = detector_geometry(geometry, int(drr_pixels))  # resolved once for every case and the datalist
     if spacing is None:
         spacing = _default_spacing(shape)
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)))
@@ -410,7 +411,7 @@ def make_phantom_dataset(
                 ct, _ = make_phantom(shape, spacing, case_seed, emboli=int(n_emboli[i]))
                 volumes = {}
             label = {"pe": int(n_emboli[i] > 0), "n_emboli": int(n_emboli[i]), "seed": case_seed}
-            write_case(root, case, ct, geometry, drr_pixels, label=label, extra_volumes=volumes)
+            write_case(root, case, ct, camera, label=label, extra_volumes=volumes)
         entry = case_entry(root, case, spacing, label=int(n_emboli[i] > 0), extra=extra)
         if n_phases > 0:
             entry.update(phase=0, n_phases=int(n_phases))
@@ -421,8 +422,7 @@ def make_phantom_dataset(
         entries,
         spacing=spacing,
         size=shape,
-        geometry=geometry,
-        drr_pixels=drr_pixels,
+        geometry=camera,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -460,6 +460,7 @@ def make_pe_dataset(
     """
     root = os.fspath(root)
     shape = (int(size),) * 3
+    camera = detector_geometry(geometry, int(drr_pixels))  # resolved once for every case and the datalist
     splits: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     patient = int(seed)
     for split, n in zip(splits, n_patients):
@@ -469,7 +470,7 @@ def make_pe_dataset(
                 if not case_is_done(root, case, extra_files=["label.json"]):
                     ct, labels = make_phantom(shape, float(spacing), seed=patient, emboli=emboli * pe)
                     label = {"pe": int(labels["pe"]), "n_emboli": int(labels["n_emboli"]), "seed": patient}
-                    write_case(root, case, ct, geometry, drr_pixels, label=label)
+                    write_case(root, case, ct, camera, label=label)
                 entry = case_entry(root, case, (float(spacing),) * 3, label=pe)
                 entry["patient"] = f"patient{patient:04d}"
                 splits[split].append(entry)
@@ -479,7 +480,7 @@ def make_pe_dataset(
         **splits,
         "spacing": [float(spacing)] * 3,
         "size": list(shape),  # with the DRR geometry: an X-ray -> CT bundle can train on these pairs
-        "geometry": get_geometry(geometry).resized(int(drr_pixels)).as_dict(),
+        "geometry": camera.as_dict(),
         "contrast_phase": "ctpa",
         "split": {"by": "patient: each patient's two cases (with / without emboli) are in one split"},
     }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_path
-from common.drr import drr_to_image, get_geometry, render_drr
+from common.drr import DRRGeometry, drr_to_image, get_geometry, render_drr
 from common.errors import InputError
 from common.intensity import hu_to_mu
 from common.volume import Volume
@@ -26,13 +26,13 @@ ATTENUATIONS = ("xray2ct", "plastimatch")  # HU -> mu: common.intensity.hu_to_mu
 
 def render_pa_lateral(
     ct: Volume,
-    geometry: str | dict = "x2ctgan",
-    drr_pixels: int = 128,
+    geometry: DRRGeometry | dict,
     renderer: str = "xray2ct",
     attenuation: str = "xray2ct",
     hu_offset: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """PA and lateral DRR images (H, W) float32 in [0, 1] of a canonical-RAS HU volume.
+    """PA and lateral DRR images (H, W) = ``geometry.detector_pixels``, float32 in [0, 1], of a canonical-RAS HU
+    volume. ``geometry``: the camera at the DRRs' pixel count (:func:`common.drr.detector_geometry`).
 
     ``hu_offset`` is added to the HU before rendering: 24 renders the papers' DRRs of HU + 24
     (:data:`common.drr.PAPER_DRR_HU_OFFSET`).
@@ -42,7 +42,7 @@ def render_pa_lateral(
     ``attenuation="plastimatch"`` gives our projector plastimatch's conversion (0 at HU <= -800, water
     0.022/mm): its DRRs then agree with plastimatch's at Pearson r > 0.999, ~10x faster.
     """
-    geom = get_geometry(geometry).resized(drr_pixels)
+    geom = get_geometry(geometry)
     if renderer == "plastimatch":
         from common.drr_plastimatch import render_plastimatch
 

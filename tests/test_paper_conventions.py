@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.drr import PAPER_DRR_HU_OFFSET, X2CTGAN, paper_hu_offset
+from common.drr import PAPER_DRR_HU_OFFSET, X2CTGAN, detector_geometry, paper_hu_offset
 from common.io import load_volume
 from common.volume import Volume
 from data_prep.build_pairs import build_pairs, build_settings
@@ -27,9 +27,10 @@ def test_paper_offset_is_their_plastimatch_shift():
 def test_hu_offset_renders_the_shifted_volume(attenuation):
     ct, _ = make_phantom(shape=(24, 24, 24), spacing=16.0)
     ct = Volume(np.asarray(ct.array, np.float32), ct.affine)
-    shifted = render_pa_lateral(ct, "x2ctgan", 16, attenuation=attenuation, hu_offset=24.0)
-    by_hand = render_pa_lateral(ct.with_array(ct.array + np.float32(24.0)), "x2ctgan", 16, attenuation=attenuation)
-    plain = render_pa_lateral(ct, "x2ctgan", 16, attenuation=attenuation)
+    camera = detector_geometry("x2ctgan", 16)
+    shifted = render_pa_lateral(ct, camera, attenuation=attenuation, hu_offset=24.0)
+    by_hand = render_pa_lateral(ct.with_array(ct.array + np.float32(24.0)), camera, attenuation=attenuation)
+    plain = render_pa_lateral(ct, camera, attenuation=attenuation)
     for view in ("pa", "lateral"):
         np.testing.assert_array_equal(shifted[view], by_hand[view])  # the same float32 sums
         assert np.abs(shifted[view] - plain[view]).max() > 1e-3, view

@@ -16,7 +16,7 @@ from helpers import check_anatomy_report
 from monai.bundle import ConfigParser
 from numerics import network_atol
 
-from common.checkpoint import read_record
+from common.checkpoint import network_state, read_checkpoint, read_record
 from common.io import load_volume
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "perx2ct"
@@ -91,9 +91,8 @@ def test_train_evaluate_infer(trained, dataset, repo_root):
     root, out = trained["root"], trained["out"]
     models = sorted(p.name for p in (root / "models").iterdir())
     assert "model.pt" in models and "model_final.pt" in models
-    from bundles.perx2ct.scripts.inference import read_checkpoint
-
-    state = read_checkpoint(str(root / "models" / "model.pt"))
+    path = str(root / "models" / "model.pt")
+    state = network_state(read_checkpoint(path), path)  # the one reader (perx2ct's own wrapper is gone)
     assert state["spacing_mm"].tolist() == [12.0, 12.0, 12.0]
     record = read_record(root / "models" / "model.pt")
     assert record["bundle"] == "perx2ct" and record["inputs"]["spacing"] == [12.0, 12.0, 12.0]

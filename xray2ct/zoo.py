@@ -5,7 +5,9 @@ Training writes ``models/model.pt`` as ``{"model": state_dict, "record": ...}`` 
 ``verify_torchscript``) calls ``monai.bundle.ckpt_export`` *without* ``key_in_ckpt``, which loads only a bare
 state dict. :func:`export_zoo_weights` rewrites every weights file a bundle's ``large_files.yml`` names into that
 form, in place: a bare state dict ``X.pt`` plus its record ``X.record.json`` bound to it by ``weights_sha256``
-(:func:`common.checkpoint.export_bare`). Our loaders (``common.checkpoint.read_checkpoint``) read both forms.
+(:func:`common.checkpoint.export_bare`), and for the X-ray -> CT bundles the stored mean-CT baseline
+``X.baseline.pt`` bound by ``baseline_sha256`` (publish all three). Our loaders
+(``common.checkpoint.read_checkpoint``) read both forms.
 
     xray2ct-zoo-export bundles/vqgan_3d_patch      # or python -m xray2ct.zoo bundles/vqgan_3d_patch
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from common.checkpoint import export_bare
+from common.checkpoint import BASELINE_SUFFIX, export_bare
 from common.errors import InputError
 
 LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")  # the zoo's _find_bundle_file suffixes
@@ -39,7 +41,7 @@ def weight_files(bundle_root: str | os.PathLike) -> list[str]:
         path = os.path.normpath(os.path.join(root, str(entry.get("path", ""))))
         if os.path.dirname(path) != models:
             raise InputError(listing, f"entry {entry.get('path')!r} is not a file directly under models/")
-        if path.endswith(".pt"):
+        if path.endswith(".pt") and not path.endswith(BASELINE_SUFFIX):  # a baseline travels with its weights
             paths.append(path)
     return paths
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from common.drr import DRRGeometry, get_geometry
+from common.drr import DRRGeometry, detector_geometry
 
 VIEWS = ("pa", "lateral")
 AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
@@ -88,7 +88,7 @@ def projection_grids(
 ) -> dict[str, torch.Tensor]:
     """``grid_sample`` grids (N, F, F, 2) per view for every slice along ``axis``, plus unit coords (N, F, F, 3)."""
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(image_size)
-    geom = get_geometry(geometry).resized(size)
+    geom = detector_geometry(geometry, size)  # the network passes its camera, already at its input size
     vox = slice_points_vox(volume_size, feature_res, axis)
     mm = vox_to_mm(vox, volume_size, spacing)
     out = {view: pixel_to_grid(geom.project_points(mm, view), size).float() for view in VIEWS}

@@ -28,11 +28,11 @@ from common.checkpoint import (
     build_for_inference,
     load_weights,
     network_state,
+    read_checkpoint,
     record_of,
     resolve_settings,
     unwrap,
 )
-from common.checkpoint import read_checkpoint as common_read_checkpoint
 from common.errors import InputError
 from common.intensity import get_window
 from common.predictor import (
@@ -50,12 +50,7 @@ from common.volume import Volume
 from common.xray import load_view
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-__all__ = ["BUNDLE_ROOT", "FORMATS", "PerX2CTInference", "legacy_geometry", "read_checkpoint"]
-
-
-def read_checkpoint(path: str) -> dict:
-    """The network state dict of a bundle checkpoint (:func:`common.checkpoint.read_checkpoint`)."""
-    return network_state(common_read_checkpoint(path), path)
+__all__ = ["BUNDLE_ROOT", "FORMATS", "PerX2CTInference", "legacy_geometry"]
 
 
 def legacy_geometry(state: dict, config_files: Sequence[str] | None, bundle_root: str) -> dict:
@@ -133,7 +128,7 @@ class PerX2CTInference:
         size = int(net.image_size)
         return InferenceSettings(
             bundle="perx2ct", hu_window=window, spacing=tuple(float(v) for v in net.spacing), image_size=size,
-            geometry=net.geometry.resized(size), checkpoint=checkpoint,
+            geometry=net.geometry, checkpoint=checkpoint,
         )  # fmt: skip
 
     # -- construction ---------------------------------------------------------------------------
@@ -162,7 +157,7 @@ class PerX2CTInference:
         """
         bundle_root = os.fspath(bundle_root)
         checkpoint = checkpoint or os.path.join(bundle_root, "models", "model.pt")
-        contents = common_read_checkpoint(checkpoint) if contents is None else contents  # read once
+        contents = read_checkpoint(checkpoint) if contents is None else contents  # read once
         record = record_of(contents)
         if record is None:  # old checkpoints: the network's buffers know spacing and geometry
             state = network_state(contents, checkpoint)

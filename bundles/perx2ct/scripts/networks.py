@@ -50,7 +50,7 @@ from bundles.perx2ct.scripts.geometry import (
     projection_grids,
     ras_to_perx2ct,
 )
-from common.drr import get_geometry
+from common.drr import detector_geometry
 
 logger = logging.getLogger(__name__)
 # torchvision's ImageNet statistics, which the released model normalises its 3-channel input with
@@ -398,7 +398,7 @@ class PerX2CTNet(nn.Module):
         self.spacing = tuple(float(s) for s in spacing)
         # Stored in checkpoints so a loader can rebuild the same geometry (see _load_from_state_dict).
         self.register_buffer("spacing_mm", torch.tensor(self.spacing, dtype=torch.float64))
-        geom = get_geometry(geometry)
+        geom = detector_geometry(geometry, self.image_size)  # as configured; records before 0.4: the DRRs' size
         self.geometry = geom
         self.register_buffer(
             "geometry_mm", torch.tensor([geom.sad, geom.sid, *geom.detector_size_mm], dtype=torch.float64)
@@ -446,7 +446,7 @@ class PerX2CTNet(nn.Module):
             if camera == "perx2ct":
                 grids = perx2ct_camera_grids(volume_size, feature_res, axis, fov_deg)
             else:
-                grids = projection_grids(volume_size, feature_res, self.spacing, geometry, image_size, axis)
+                grids = projection_grids(volume_size, feature_res, self.spacing, geom, image_size, axis)
             for key, value in grids.items():
                 self.register_buffer(f"_{key}_{axis}", value, persistent=False)
 

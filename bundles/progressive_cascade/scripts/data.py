@@ -17,25 +17,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.drr import DRRGeometry, get_geometry
+from common.datalist import dataset_geometry
 from common.errors import InputError, require_file
 
 XRAY_KEYS = ("pa", "lateral")
 
 
-DEFAULT_INFO = {"geometry": "x2ctgan", "spacing": (1.5, 1.5, 1.5), "size": (256, 256, 256)}
+DEFAULT_INFO = {"spacing": (1.5, 1.5, 1.5), "size": (256, 256, 256)}
 
 
 def read_dataset_info(datalist_file: str) -> dict:
     """``{"geometry": DRRGeometry, "spacing": (3,), "size": (3,), "fov_mm": (3,)}`` from dataset.json.
 
-    Without the file (a config parsed on a machine without data) the defaults of a 256^3, 1.5 mm dataset with
-    the x2ctgan geometry; a checkpoint trained otherwise is refused when loaded (its record says so).
+    Without the file (a config parsed on a machine without data) the defaults of a 256^3, 1.5 mm dataset; a
+    checkpoint trained otherwise is refused when loaded (its record says so). ``geometry``: the DRRs' camera
+    (:func:`common.datalist.dataset_geometry`, the one reader and its one default).
     """
     if not os.path.isfile(datalist_file):
         spacing, size = DEFAULT_INFO["spacing"], DEFAULT_INFO["size"]
         return {
-            "geometry": get_geometry(DEFAULT_INFO["geometry"]),
+            "geometry": dataset_geometry(datalist_file),
             "spacing": spacing,
             "size": size,
             "fov_mm": tuple(s * n for s, n in zip(spacing, size)),
@@ -43,8 +44,8 @@ def read_dataset_info(datalist_file: str) -> dict:
     path = require_file(datalist_file)
     with open(path) as f:
         info = json.load(f)
-    if "geometry" not in info or "spacing" not in info:
-        raise InputError(path, "dataset.json needs 'geometry' and 'spacing' (see docs/ARCHITECTURE.md)")
+    if "spacing" not in info:
+        raise InputError(path, "dataset.json needs 'spacing' (see docs/ARCHITECTURE.md)")
     spacing = tuple(float(s) for s in info["spacing"])
     size = info.get("size")
     if size is None:  # fall back to the first CT's header
@@ -56,9 +57,8 @@ def read_dataset_info(datalist_file: str) -> dict:
     size = tuple(int(s) for s in np.broadcast_to(np.asarray(size), (3,)))
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(path, f"bad spacing {spacing}")
-    geometry: DRRGeometry = get_geometry(info["geometry"])
     return {
-        "geometry": geometry,
+        "geometry": dataset_geometry(path),
         "spacing": spacing,
         "size": size,
         "fov_mm": tuple(s * n for s, n in zip(spacing, size)),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import InferenceSettings, build_for_inference, load_weights, resolve_settings, unwrap
-from common.drr import DRRGeometry, get_geometry
+from common.drr import DRRGeometry, detector_geometry, get_geometry
 from common.errors import InputError, require_file
 from common.intensity import get_window
 from common.predictor import (
@@ -72,7 +72,7 @@ class CascadePredictor:
         self.postprocessing = default_postprocessing() if postprocessing is None else postprocessing
         if settings is None:
             size = int(self.net.xray_size)
-            camera = None if geometry is None else get_geometry(geometry).resized(size)
+            camera = None if geometry is None else detector_geometry(geometry, size)
             settings = InferenceSettings(bundle="progressive_cascade", hu_window=get_window(hu_window),
                                          image_size=size, geometry=camera)  # fmt: skip
         self.settings = settings
@@ -113,9 +113,8 @@ class CascadePredictor:
         stage = int(inputs.get("stage") or parser.get_parsed_content("stage"))
         unwrap(network).set_stage(stage)
         fov_mm = definition.get("fov_mm") or inputs.get("fov_mm") or parser.get_parsed_content("fov_mm")
-        if settings.geometry is None:  # a record-less checkpoint: the dataset's camera, as the config reads it
-            geometry = get_geometry(parser.get_parsed_content("geometry")).resized(int(unwrap(network).xray_size))
-            settings = dataclasses.replace(settings, geometry=geometry)
+        if settings.geometry is None:  # a record-less checkpoint: the dataset's camera at xray_size, as the config reads it
+            settings = dataclasses.replace(settings, geometry=get_geometry(parser.get_parsed_content("geometry")))
         parser["xray_size"] = int(unwrap(network).xray_size)  # the chain resizes to the network's input
         preprocessing = parser.get_parsed_content("preprocessing")
         post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
