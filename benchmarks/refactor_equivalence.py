@@ -30,10 +30,10 @@ over all other numbers; writes ``<work>/refactor_equivalence.json``. Resumable: 
 report already under ``--work`` is reused (``--fresh`` re-runs the evaluations, ``--fresh new`` the new tree's).
 
 Measured (2026-12-07, old af6b8e9, 2-core CPU, one thread per run, ``--work /tmp/eq``): 9 rows, 14,288
-numbers compared, **all bit-identical** (max |diff| 0), no key added or removed, both against main de8c170 and
-against main 09c57d3 (after the one-writer merge, re-run with ``--fresh new``). The renamed ``checkpoint`` id
-warned in the new tree for vqgan_3d_patch, progressive_cascade and pix2pix_phase. Output files: at de8c170 all
-30 identical; at 09c57d3 the VQ-GAN reconstructions are the same voxels under the new names
+numbers compared, **all bit-identical** (max |diff| 0), no key added or removed, against main de8c170, 09c57d3
+(the one-writer merge) and 58e7241 (the geometry merge; re-run with ``--fresh new``). The renamed ``checkpoint``
+id warned in the new tree for vqgan_3d_patch, progressive_cascade and pix2pix_phase. Output files: at de8c170
+all 30 identical; from 09c57d3 on the VQ-GAN reconstructions are the same voxels under the new names
 (``<case>_recon.nii.gz`` -> ``<case>_ct.nii.gz``), and the 14 evaluation previews are ``<case>_preview.png``
 (``_preview_stages.png``) with the same panel rows, the ground truth moved to the top (the one writer puts the
 reference first: common.predictor.write_previews). About 20 minutes from scratch on the shared, loaded 2-core
