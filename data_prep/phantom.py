@@ -413,6 +413,9 @@ def make_phantom_dataset(
             label = {"pe": int(n_emboli[i] > 0), "n_emboli": int(n_emboli[i]), "seed": case_seed}
             write_case(root, case, ct, camera, label=label, extra_volumes=volumes)
         entry = case_entry(root, case, spacing, label=int(n_emboli[i] > 0), extra=extra)
+        # each phantom is an independent draw of the generator, no patient shared: its own source, so reports
+        # say "cross-source" (common.handlers.same_source) where the cohort of one real CT says "same-source"
+        entry["source"] = case
         if n_phases > 0:
             entry.update(phase=0, n_phases=int(n_phases))
         entries.append(entry)

@@ -157,7 +157,8 @@ def test_phantom_pairs_layout(phantom_pairs):
     assert datalist["spacing"] == [10.0, 10.0, 10.0] and datalist["size"] == [32, 32, 32]
     assert datalist["geometry"]["detector_pixels"] == [32, 32] and datalist["hu_window"]["name"] == "xray2ct"
     for e in items:
-        assert set(e) == {"id", "ct", "pa", "lateral", "spacing", "label"}
+        assert set(e) == {"id", "ct", "pa", "lateral", "spacing", "label", "source"}
+        assert e["source"] == e["id"]  # each phantom its own source: reports say cross-source
         ct = load_volume(root / e["ct"])
         assert ct.shape == (32, 32, 32) and ct.orientation == "RAS"
         np.testing.assert_allclose(ct.spacing, (10.0, 10.0, 10.0))
