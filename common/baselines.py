@@ -30,7 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.checkpoint_records import file_sha256
+from common.checkpoint_registry import unwrap
+from common.datalist import load_split
+from common.drr import get_geometry
 from common.errors import InputError
+from common.intensity import XRAY2CT, get_window
+from common.io import load_volume
+from common.volume import Volume
+from common.xray import load_view
 
 MEAN_TRAINING_CT = "mean_training_ct"
 BOX_DOWN_UP = "box_down_up"
@@ -61,7 +69,6 @@ def mean_training_ct(paths: Iterable[str | os.PathLike], shape: Sequence[int] | 
     Every CT must have the same shape (data_prep resamples datasets to one size); ``shape`` checks it
     against what the model predicts. Raises :class:`InputError` naming the first offending file.
     """
-    from common.io import load_volume
 
     total: np.ndarray | None = None
     count = 0
@@ -94,7 +101,6 @@ def mean_training_ct_of_datalist(
     None when the datalist does not exist or the split is empty (e.g. at inference, where a model's stored
     prior is used instead).
     """
-    from common.datalist import load_split
 
     items = load_split(datalist_file, split, base_dir)
     if not items:
@@ -113,8 +119,6 @@ def mean_ct_state(record: Mapping | None) -> dict:
     """The checkpoint entry of the mean training CT of the datalist ``record`` names: ``{"mean_ct": (X, Y, Z)
     float32 HU tensor, "spacing": (3,) float64 mm, "n_cases", "datalist_sha256"}``; ``{}`` when it cannot be
     built (no datalist, no training CTs): loaders then fall back to the datalist (:func:`mean_ct_baseline`)."""
-    from common.datalist import load_split
-    from common.io import load_volume
 
     datalist = (record or {}).get("datalist") or {}
     path = datalist.get("file")
@@ -139,7 +143,6 @@ def mean_ct_state(record: Mapping | None) -> dict:
 def _stored_mean_ct(state: object, source: str | None) -> dict | None:
     """``{"volume", "n_cases"}`` from a checkpoint's :data:`BASELINE_KEY` entry; None when absent or empty;
     :class:`InputError` naming ``source`` when it is not a finite 3D float volume with a positive spacing."""
-    from common.volume import Volume
 
     if not isinstance(state, Mapping) or "mean_ct" not in state:
         return None
@@ -165,7 +168,6 @@ def mean_ct_baseline(record: Mapping | None, checkpoint: Mapping | None = None, 
     ``source``: its file) when it has one; else (checkpoints saved before it was stored) rebuilt from the
     training datalist the record names, refused when that file moved or changed since training (sha256).
     """
-    from common.datalist import load_split
 
     stored = _stored_mean_ct((checkpoint or {}).get(BASELINE_KEY), source)
     if stored is not None:
@@ -177,8 +179,6 @@ def mean_ct_baseline(record: Mapping | None, checkpoint: Mapping | None = None, 
     if not os.path.isfile(path):
         return {"unavailable": f"training datalist {path} not found"}
     if datalist.get("sha256"):
-        from common.checkpoint import file_sha256
-
         if file_sha256(path) != datalist["sha256"]:
             return {"unavailable": f"training datalist {path} changed since training (sha256 differs)"}
     if not any(i.get("ct") for i in load_split(path, "training")):
@@ -206,8 +206,6 @@ def with_mean_prior(
     and missing datalists or empty splits (inference: the prior comes from the checkpoint), are returned
     unchanged.
     """
-    from common.checkpoint import unwrap
-    from common.intensity import get_window
 
     target = unwrap(network)
     if not getattr(target, "mean_prior", False):
@@ -321,7 +319,6 @@ class MeanTrainingCT:
 
     def _prediction(self, hu: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """(X, Y, Z) HU -> a prediction like ``label`` in the network's intensities, resized to its shape."""
-        from common.intensity import get_window
 
         window = get_window(self.window)
         network = window.to_symmetric(hu) if self.symmetric else window.to_unit(hu)
@@ -442,8 +439,6 @@ class ExtentScaledMeanCT(MeanTrainingCT):
         image_key: str = "image",
         threshold: float = BODY_XRAY_THRESHOLD,
     ):
-        from common.drr import get_geometry
-
         super().__init__(datalist, key=key, window=window, symmetric=symmetric)
         self.geometry = get_geometry(geometry)
         self.views = tuple(views)
@@ -473,8 +468,6 @@ class ExtentScaledMeanCT(MeanTrainingCT):
     def training_extents(self, size: tuple[int, int]) -> dict[int, tuple[float, float]]:
         """{volume axis: (mean centre, mean width)} mm over the training X-rays seen at ``size``."""
         if size not in self._train:
-            from common.xray import load_view
-
             per_axis: dict[int, list[tuple[float, float]]] = {}
             for item in self.items:
                 for view in self.views:
@@ -491,8 +484,6 @@ class ExtentScaledMeanCT(MeanTrainingCT):
     def spacing(self) -> tuple[float, ...]:
         """Voxel size (mm) of the training CTs (the first one's header)."""
         if self._spacing is None:
-            from common.io import load_volume
-
             if not self.paths:
                 raise InputError(None, "no training CTs for the extent-scaled baseline (empty training split)")
             self._spacing = load_volume(self.paths[0]).to_canonical().spacing
@@ -515,7 +506,6 @@ class ExtentScaledMeanCT(MeanTrainingCT):
 
     def scaled_hu(self, transform: Mapping) -> torch.Tensor:
         """The mean training CT (X, Y, Z) HU resampled by ``transform`` (air, -1024 HU, outside)."""
-        from common.intensity import XRAY2CT
 
         hu = torch.from_numpy(self.volume_hu)
         fov = [n * s for n, s in zip(hu.shape, self.spacing)]

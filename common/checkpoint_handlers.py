@@ -15,6 +15,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver as MonaiCheckpointSaver
 
+from common.baselines import BASELINE_KEY, MEAN_CT_BUNDLES, mean_ct_state
 from common.checkpoint_records import (
     CheckpointRecord,
     check_record,
@@ -99,8 +100,6 @@ class _MeanCTBaseline:
 
     def state_dict(self) -> dict:
         if self._state is None:
-            from common.baselines import mean_ct_state
-
             self._state = mean_ct_state(self.record.data)
         return self._state
 
@@ -119,8 +118,6 @@ class CheckpointSaver(MonaiCheckpointSaver):
     def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any):
         self._engine = None
         self._record: CheckpointRecord | None = None
-        from common.baselines import BASELINE_KEY, MEAN_CT_BUNDLES
-
         wrapped = {}
         for key, obj in save_dict.items():
             if isinstance(obj, CheckpointRecord):
