@@ -43,6 +43,7 @@ import torch
 from scipy import ndimage
 
 from common.errors import InputError
+from common.io import load_volume
 
 # Label-map convention shared with data_prep's cohort (datalist key "label", aligned with "ct").
 ANATOMY_LABELS: dict[str, int] = {"outside": 0, "body": 1, "lung": 2, "heart": 3, "bone": 4}
@@ -176,7 +177,6 @@ def load_label_map(path: str | os.PathLike, shape: Sequence[int] | None = None) 
 
     Raises :class:`InputError` naming the file for a non-3D map or values outside :data:`ANATOMY_LABELS`.
     """
-    from common.io import load_volume
 
     path = os.fspath(path)
     vol = load_volume(path).to_canonical().validate(path)

@@ -108,8 +108,6 @@ def resolve_settings(
 
 def _same_input(key: str, recorded, configured) -> bool:
     if key == "hu_window":
-        from common.intensity import get_window
-
         return get_window(recorded).as_dict() == get_window(configured).as_dict()
     return _same(plain(recorded), plain(configured))
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_path, atomic_write_text
 from common.checkpoint_registry import (
     _definition,
     instantiate_network,
@@ -25,6 +25,7 @@ from common.checkpoint_registry import (
     unwrap,
 )
 from common.errors import InputError, require_file
+from common.intensity import get_window
 
 RECORD_FORMAT = "xray2ct.checkpoint_record/1"
 RECORD_KEY = "record"
@@ -76,8 +77,6 @@ class CheckpointRecord:
             data["network_def"] = plain(dict(network_def))
         data["inputs"] = plain(dict(inputs or {}))
         if "hu_window" in data["inputs"] and isinstance(data["inputs"]["hu_window"], str):
-            from common.intensity import get_window
-
             data["inputs"]["hu_window"] = get_window(data["inputs"]["hu_window"]).as_dict()
         if datalist:
             path = os.path.abspath(os.fspath(datalist))
@@ -361,7 +360,6 @@ def export_bare(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, st
     checkpoints) goes to ``X.baseline.pt`` (:func:`baseline_path`, tensors and numbers: ``weights_only``),
     bound by ``baseline_sha256``, so a published bundle still reports its baseline. Each file is written
     atomically, the record last; returns ``(weights, record)`` paths."""
-    from common.atomic import atomic_path
 
     src, dst = os.fspath(src), os.fspath(dst)
     checkpoint = read_checkpoint(src)

@@ -25,7 +25,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import VQVAE
 from monai.utils import convert_to_tensor
 
-from common.checkpoint import build_from_checkpoint, file_sha256, unwrap
+from common.checkpoint import build_from_checkpoint, file_sha256, read_record, unwrap
 from common.errors import InputError, require_file
 from common.sliding_window import LatentSlidingWindowInferer
 
@@ -75,7 +75,6 @@ def load_vqgan(
 
 def codec_fingerprint(checkpoint: str | os.PathLike) -> dict:
     """What identifies a VQ-GAN checkpoint in a latent cache: its absolute path, sha256 and record."""
-    from common.checkpoint import read_record
 
     path = os.path.abspath(require_file(checkpoint))
     return {"checkpoint": path, "sha256": file_sha256(path), "record": read_record(path)}

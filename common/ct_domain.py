@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common.datalist import datalist_field
 from common.errors import InputError
+from common.io import load_volume
 from common.volume import Volume
 
 CONTRAST_PHASES = ("ctpa", "non_contrast")
@@ -37,8 +39,6 @@ def contrast_phase(datalist_file: str | os.PathLike | None = None, configured: s
     value = configured
     source = "contrast_phase"
     if value in (None, "") and datalist_file and os.path.isfile(datalist_file):
-        from common.datalist import datalist_field
-
         value = datalist_field(datalist_file, "contrast_phase")
         source = os.fspath(datalist_file)
     if value in (None, ""):
@@ -64,7 +64,6 @@ def volume_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], tuple[fl
         for i in range(3):
             shape_c[axes[i]], spacing_c[axes[i]] = int(img.shape[i]), float(spacing[i])
         return tuple(shape_c), tuple(spacing_c)  # type: ignore[return-value]
-    from common.io import load_volume
 
     vol = load_volume(path).to_canonical()
     return vol.shape, tuple(float(s) for s in vol.spacing)  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from common.drr import DEFAULT_GEOMETRY, DRRGeometry, detector_geometry, get_geometry
 from common.errors import InputError
 from common.io import load_nifti_image, load_volume
+from common.xray import load_xray
 
 # file names that say nothing about the case (compared without case): the case is the folder holding them
 GENERIC_NAMES = (
@@ -295,8 +296,6 @@ def inspect_file(path: str, check_values: bool = True) -> tuple[tuple[int, ...],
         shape = tuple(int(s) for s in array.shape)
         bad = _check_array_slabs(array, shape) if check_values else 0
     elif lower.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")):
-        from common.xray import load_xray
-
         image, _ = load_xray(path)
         shape, bad = tuple(image.shape), 0
     else:

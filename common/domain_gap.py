@@ -23,12 +23,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common.datalist import load_split
+from common.radiograph import body_extent
+from common.xray import load_xray
+
 STATISTICS = ("spectral_slope", "gradient_cv", "fine_to_coarse", "body_fraction")
 
 
 def image_statistics(image: np.ndarray) -> dict[str, float]:
     """The :data:`STATISTICS` of one (H, W) image in [0, 1]."""
-    from common.radiograph import body_extent
 
     img = np.asarray(image, dtype=np.float64)
     h, w = img.shape
@@ -58,8 +61,6 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
 
 def drr_statistics(datalist_file: str | os.PathLike, split: str = "training", max_cases: int = 200) -> dict | None:
     """Per view, ``{statistic: {"min", "max", "mean", "std"}}`` over a datalist's DRRs, plus ``n_cases``."""
-    from common.datalist import load_split
-    from common.xray import load_xray
 
     if not datalist_file or not os.path.isfile(datalist_file):
         return None

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from common.intensity import hu_to_mu
+
 VIEWS = ("pa", "lateral")
 
 # view -> (beam axis, sign of depth, horizontal detector world axis)
@@ -421,8 +423,6 @@ class DRRProjector(torch.nn.Module):
         self.as_image = as_image
 
     def forward(self, volume: torch.Tensor, spacing: Sequence[float]) -> dict[str, torch.Tensor]:
-        from common.intensity import hu_to_mu
-
         mu = hu_to_mu(volume) if self.input_is_hu else volume
         out = {}
         for view in self.views:

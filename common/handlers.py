@@ -46,6 +46,8 @@ from common.datalist import batch_case_ids, case_id, split_batch
 from common.intensity import XRAY2CT
 from common.json_values import jsonable  # noqa: F401  (re-exported)
 from common.metrics import CONVENTIONS, network_to_hu
+from common.predictor import write_previews
+from common.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -371,8 +373,6 @@ class MetricsReport:
         return case
 
     def _preview(self, case: str, shown: Mapping, image, item: Mapping) -> str:
-        from common.predictor import write_previews
-
         spacing = (item or {}).get("spacing", self.spacing)
         volumes = {"model": _hu(self.to_hu, shown["pred"])}
         for name, guess in shown["baselines"].items():
@@ -420,7 +420,6 @@ class MetricsReport:
 def preview_volumes(volumes: Mapping[str, torch.Tensor], spacing: Sequence[float] | None = None) -> dict:
     """HU tensors (C, X, Y, Z) or (X, Y, Z) -> ``{name: Volume}`` (first channel, ``spacing`` mm, default 1 mm)
     for :func:`common.predictor.write_previews`."""
-    from common.volume import Volume
 
     sp = [float(v) for v in np.asarray(spacing, dtype=float).reshape(-1)[:3]] if spacing is not None else None
     sp = tuple(sp) if sp and len(sp) == 3 else (1.0, 1.0, 1.0)

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from common.contract import renamed  # the one deprecation path (legacy_views warns through it)
-from common.datalist import safe_case_name
+from common.datalist import case_id, load_split, require_cases, safe_case_name
 from common.errors import InputError
+from common.io import load_volume, save_volume
+from common.preview import save_montage_png, save_slice_gif
 from common.volume import Volume
 from common.xray import NIFTI_SUFFIXES, RASTER_SUFFIXES
 
@@ -166,7 +168,6 @@ def prediction_paths(output_dir: str | os.PathLike, case: str | None, names: Seq
 def write_volumes(volumes: Mapping[str, Volume], output_dir: str | os.PathLike, case: str | None = None,
                   fmt: str = "nii.gz") -> dict[str, str]:  # fmt: skip
     """Write the final CT and, when there are several volumes, each one (atomically); ``{name: path}``."""
-    from common.io import save_volume
 
     names = list(volumes)
     if not names:
@@ -186,7 +187,6 @@ def write_previews(volumes: Mapping[str, Volume], views: np.ndarray | None, view
     """The montage PNG (``reference`` first when given, labelled ``reference_name``, then every volume, then the
     X-rays ``views`` (V, S, S) [0, 1]) and (``gif``) the axial GIF of the final CT beside ``reference``, in the
     HU display ``window``; ``{"preview": path[, "gif": path]}`` (:func:`preview_paths`)."""
-    from common.preview import save_montage_png, save_slice_gif
 
     paths = preview_paths(output_dir, case, kind)
     os.makedirs(os.fspath(output_dir), exist_ok=True)
@@ -234,7 +234,6 @@ def inference_items(input_path: str | os.PathLike | Mapping | None, datalist_fil
     - empty: the datalist's ``split`` (the cases of ``dataset.json``; paths relative to ``base_dir``, default
       the datalist's folder). :class:`InputError` when nothing is found.
     """
-    from common.datalist import load_split, require_cases
 
     if isinstance(input_path, Mapping):
         item = {k: v for k, v in input_path.items() if v is not None}
@@ -266,8 +265,6 @@ def predict_items(predictor: Predictor, items: Sequence[Mapping], output_dir: st
     returns the final CTs' paths. The one loop of every bundle's ``inference.json``."""
     from tqdm import tqdm
 
-    from common.datalist import case_id
-    from common.io import load_volume
 
     items = list(items)
     if not items:

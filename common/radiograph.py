@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.datalist import load_split
 from common.drr import DRRGeometry
 from common.errors import InputError
 from common.xray import DICOM_SUFFIXES, check_pixel_count, load_xray, percentile_normalise
@@ -331,7 +332,6 @@ def drr_quantiles(datalist_file: str | os.PathLike, split: str = "training", max
     ``{"pa": [101 values in [0, 1]], "lateral": [...], "levels": "0..1 by 0.01", "n_cases"}``: the pooled
     pixels of up to ``max_cases`` DRRs of ``split``; None when the datalist is absent or holds no DRR.
     """
-    from common.datalist import load_split
 
     if not datalist_file or not os.path.isfile(datalist_file):
         return None

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from common.checkpoint import check_torch_file
 from common.errors import InputError
 
 
@@ -22,7 +23,6 @@ def read_state_dict(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(path, f"{what} file not found")
-    from common.checkpoint import check_torch_file
 
     check_torch_file(path, legacy="size")  # no zip bomb; legacy (pre-1.6) files: only their size is checked
     try:

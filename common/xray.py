@@ -24,6 +24,7 @@ from monai.transforms import Resize
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import InputError, require_file
+from common.io import load_nifti_image, read_nifti_header
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -166,7 +167,12 @@ def _load_dicom(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from common.dicom import SizedFile, check_inflated_size, check_pixel_bytes, rescale
+    from common.dicom import (  # pydicom: only where DICOM is read
+        SizedFile,
+        check_inflated_size,
+        check_pixel_bytes,
+        rescale,
+    )
 
     apply_modality_lut, apply_voi_lut = pydicom_luts()
 
@@ -269,8 +275,6 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
 
 
 def _load_nifti(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    from common.io import load_nifti_image, read_nifti_header
-
     try:
         check_pixel_count(path, read_nifti_header(path)["shape"], what="NIfTI image")
         img = load_nifti_image(path)
