@@ -99,6 +99,7 @@ CUBE_GEOMETRY = dict(
 # ----------------------------------------------------------------------------------------------- helpers
 SMOKE: dict = {}  # --smoke: a few steps per model, to check the pipeline (its figures mean nothing)
 EVALUATE_ONLY: dict = {}  # --evaluate_only: score the models an earlier run trained in the same --work
+# ({"evaluate_only": True}: every row; {"rows": {...}}: those rows only, e.g. the VQ-GAN under a latent_ddpm row)
 
 
 def train_and_evaluate(
@@ -108,7 +109,8 @@ def train_and_evaluate(
     """:func:`xray2ct.driver.train_and_evaluate` in this process with ``--smoke``'s overrides: train (each of
     ``stages``) with train.json + ``overlay`` (cpu_small.json, or cpu_64.json for the 64^3 rows), evaluate
     ``split`` with evaluate.json. Returns the bundle's metrics report with the timings."""
-    stages = () if EVALUATE_ONLY else stages  # --evaluate_only: the checkpoints of an earlier run in --work
+    trained = EVALUATE_ONLY.get("evaluate_only") or Path(work_dir).name in EVALUATE_ONLY.get("rows", ())
+    stages = () if trained else stages  # --evaluate_only: the checkpoints of an earlier run in --work
     return driver.train_and_evaluate(bundle, dataset, work_dir, overlay, {**(overrides or {}), **SMOKE}, stages, split)
 
 
@@ -353,7 +355,7 @@ def main(
     split: str = "test",
     smoke: bool = False,
     merge: str | tuple = (),
-    evaluate_only: bool = False,
+    evaluate_only: bool | str | tuple = False,
 ) -> None:
     """Run the selected rows (``--rows vqgan_phantoms,perx2ct_phantoms``); print the table, write JSON.
 
@@ -362,13 +364,19 @@ def main(
     runs nothing: it combines the rows of earlier runs into ``--out`` and prints the table.
     ``--evaluate_only`` trains nothing: it scores ``--split`` with the checkpoints an earlier run of the same
     rows left in ``--work`` (the recipe chosen on validation, scored once on test without retraining it;
-    the train_* times are then 0: take them from the run that trained).
+    the train_* times are then 0: take them from the run that trained). ``--evaluate_only vqgan_cohort64``
+    does so for the rows named only (the VQ-GAN a latent_ddpm row needs, trained by an earlier run).
     """
     if merge:
         merge_reports(list(merge.split(",") if isinstance(merge, str) else merge), out)
         return
-    if evaluate_only:
+    if evaluate_only is True:
         EVALUATE_ONLY.update(evaluate_only=True)
+    elif evaluate_only:
+        named = set(evaluate_only.split(",") if isinstance(evaluate_only, str) else evaluate_only)
+        if named - set(ROWS):
+            raise SystemExit(f"unknown --evaluate_only rows {sorted(named - set(ROWS))}; choose from {ROWS}")
+        EVALUATE_ONLY.update(rows=named)
     if smoke:
         SMOKE.update(max_epochs=2, val_interval=1, save_interval=2, stage_epochs=[1, 1, 1])
     selected = list(ROWS) if rows == "all" else list(rows.split(",") if isinstance(rows, str) else rows)
@@ -410,7 +418,7 @@ def main(
         report = {
             "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:]),
             "smoke": bool(smoke),
-            "evaluate_only": bool(evaluate_only),
+            "evaluate_only": sorted(EVALUATE_ONLY["rows"]) if "rows" in EVALUATE_ONLY else bool(evaluate_only),
             "split": split,
             "complete": len(table_rows) == len([r for r in ROWS if r in selected]),
             "metric": METRIC,

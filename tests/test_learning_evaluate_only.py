@@ -15,7 +15,12 @@ from xray2ct import driver
 
 @pytest.mark.parametrize(
     ("evaluate_only", "expected_runs"),
-    [(False, ["training", "training", "training", "evaluating"]), (True, ["evaluating"])],
+    [
+        ({}, ["training", "training", "training", "evaluating"]),
+        ({"evaluate_only": True}, ["evaluating"]),
+        ({"rows": {"work"}}, ["evaluating"]),  # --evaluate_only <row>: that row's folder (work / row) only
+        ({"rows": {"vqgan_cohort64"}}, ["training", "training", "training", "evaluating"]),
+    ],
 )
 def test_evaluate_only_skips_every_training_stage(tmp_path, monkeypatch, evaluate_only, expected_runs):
     runs: list[str] = []
@@ -31,11 +36,11 @@ def test_evaluate_only_skips_every_training_stage(tmp_path, monkeypatch, evaluat
 
     real = driver.train_and_evaluate
     monkeypatch.setattr(driver, "train_and_evaluate", functools.partial(real, runner=fake_run))
-    monkeypatch.setattr(learning, "EVALUATE_ONLY", {"evaluate_only": True} if evaluate_only else {})
+    monkeypatch.setattr(learning, "EVALUATE_ONLY", evaluate_only)
     result = learning.train_and_evaluate(
         "progressive_cascade", tmp_path / "data", tmp_path / "work", "test", stages=(1, 2, 3), overlay="cpu_64.json"
     )
     assert runs == expected_runs
     assert result["report"]["split"] == "test"
-    assert result["train_wall_s"] == (0.0 if evaluate_only else 6.0)
+    assert result["train_wall_s"] == (0.0 if runs == ["evaluating"] else 6.0)
     assert result["wall_s"] == result["train_wall_s"] + 2.0
