@@ -214,3 +214,27 @@ def test_released_view_intensities():
     expected = np.minimum(np.floor(im / 255 * 256), 255)  # plt.imsave: autoscaled 256-entry grey map
     np.testing.assert_array_equal(png, expected.astype(np.uint8))
     assert load_view_perx2ct(drr, 32).shape == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "l1_weight, l2_weight",
+    [(1.0, 0.0), (0.0, 1.0), (0.5, 2.0)],
+)
+def test_reconstruction_loss_weights(l1_weight, l2_weight):
+    """ReconstructionLoss = l1_weight * L1 + l2_weight * MSE (cpu_64.json trains with MSE alone)."""
+    from bundles.perx2ct.scripts.losses import ReconstructionLoss
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
+    expected = l1_weight * F.l1_loss(pred, target) + l2_weight * F.mse_loss(pred, target)
+    got = ReconstructionLoss(l1_weight=l1_weight, l2_weight=l2_weight)(pred, target)
+    # a few float32 sums of 384 terms in [0, 1]: far below 1e-6 relative
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("l1_weight, l2_weight", [(0.0, 0.0), (-1.0, 1.0), (1.0, -0.5)])
+def test_reconstruction_loss_rejects_bad_weights(l1_weight, l2_weight):
+    from bundles.perx2ct.scripts.losses import ReconstructionLoss
+
+    with pytest.raises(ValueError, match="l1_weight"):
+        ReconstructionLoss(l1_weight=l1_weight, l2_weight=l2_weight)
