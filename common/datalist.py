@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,6 +38,21 @@ _SLAB_VOXELS = 16 * 1024 * 1024  # values are checked in slabs of this many voxe
 
 
 # ----------------------------------------------------------------------------------------------- splits
+def _read_datalist(datalist_file: str) -> dict | None:
+    """The datalist's JSON object; ``None`` when the file does not exist; an :class:`InputError` naming the file
+    when it cannot be read or is not a JSON object (the one read of a datalist file for the readers below)."""
+    if not os.path.isfile(datalist_file):
+        return None
+    try:
+        with open(datalist_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(datalist_file, f"cannot read the datalist ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(datalist_file, "a datalist is a JSON object")
+    return meta
+
+
 def load_split(
     datalist_file: str | os.PathLike, split: str, base_dir: str | os.PathLike | None = None
 ) -> list[dict]:
@@ -45,14 +61,8 @@ def load_split(
     ``[]`` when the file does not exist or the split is absent or empty (see the module docstring).
     """
     datalist_file = os.fspath(datalist_file)
-    if not os.path.isfile(datalist_file):
-        return []
-    try:
-        with open(datalist_file) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(datalist_file, f"cannot read the datalist ({e})") from None
-    if not meta.get(split):
+    meta = _read_datalist(datalist_file)
+    if meta is None or not meta.get(split):
         return []
     from monai.data import load_decathlon_datalist
 
@@ -62,11 +72,8 @@ def load_split(
 
 def datalist_field(datalist_file: str | os.PathLike, key: str, default=None):
     """A top-level field of a datalist (``spacing``, ``geometry``...), ``default`` when the file is absent."""
-    datalist_file = os.fspath(datalist_file)
-    if not os.path.isfile(datalist_file):
-        return default
-    with open(datalist_file) as f:
-        value = json.load(f).get(key)
+    meta = _read_datalist(os.fspath(datalist_file))
+    value = None if meta is None else meta.get(key)
     return default if value is None else value
 
 
@@ -83,19 +90,11 @@ def dataset_geometry(datalist_file: str | os.PathLike, pixels: int | None = None
     read is an :class:`InputError` naming the file.
     """
     datalist_file = os.fspath(datalist_file)
-    meta: dict = {}
-    if os.path.isfile(datalist_file):
-        try:
-            with open(datalist_file) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(datalist_file, f"cannot read the datalist ({e})") from None
-        if not isinstance(meta, dict):
-            raise InputError(datalist_file, "a datalist is a JSON object")
-        if meta.get("geometry") is None:
-            import warnings
-
-            warnings.warn(f"{datalist_file}: no DRR 'geometry'; assuming the {DEFAULT_GEOMETRY!r} preset", stacklevel=2)
+    meta = _read_datalist(datalist_file)
+    if meta is None:
+        meta = {}
+    elif meta.get("geometry") is None:
+        warnings.warn(f"{datalist_file}: no DRR 'geometry'; assuming the {DEFAULT_GEOMETRY!r} preset", stacklevel=2)
     value = meta.get("geometry")
     try:
         geometry = get_geometry(DEFAULT_GEOMETRY if value is None else value)

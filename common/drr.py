@@ -215,7 +215,7 @@ def same_camera(a: str | dict | DRRGeometry, b: str | dict | DRRGeometry) -> boo
         a, b = get_geometry(a), get_geometry(b)
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
-    return dataclasses.replace(a, detector_pixels=b.detector_pixels) == b
+    return detector_geometry(a, b.detector_pixels) == b
 
 
 def _view_axes(view: str) -> tuple[int, float, int]:
